@@ -1,0 +1,3 @@
+"""softcache: offline soft-label caching for knowledge distillation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,422 @@
+"""`softcache build`: run the teacher over a dataset once and write its logits into a store.
+
+The loop: a DataLoader feeds the device with shard-aligned batches (a batch never crosses a shard
+boundary, so a resumed or distributed build feeds every row the same batch composition and produces the
+same bits); the teacher runs under `inference_mode` (autocast on CUDA when asked); encoding (top-k,
+log-sum-exp, dtype cast) runs on the device; results cross to the host through pinned buffers, one
+batch behind the forward pass; full shards go to background writer threads.
+
+Resume: shards are recorded in `shard_done` only after their data is written, so a build killed at any
+moment (SIGKILL included) and started again with the same command skips the recorded shards, recomputes
+the rest, and ends with the store an uninterrupted build writes. `complete` is set last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from softcache import __version__
+from softcache.config import BuildConfig
+from softcache.devices import resolve_device
+from softcache.encoding import NONFINITE, OVERFLOW, encode_batch
+from softcache.errors import (
+    ConfigError,
+    DatasetFormatError,
+    SoftcacheError,
+    SpecError,
+    StoreExistsError,
+    StoreFormatError,
+    TeacherOutputError,
+)
+from softcache.hashing import check_item, collate_with_hashes, fingerprint
+from softcache.progress import Progress
+from softcache.specs import instantiate
+from softcache.store import SAMPLE_HASH, LogitStore, StoreMeta
+from softcache.writer import ShardWriter
+
+# Build settings that change the bytes a store holds; a partial store is resumed only if they match.
+_LAYOUT_KEYS = ("batch_size", "amp", "compression_level")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build did.
+
+    Attributes:
+        store: the store's location.
+        num_samples: rows in the store.
+        shards_total: shards in the store.
+        shards_written: shards this run computed.
+        shards_skipped: shards a previous run had already written.
+        bytes_stored: bytes on disk, all arrays.
+        seconds: wall time of this run's teacher loop and writes.
+        samples_computed: rows this run pushed through the teacher.
+    """
+
+    store: str
+    num_samples: int
+    shards_total: int
+    shards_written: int
+    shards_skipped: int
+    bytes_stored: int
+    seconds: float
+    samples_computed: int
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.bytes_stored / self.num_samples
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
+    """Run the teacher over the dataset and write (or finish) the store.
+
+    Args:
+        config: the build configuration.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        A `BuildResult` summary.
+
+    Raises:
+        SoftcacheError: bad specs, teacher output, dataset items or output path; the message says
+            which and what to do. Shards written before the error stay written.
+    """
+    device = resolve_device(config.device)
+    dataset = instantiate(config.dataset, "dataset")
+    num_samples = _check_dataset(dataset, config.dataset)
+    teacher = _load_teacher(config.teacher, device)
+    num_classes = _probe_classes(teacher, dataset, device, config)
+    if config.encoding == "topk" and config.top_k > num_classes:
+        raise ConfigError(
+            f"--top-k {config.top_k} exceeds the teacher's {num_classes} classes; "
+            f"use --top-k {num_classes} or less (or --encoding dense)"
+        )
+    meta = StoreMeta(
+        encoding=config.encoding,
+        num_classes=num_classes,
+        k=config.top_k if config.encoding == "topk" else None,
+        num_samples=num_samples,
+        value_dtype=config.dtype,
+        temperatures=config.temperatures if config.encoding == "topk" else (),
+        shard_rows=config.shard_rows,
+        chunk_rows=config.effective_chunk_rows,
+        teacher={
+            "spec": config.teacher,
+            "num_parameters": sum(p.numel() for p in teacher.parameters()),
+            "state_dict_sha256": state_dict_sha256(teacher),
+        },
+        dataset={"spec": config.dataset, "num_samples": num_samples, "fingerprint": None},
+        build_config={k: v for k, v in config.to_dict().items() if k != "overwrite"},
+        softcache_version=__version__,
+    )
+    store = _open_output(config, meta)
+    done = store.done_mask()
+    todo = [s for s in range(meta.num_shards) if not done[s]]
+    rows_done = sum(
+        stop - start for s in np.flatnonzero(done) for start, stop in [store.shard_bounds(s)]
+    )
+
+    t0 = time.perf_counter()
+    bar = Progress(num_samples, "build", enabled=progress, initial=rows_done)
+    with ShardWriter(store, threads=config.writer_threads) as writer:
+        _run_teacher(teacher, dataset, store, todo, device, config, writer, bar)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if not store.done_mask().all():  # pragma: no cover - a writer failure raises before this
+        raise SoftcacheError("some shards were not recorded as written; run the command again")
+    store.mark_complete(fingerprint(store.sample_hashes()))
+    return BuildResult(
+        store=store.location,
+        num_samples=num_samples,
+        shards_total=meta.num_shards,
+        shards_written=len(todo),
+        shards_skipped=meta.num_shards - len(todo),
+        bytes_stored=store.nbytes_stored(),
+        seconds=seconds,
+        samples_computed=num_samples - rows_done,
+    )
+
+
+def shard_batches(store: LogitStore, shards: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index lists of shard-aligned batches: a batch never crosses a shard boundary."""
+    batches = []
+    for shard in shards:
+        start, stop = store.shard_bounds(shard)
+        batches.extend(
+            list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)
+        )
+    return batches
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A batch whose encoded results are on their way to the host."""
+
+    shard: int
+    offset: int
+    indices: list[int]
+    host: dict[str, torch.Tensor]
+    hashes: np.ndarray
+    event: Any
+
+
+def _run_teacher(
+    teacher: nn.Module,
+    dataset: Any,
+    store: LogitStore,
+    todo: Sequence[int],
+    device: torch.device,
+    config: BuildConfig,
+    writer: ShardWriter,
+    bar: Progress,
+) -> None:
+    meta = store.meta
+    cuda = device.type == "cuda"
+    batches = shard_batches(store, todo, config.batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_with_hashes,
+        num_workers=config.num_workers,
+        pin_memory=cuda,
+    )
+    index_dtype = torch.int16 if meta.index_dtype == np.uint16 else torch.int32
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    filled: dict[int, int] = {}
+    pending: _Pending | None = None
+
+    def finish(p: _Pending) -> None:
+        if p.event is not None:
+            p.event.synchronize()
+        _check_flags(p, store)
+        buf = buffers.setdefault(p.shard, store.empty_shard(p.shard))
+        n = len(p.indices)
+        for name, tensor in p.host.items():
+            if not name.startswith("_"):
+                arr = tensor.numpy()
+                buf[name][p.offset : p.offset + n] = arr.view(buf[name].dtype)
+        buf[SAMPLE_HASH][p.offset : p.offset + n] = p.hashes
+        filled[p.shard] = filled.get(p.shard, 0) + n
+        start, stop = store.shard_bounds(p.shard)
+        if filled[p.shard] == stop - start:
+            writer.submit(p.shard, buffers.pop(p.shard))
+        bar.update(n)
+
+    with torch.inference_mode():
+        for indices, (inputs, _labels, hashes) in zip(batches, loader, strict=True):
+            shard = indices[0] // meta.shard_rows
+            offset = indices[0] - shard * meta.shard_rows
+            x = inputs.to(device, non_blocking=cuda)
+            with _autocast(device, config.amp):
+                logits = teacher(x)
+            _check_output(logits, len(indices), meta.num_classes, indices[0])
+            encoded = encode_batch(
+                logits,
+                encoding=meta.encoding,
+                value_dtype=meta.value_dtype,
+                k=meta.k,
+                temperatures=meta.temperatures,
+                index_dtype=index_dtype,
+            )
+            host, event = _to_host(encoded, cuda)
+            if pending is not None:
+                finish(pending)  # overlaps the previous batch's copy with this forward pass
+            pending = _Pending(shard, offset, indices, host, hashes, event)
+            writer.raise_failures()
+        if pending is not None:
+            finish(pending)
+
+
+def _to_host(tensors: dict[str, torch.Tensor], cuda: bool) -> tuple[dict[str, torch.Tensor], Any]:
+    if not cuda:
+        return {k: v.detach() for k, v in tensors.items()}, None
+    host = {
+        k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+        for k, v in tensors.items()
+    }
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _check_flags(p: _Pending, store: LogitStore) -> None:
+    bad = p.host[NONFINITE].numpy()
+    if bad.any():
+        first = p.indices[int(np.argmax(bad))]
+        raise TeacherOutputError(
+            f"the teacher produced non-finite logits (NaN or inf) for sample {first} (the first bad "
+            "sample); fix the teacher or the input, then run the same command again to resume"
+        )
+    over = p.host[OVERFLOW].numpy()
+    if over.any():
+        first = p.indices[int(np.argmax(over))]
+        raise TeacherOutputError(
+            f"sample {first}: a logit overflows {store.meta.value_dtype}; "
+            "rebuild with --dtype float32 or --dtype bfloat16 (and --overwrite)"
+        )
+
+
+def _check_output(logits: Any, batch: int, num_classes: int, first_index: int) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TeacherOutputError(
+            f"the teacher returned a {type(logits).__name__}; it must return a (B, C) logits tensor"
+        )
+    if logits.ndim != 2 or logits.shape[0] != batch or logits.shape[1] != num_classes:
+        raise TeacherOutputError(
+            f"the teacher returned shape {tuple(logits.shape)} for the batch starting at sample "
+            f"{first_index}; expected ({batch}, {num_classes}) = (batch, classes)"
+        )
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# ---- setup -------------------------------------------------------------------------------------
+
+
+def _check_dataset(dataset: Any, spec: str) -> int:
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise DatasetFormatError(
+            f"dataset factory {spec!r} returned a {type(dataset).__name__}; expected a map-style "
+            "dataset (with __len__ and __getitem__)"
+        )
+    n = len(dataset)
+    if n == 0:
+        raise DatasetFormatError(f"dataset {spec!r} is empty")
+    check_item(dataset[0], 0)
+    return n
+
+
+def _load_teacher(spec: str, device: torch.device) -> nn.Module:
+    teacher = instantiate(spec, "teacher")
+    if not isinstance(teacher, nn.Module):
+        raise SpecError(
+            f"teacher factory {spec!r} returned a {type(teacher).__name__}, not an nn.Module"
+        )
+    return teacher.eval().to(device)
+
+
+def _probe_classes(
+    teacher: nn.Module, dataset: Any, device: torch.device, config: BuildConfig
+) -> int:
+    """Run one sample through the teacher to learn C (and fail early on a wrong output)."""
+    inputs, _, _ = collate_with_hashes([dataset[0]])
+    with torch.inference_mode(), _autocast(device, config.amp):
+        try:
+            out = teacher(inputs.to(device))
+        except Exception as exc:
+            raise TeacherOutputError(
+                f"the teacher failed on sample 0 (input shape {tuple(inputs.shape)}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TeacherOutputError(
+            f"the teacher returned {shape} for a batch of 1; it must return (B, C) logits"
+        )
+    return int(out.shape[1])
+
+
+def _open_output(config: BuildConfig, meta: StoreMeta) -> LogitStore:
+    """Create the store, or reopen a compatible partial one to resume it."""
+    path = Path(config.output)
+    if path.exists():
+        try:
+            existing = LogitStore.open(path, mode="r+", require_complete=False)
+        except StoreFormatError as exc:
+            if path.is_dir() and not any(path.iterdir()):
+                existing = None
+            elif config.overwrite and _looks_like_zarr(path):
+                existing = None
+                shutil.rmtree(path)
+            else:
+                raise StoreExistsError(
+                    f"{path} exists and is not a softcache store ({exc}); choose another --output "
+                    "(softcache does not delete data it did not write, even with --overwrite)"
+                ) from exc
+        if existing is not None:
+            if config.overwrite:
+                shutil.rmtree(path)
+            elif existing.meta.complete:
+                raise StoreExistsError(
+                    f"{path} is already a complete store; pass --overwrite to rebuild it"
+                )
+            else:
+                diffs = _layout_diff(existing.meta, meta)
+                if diffs:
+                    raise StoreExistsError(
+                        f"{path} holds a partial build with a different configuration "
+                        f"({'; '.join(diffs)}); run the original command to finish it, or pass "
+                        "--overwrite to start again"
+                    )
+                return existing
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"no write permission on {path.parent}")
+        return LogitStore.create(path, meta, compression_level=config.compression_level)
+    except OSError as exc:
+        raise SoftcacheError(f"cannot write the store at {path}: {exc}") from exc
+
+
+def _looks_like_zarr(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _layout_diff(old: StoreMeta, new: StoreMeta) -> list[str]:
+    pairs: list[tuple[str, Any, Any]] = [
+        (key, getattr(old, key), getattr(new, key))
+        for key in (
+            "encoding",
+            "num_classes",
+            "k",
+            "num_samples",
+            "value_dtype",
+            "temperatures",
+            "shard_rows",
+            "chunk_rows",
+        )
+    ]
+    pairs.append(("teacher", dict(old.teacher), dict(new.teacher)))
+    pairs.append(("dataset", old.dataset.get("spec"), new.dataset.get("spec")))
+    pairs.extend(
+        (key, old.build_config.get(key), new.build_config.get(key)) for key in _LAYOUT_KEYS
+    )
+    return [f"{key}: stored {a!r}, now {b!r}" for key, a, b in pairs if _norm(a) != _norm(b)]
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

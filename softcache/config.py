@@ -1,0 +1,216 @@
+"""Configuration: frozen dataclasses loaded from TOML, overridden from the command line.
+
+A config is validated when it is built, so a typo fails before an hour of teacher inference rather than
+after. Unknown keys are an error. `to_dict()` is what a store records as its build provenance.
+
+Precedence: dataclass defaults < the TOML file (`--config`) < command-line options.
+A TOML file may hold the keys at top level, or in `[build]` / `[train]` tables so one pipeline file
+configures both stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from softcache.errors import ConfigError
+
+SECTIONS = ("build", "train")
+ENCODINGS = ("dense", "topk")
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `softcache build` needs.
+
+    Attributes:
+        teacher: spec of a factory returning an `nn.Module` mapping inputs (B, ...) to logits (B, C).
+        dataset: spec of a factory returning a map-style dataset of `(input, label)` items.
+        output: the store's path.
+        encoding: `dense` keeps every logit; `topk` keeps the k largest plus normalisers.
+        top_k: k for `topk`.
+        dtype: how logit values are stored: float16, bfloat16 or float32.
+        temperatures: temperatures whose log-sum-exp normalisers a `topk` store keeps.
+        batch_size: teacher batch size; batches never cross a shard boundary.
+        num_workers: DataLoader worker processes.
+        device: `auto`, `cpu`, `cuda` or `cuda:i`.
+        amp: run the teacher under autocast (CUDA only; ignored on CPU).
+        shard_rows: rows per shard: the unit of writing, of resume and of streaming reads.
+        chunk_rows: rows per compressed inner chunk (defaults to min(shard_rows, 1024)).
+        compression_level: zstd level.
+        writer_threads: background threads compressing and writing shards.
+        overwrite: replace an existing store at `output`.
+    """
+
+    teacher: str
+    dataset: str
+    output: str
+    encoding: str = "dense"
+    top_k: int = 5
+    dtype: str = "float16"
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    amp: bool = False
+    shard_rows: int = 4096
+    chunk_rows: int | None = None
+    compression_level: int = 3
+    writer_threads: int = 2
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("encoding", self.encoding, ENCODINGS)
+        _check_choice("dtype", self.dtype, VALUE_DTYPES)
+        for name in ("top_k", "batch_size", "shard_rows", "writer_threads"):
+            _check_positive(name, getattr(self, name))
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.chunk_rows is not None:
+            _check_positive("chunk_rows", self.chunk_rows)
+            if self.shard_rows % self.chunk_rows:
+                raise ConfigError(
+                    f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows "
+                    f"({self.chunk_rows}): a shard holds a whole number of chunks"
+                )
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ConfigError(
+                f"temperatures must be positive numbers, got {list(self.temperatures)}"
+            )
+        if not 1 <= self.compression_level <= 22:
+            raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}")
+        if not self.teacher or not self.dataset or not self.output:
+            raise ConfigError("teacher, dataset and output are required")
+
+    @property
+    def effective_chunk_rows(self) -> int:
+        """Rows per inner chunk after applying the default."""
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        chunk = min(self.shard_rows, 1024)
+        while self.shard_rows % chunk:
+            chunk -= 1
+        return chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able data (tuples become lists)."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def load_config(
+    cls: type[C], path: str | Path | None, overrides: Mapping[str, Any], section: str
+) -> C:
+    """Build a config from an optional TOML file and command-line overrides.
+
+    Args:
+        cls: the config dataclass.
+        path: a TOML file or None.
+        overrides: values from the command line; `None` values mean "not given".
+        section: the table to read when the file has `[build]` / `[train]` tables.
+
+    Raises:
+        ConfigError: unreadable file, unknown keys, wrong types, or invalid values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_toml(Path(path), section))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_mapping(cls, values, source=str(path) if path else "options")
+
+
+def config_from_mapping(cls: type[C], values: Mapping[str, Any], *, source: str) -> C:
+    """Build a config dataclass from a mapping, rejecting unknown keys and coercing types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(name, value, hints[name], source) for name, value in values.items()}
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required setting(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _read_toml(path: Path, section: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    if any(isinstance(data.get(s), dict) for s in SECTIONS):
+        stray = sorted(k for k in data if k not in SECTIONS)
+        if stray:
+            raise ConfigError(
+                f"{path}: key(s) {', '.join(stray)} sit outside the [build] / [train] tables"
+            )
+        return dict(data.get(section, {}))
+    return dict(data)
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Coerce TOML / CLI values to the field's type, or say what was wrong."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            item_type = typing.get_args(hint)[0]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(item_type(x) for x in items if str(x).strip() != "")
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if hint is int and isinstance(value, float | bool):
+            raise TypeError
+        if hint in (int, float, str):
+            return hint(value)
+        if isinstance(hint, types.UnionType | type(typing.Union)):
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {hint}") from exc
+    return value
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+__all__ = ["BuildConfig", "config_from_mapping", "load_config"]

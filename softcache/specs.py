@@ -1,0 +1,94 @@
+"""Resolve `module:callable` spec strings into the factories they name.
+
+Teachers, students and datasets are named by a spec rather than registered by an import side effect:
+`package.module:fn` imports the module (from the current directory or PYTHONPATH) and `path/to/file.py:fn`
+loads a file. The callable is called with no arguments and returns the object.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from softcache.errors import SoftcacheError, SpecError
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Import the callable a spec names.
+
+    Args:
+        spec: `package.module:name` or `path/to/file.py:name`.
+
+    Returns:
+        The named attribute, checked to be callable.
+
+    Raises:
+        SpecError: the spec is malformed, the module does not import, or the name is missing.
+    """
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise SpecError(
+            f"spec {spec!r} is not of the form 'package.module:callable' or 'file.py:callable'"
+        )
+    # The current directory is importable, as the user expects from `python -m`.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    if module_part.endswith(".py"):
+        module = _load_file(module_part, spec)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as exc:
+            raise SpecError(f"spec {spec!r}: cannot import module {module_part!r}: {exc}") from exc
+    try:
+        obj = getattr(module, attr)
+    except AttributeError as exc:
+        raise SpecError(f"spec {spec!r}: module {module_part!r} has no attribute {attr!r}") from exc
+    if not callable(obj):
+        raise SpecError(f"spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _load_file(path_str: str, spec: str) -> Any:
+    path = Path(path_str).expanduser().resolve()
+    if not path.is_file():
+        raise SpecError(f"spec {spec!r}: file {path} does not exist")
+    name = f"softcache_spec_{abs(hash(str(path)))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise SpecError(f"spec {spec!r}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise SpecError(f"spec {spec!r}: executing {path} failed: {exc!r}") from exc
+    return module
+
+
+def instantiate(spec: str, what: str) -> Any:
+    """Call the factory a spec names and return what it builds.
+
+    Args:
+        spec: the spec string.
+        what: a word for messages ("teacher", "dataset", ...).
+
+    Raises:
+        SpecError: the spec does not resolve, or the factory raised.
+    """
+    factory = load_callable(spec)
+    try:
+        return factory()
+    except SoftcacheError:
+        raise  # a factory's own message (for example a missing checkpoint) is already clear
+    except Exception as exc:
+        raise SpecError(f"{what} factory {spec!r} raised {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,333 @@
+"""The store format: the only module that knows Zarr array names and attributes.
+
+A softcache store is a Zarr v3 group (specified in docs/FORMAT.md, the contract between teams):
+
+- group attribute `softcache`: a JSON object of metadata (`StoreMeta`), written first with
+  `complete = false` and rewritten with `complete = true` as the very last step of a build;
+- data arrays, sharded along rows (`shard_rows` per shard file, `chunk_rows` per compressed inner
+  chunk), each inner chunk zstd-compressed and followed by a crc32c checksum, so a flipped bit is a
+  read error rather than a wrong soft label:
+  `logits` (N, C) for `dense`; `topk_values` (N, k), `topk_indices` (N, k), `lse` (N, len(T)) for
+  `topk`; and `sample_hash` (N,) uint64 for every encoding;
+- `shard_done` (num_shards,) uint8, one element per chunk: the resume record. Each shard's writer
+  sets only its own element, after its data is written. With `write_empty_chunks=False` an all-zero
+  shard and a never-written shard look alike, so completion is read from here, never from the data.
+
+bfloat16 values are stored as their uint16 bit patterns (numpy has no bfloat16); `value_dtype` in the
+metadata says so, and `decode_values` turns them back into float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from softcache import __version__
+from softcache.errors import IncompleteStoreError, StoreFormatError
+
+FORMAT_VERSION = 1
+ATTR_KEY = "softcache"
+LOGITS = "logits"
+TOPK_VALUES = "topk_values"
+TOPK_INDICES = "topk_indices"
+LSE = "lse"
+SAMPLE_HASH = "sample_hash"
+SHARD_DONE = "shard_done"
+DENSE_ARRAYS = (LOGITS,)
+TOPK_ARRAYS = (TOPK_VALUES, TOPK_INDICES, LSE)
+
+# The numpy dtype each value_dtype is stored as.
+_STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """The `softcache` group attribute: what another team needs to trust and read a store.
+
+    Attributes:
+        encoding: `dense` or `topk`.
+        num_classes: C, the width of the teacher's output.
+        k: kept entries per row for `topk`; None for `dense`.
+        num_samples: N, rows in the store (one per dataset item).
+        value_dtype: float16, bfloat16 or float32.
+        temperatures: temperatures whose normalisers `lse` holds (empty for `dense`).
+        shard_rows: rows per shard (the unit of writing, resume and streaming).
+        chunk_rows: rows per compressed inner chunk.
+        teacher: {"spec", "num_parameters", "state_dict_sha256"}.
+        dataset: {"spec", "num_samples", "fingerprint"} (fingerprint set when complete).
+        build_config: the full build configuration.
+        format_version: the store format version.
+        softcache_version: the version that wrote the store.
+        created: ISO-8601 UTC creation time.
+        complete: true once every shard is written and the fingerprint recorded.
+    """
+
+    encoding: str
+    num_classes: int
+    k: int | None
+    num_samples: int
+    value_dtype: str
+    temperatures: tuple[float, ...]
+    shard_rows: int
+    chunk_rows: int
+    teacher: Mapping[str, Any]
+    dataset: Mapping[str, Any]
+    build_config: Mapping[str, Any]
+    format_version: int = FORMAT_VERSION
+    softcache_version: str = __version__
+    created: str = ""
+    complete: bool = False
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_rows)
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        """uint16 when every class id fits, else int32."""
+        return np.dtype(np.uint16 if self.num_classes <= 65536 else np.int32)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["temperatures"] = list(self.temperatures)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str) -> StoreMeta:
+        """Parse the attribute, refusing format versions this reader does not know."""
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise StoreFormatError(
+                    f"{where} uses store format_version {version}, but softcache {__version__} "
+                    f"reads only version {FORMAT_VERSION}; upgrade softcache to a release that "
+                    f"supports format_version {version}"
+                )
+            raise StoreFormatError(f"{where} has unknown store format_version {version!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            kwargs = {k: v for k, v in data.items() if k in names}
+            kwargs["temperatures"] = tuple(float(t) for t in data.get("temperatures", ()))
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise StoreFormatError(f"{where} has malformed softcache metadata: {exc}") from exc
+
+
+class LogitStore:
+    """An open softcache store.
+
+    Use `LogitStore.create` to start a build and `LogitStore.open` to read or resume one.
+    """
+
+    def __init__(self, group: zarr.Group, meta: StoreMeta, location: str) -> None:
+        self._group = group
+        self.meta = meta
+        self.location = location
+
+    # ---- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, meta: StoreMeta, *, compression_level: int = 3) -> LogitStore:
+        """Create an empty store (overwriting whatever is at `path`).
+
+        The metadata goes in first, with `complete = false`, so a half-created store is recognised
+        as a partial softcache store rather than as foreign data.
+        """
+        meta = dataclasses.replace(
+            meta,
+            complete=False,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        group = zarr.open_group(str(path), mode="w")
+        group.attrs[ATTR_KEY] = meta.to_dict()
+        n, rows, chunk = meta.num_samples, meta.shard_rows, meta.chunk_rows
+        compressors = [ZstdCodec(level=compression_level), Crc32cCodec()]
+        for name, (row_shape, dtype) in row_layout(meta).items():
+            shape = (n, *row_shape)
+            group.create_array(
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=(chunk, *shape[1:]),
+                shards=(rows, *shape[1:]),
+                compressors=compressors,
+                fill_value=0,
+                dimension_names=("sample", *(("entry",) if len(shape) > 1 else ())),
+            )
+        # One element per chunk, so each shard's writer owns exactly one object in the store.
+        group.create_array(
+            SHARD_DONE,
+            shape=(meta.num_shards,),
+            dtype=np.uint8,
+            chunks=(1,),
+            fill_value=0,
+            compressors=None,
+        )
+        return cls(group, meta, str(path))
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, mode: str = "r", require_complete: bool = True
+    ) -> LogitStore:
+        """Open an existing store.
+
+        Args:
+            path: the store's location.
+            mode: `r` to read, `r+` to resume a build.
+            require_complete: refuse a store whose build has not finished.
+
+        Raises:
+            StoreFormatError: not a softcache store, or an unknown format version.
+            IncompleteStoreError: `require_complete` and the build did not finish.
+        """
+        where = f"store {path}"
+        if isinstance(path, Path | str) and "://" not in str(path) and not Path(path).exists():
+            raise StoreFormatError(f"{where} does not exist")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
+            raise StoreFormatError(f"{where} is not a Zarr group: {exc}") from exc
+        attrs = group.attrs.asdict()
+        if ATTR_KEY not in attrs:
+            raise StoreFormatError(f"{where} is a Zarr group but has no '{ATTR_KEY}' metadata")
+        meta = StoreMeta.from_dict(attrs[ATTR_KEY], where=where)
+        store = cls(group, meta, str(path))
+        missing = [name for name in store.array_names if name not in group]
+        if missing:
+            raise StoreFormatError(f"{where} is missing array(s) {', '.join(missing)}")
+        if require_complete and not meta.complete:
+            done = int(store.done_mask().sum())
+            raise IncompleteStoreError(
+                f"{where} is incomplete ({done} of {meta.num_shards} shards written); finish it by "
+                "running the same `softcache build` command again"
+            )
+        return store
+
+    # ---- layout --------------------------------------------------------------------------------
+
+    @property
+    def data_array_names(self) -> tuple[str, ...]:
+        """The per-row soft-label arrays of this encoding (without `sample_hash`)."""
+        return DENSE_ARRAYS if self.meta.encoding == "dense" else TOPK_ARRAYS
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return (*self.data_array_names, SAMPLE_HASH, SHARD_DONE)
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array called `name` (one of `array_names`)."""
+        arr = self._group[name]
+        assert isinstance(arr, zarr.Array)
+        return arr
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        """Rows [start, stop) of a shard."""
+        start = shard * self.meta.shard_rows
+        return start, min(start + self.meta.shard_rows, self.meta.num_samples)
+
+    def row_layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-row shape and storage dtype of every data array and `sample_hash`."""
+        return row_layout(self.meta)
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def done_mask(self) -> np.ndarray:
+        """(num_shards,) bool: which shards a writer has recorded as written."""
+        return self.array(SHARD_DONE)[:].astype(bool)
+
+    def empty_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """Uninitialised host buffers for one shard, ready to fill and pass to `write_shard`."""
+        start, stop = self.shard_bounds(shard)
+        return {
+            name: np.empty((stop - start, *shape), dtype=dtype)
+            for name, (shape, dtype) in self.row_layout().items()
+        }
+
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write one whole shard, then record it as done.
+
+        Args:
+            shard: the shard number.
+            arrays: one entry per name in `data_array_names` plus `sample_hash`, each holding the
+                shard's rows in storage dtype (bfloat16 as uint16 bits).
+        """
+        start, stop = self.shard_bounds(shard)
+        for name in (*self.data_array_names, SAMPLE_HASH):
+            data = arrays[name]
+            if data.shape[0] != stop - start:
+                raise ValueError(
+                    f"shard {shard} of {name}: {data.shape[0]} rows, expected {stop - start}"
+                )
+            self.array(name)[start:stop] = data
+        self.array(SHARD_DONE)[shard] = 1
+
+    def mark_complete(self, dataset_fingerprint: str) -> None:
+        """Record the dataset fingerprint and set `complete`: the last write of a build."""
+        dataset = {**self.meta.dataset, "fingerprint": dataset_fingerprint}
+        self.meta = dataclasses.replace(self.meta, dataset=dataset, complete=True)
+        self._group.attrs[ATTR_KEY] = self.meta.to_dict()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def sample_hashes(self) -> np.ndarray:
+        """(N,) uint64: every row's input hash."""
+        return self.array(SAMPLE_HASH)[:]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of every data array and `sample_hash`, in storage dtype."""
+        return {
+            name: self.array(name)[start:stop] for name in (*self.data_array_names, SAMPLE_HASH)
+        }
+
+    def decode_values(self, values: np.ndarray) -> np.ndarray:
+        """Stored logit values (`logits` or `topk_values`) as float32."""
+        return decode_values(values, self.meta.value_dtype)
+
+    def nbytes_stored(self) -> int:
+        """Bytes the store occupies (compressed), summed over every array."""
+        return sum(self.array(name).nbytes_stored() for name in self.array_names)
+
+
+def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-row shape and storage dtype of every data array and `sample_hash` for a store's meta."""
+    vdt = storage_dtype(meta.value_dtype)
+    if meta.encoding == "dense":
+        layout = {LOGITS: ((meta.num_classes,), vdt)}
+    else:
+        assert meta.k is not None
+        layout = {
+            TOPK_VALUES: ((meta.k,), vdt),
+            TOPK_INDICES: ((meta.k,), meta.index_dtype),
+            LSE: ((len(meta.temperatures),), np.dtype(np.float32)),
+        }
+    layout[SAMPLE_HASH] = ((), np.dtype(np.uint64))
+    return layout
+
+
+def encode_values(values: np.ndarray, value_dtype: str) -> np.ndarray:
+    """float32 logits -> storage dtype (bfloat16 as its uint16 bit pattern, round to nearest even)."""
+    if value_dtype == "bfloat16":
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    return values.astype(_STORAGE_DTYPES[value_dtype])
+
+
+def decode_values(values: np.ndarray, value_dtype: str) -> np.ndarray:
+    """Storage dtype -> float32 (the inverse of `encode_values`, exact)."""
+    if value_dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
+
+
+def storage_dtype(value_dtype: str) -> np.dtype:
+    """The numpy dtype a value dtype is stored as."""
+    return np.dtype(_STORAGE_DTYPES[value_dtype])
