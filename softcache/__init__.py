@@ -1,3 +1,64 @@
-"""softcache: offline soft-label caching for knowledge distillation."""
+"""softcache: offline soft-label caching for knowledge distillation.
+
+Build a teacher's logits once into a Zarr store (`build`), then train students from it many times
+(`train`, or your own loop with `AlignedBatches` and `distillation_loss`).
+"""
 
 __version__ = "0.1.0"
+
+from softcache.config import BuildConfig, TrainConfig, load_config  # noqa: E402
+from softcache.distill import AlignedBatches, distillation_loss  # noqa: E402
+from softcache.errors import (  # noqa: E402
+    DatasetMismatchError,
+    IncompleteStoreError,
+    SoftcacheError,
+    StoreFormatError,
+)
+from softcache.losses import hard_loss, kd_loss_dense, kd_loss_topk  # noqa: E402
+from softcache.plan import EpochPlan  # noqa: E402
+from softcache.store import LogitStore, StoreMeta  # noqa: E402
+from softcache.stream import SoftLabels, SoftLabelStream  # noqa: E402
+
+
+def open_store(path: str, *, require_complete: bool = True) -> LogitStore:
+    """Open a store for reading (see `LogitStore.open`)."""
+    return LogitStore.open(path, mode="r", require_complete=require_complete)
+
+
+def build(config: BuildConfig, *, progress: bool = True):  # type: ignore[no-untyped-def]
+    """Run `softcache build` from Python (see `softcache.build.build`)."""
+    from softcache.build import build as _build
+
+    return _build(config, progress=progress)
+
+
+def train(config: TrainConfig, *, progress: bool = True, client=None):  # type: ignore[no-untyped-def]
+    """Run `softcache train` from Python (see `softcache.train.train`)."""
+    from softcache.train import train as _train
+
+    return _train(config, progress=progress, client=client)
+
+
+__all__ = [
+    "AlignedBatches",
+    "BuildConfig",
+    "DatasetMismatchError",
+    "EpochPlan",
+    "IncompleteStoreError",
+    "LogitStore",
+    "SoftLabelStream",
+    "SoftLabels",
+    "SoftcacheError",
+    "StoreFormatError",
+    "StoreMeta",
+    "TrainConfig",
+    "__version__",
+    "build",
+    "distillation_loss",
+    "hard_loss",
+    "kd_loss_dense",
+    "kd_loss_topk",
+    "load_config",
+    "open_store",
+    "train",
+]

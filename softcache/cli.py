@@ -149,6 +149,98 @@ def build(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -
     click.echo(format_table(rows))
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--store", help="The teacher's store (required for --mode offline).")
+@click.option("--student", help="Student factory spec; returns a freshly initialised nn.Module.")
+@click.option("--dataset", help="Training dataset spec: the dataset the store was built from.")
+@click.option("--eval-dataset", help="Held-out dataset spec, evaluated after every epoch.")
+@click.option(
+    "--eval-store", help="A store built over --eval-dataset: teacher agreement without the teacher."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["offline", "online", "hard"]),
+    help="offline: soft labels from the store; online: teacher in the loop; hard: labels only.  [default: offline]",
+)
+@click.option("--teacher", help="Teacher spec (required for --mode online).")
+@click.option("--epochs", type=int, help="Passes over the data.  [default: 10]")
+@click.option("--batch-size", type=int, help="Student batch size.  [default: 64]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-3]")
+@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), help="[default: adamw]")
+@click.option("--weight-decay", type=float, help="[default: 0]")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), help="[default: cosine]")
+@click.option("--temperature", type=float, help="Distillation temperature T.  [default: 2]")
+@click.option(
+    "--alpha", type=float, help="Weight of the hard-label loss; 1 - alpha weighs KD.  [default: 0]"
+)
+@click.option("--seed", type=int, help="Seeds the student's init and the data order.  [default: 0]")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--amp/--no-amp", default=None, help="Autocast on CUDA.  [default: off]")
+@click.option("--num-workers", type=int, help="DataLoader workers for inputs.  [default: 0]")
+@click.option(
+    "--window-blocks", type=int, help="Store blocks whose rows are shuffled together.  [default: 4]"
+)
+@click.option(
+    "--prefetch-blocks", type=int, help="Store blocks read ahead of training.  [default: 4]"
+)
+@click.option(
+    "--dask-scheduler",
+    help="Address of a dask.distributed scheduler to read through.  [default: threads]",
+)
+@click.option(
+    "--output", "-o", help="Directory for checkpoints and metrics.json.  [default: runs/train]"
+)
+@click.option(
+    "--checkpoint-steps",
+    type=int,
+    help="Also checkpoint every N steps.  [default: 0, epoch ends only]",
+)
+@click.option(
+    "--resume", is_flag=True, default=None, help="Continue from the checkpoint in --output."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML file (its [train] table, or top level); options given here win.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def train(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Train a student from a store (offline KD), or a baseline (online KD, hard labels).
+
+    Writes a checkpoint each epoch and OUTPUT/metrics.json; --resume continues an interrupted run
+    to the same weights an uninterrupted run reaches.
+    """
+    from softcache.config import TrainConfig, load_config
+    from softcache.train import train as run_train
+
+    config = load_config(TrainConfig, config_file, options, section="train")
+    result = run_train(config, progress=not quiet)
+    m = result.metrics
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))
+        return
+
+    def last(key: str, fmt: str) -> str:
+        value = m[key][-1] if m[key] else None
+        return "-" if value is None else format(value, fmt)
+
+    rows = [
+        ("mode", m["mode"]),
+        ("epochs", str(len(m["epoch"]))),
+        ("train loss", last("train_loss", ".4f")),
+        ("eval accuracy", last("eval_accuracy", ".4f")),
+        ("teacher agreement", last("teacher_agreement", ".4f")),
+        ("epoch time", last("epoch_seconds", ".3f") + " s"),
+        ("samples/s", last("samples_per_second", ",.0f")),
+        ("data wait", last("data_wait_fraction", ".1%")),
+        ("metrics", str(result.output / "metrics.json")),
+    ]
+    click.echo(format_table(rows))
+
+
 def format_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns."""
     width = max(len(k) for k, _ in rows)

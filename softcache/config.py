@@ -106,6 +106,95 @@ class BuildConfig:
         return _to_plain(dataclasses.asdict(self))
 
 
+TRAIN_MODES = ("offline", "online", "hard")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `softcache train` needs.
+
+    Attributes:
+        student: spec of a factory returning a fresh student `nn.Module` (inputs -> (B, C) logits).
+        dataset: spec of the training dataset (the one the store was built from).
+        store: the teacher's store (required for `offline`; in other modes it supplies the block
+            layout, so all modes see the same data order).
+        mode: `offline` (soft labels from the store), `online` (run `teacher` in the loop) or
+            `hard` (labels only).
+        teacher: teacher spec, required for `online`.
+        eval_dataset: spec of a held-out dataset evaluated after each epoch.
+        eval_store: a store built over `eval_dataset`, for teacher agreement without the teacher.
+        epochs: passes over the training data.
+        batch_size: student batch size.
+        lr: peak learning rate.
+        optimizer: adamw, adam or sgd (momentum 0.9).
+        weight_decay: decoupled weight decay (adamw) or L2 (adam, sgd).
+        schedule: constant or cosine (per step, to zero at the end).
+        temperature: distillation temperature T.
+        alpha: weight of the hard-label cross-entropy; (1 - alpha) weighs the KD term.
+        seed: seeds the student's initialisation and the epoch plan.
+        device: auto, cpu, cuda or cuda:N.
+        amp: autocast the student (and an online teacher) on CUDA.
+        num_workers: DataLoader workers for inputs.
+        block_rows: rows per plan block when no store is given (else the store's shard_rows).
+        window_blocks: blocks whose rows are shuffled together.
+        prefetch_blocks: store blocks read ahead of the training loop.
+        dask_scheduler: None (threads), or a `distributed` scheduler address (`tcp://host:port`).
+        output: directory for checkpoints and metrics.json.
+        checkpoint_steps: also checkpoint every N steps inside an epoch (0: only at epoch ends).
+        resume: continue from the checkpoint in `output`.
+    """
+
+    student: str
+    dataset: str
+    store: str | None = None
+    mode: str = "offline"
+    teacher: str | None = None
+    eval_dataset: str | None = None
+    eval_store: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    temperature: float = 2.0
+    alpha: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    num_workers: int = 0
+    block_rows: int = 512
+    window_blocks: int = 4
+    prefetch_blocks: int = 4
+    dask_scheduler: str | None = None
+    output: str = "runs/train"
+    checkpoint_steps: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, TRAIN_MODES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        for name in ("epochs", "batch_size", "block_rows", "window_blocks", "prefetch_blocks"):
+            _check_positive(name, getattr(self, name))
+        if self.mode == "offline" and not self.store:
+            raise ConfigError("mode offline trains from a store: pass --store")
+        if self.mode == "online" and not self.teacher:
+            raise ConfigError("mode online runs the teacher in the loop: pass --teacher")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError(f"lr and temperature must be positive, got {self.lr}, {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.num_workers < 0 or self.checkpoint_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("num_workers, checkpoint_steps and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able data."""
+        return _to_plain(dataclasses.asdict(self))
+
+
 def load_config(
     cls: type[C], path: str | Path | None, overrides: Mapping[str, Any], section: str
 ) -> C:
@@ -213,4 +302,4 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["BuildConfig", "config_from_mapping", "load_config"]
+__all__ = ["BuildConfig", "TrainConfig", "config_from_mapping", "load_config"]

@@ -60,6 +60,11 @@ def collate_with_hashes(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tenso
     Raises:
         DatasetFormatError: an item is not an `(input, label)` pair of the expected kinds.
     """
+    batch, labels = _stack(items)
+    return batch, labels, hash_rows(batch)
+
+
+def _stack(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = []
     labels = []
     for item in items:
@@ -75,7 +80,13 @@ def collate_with_hashes(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tenso
             f"dataset inputs in one batch have different shapes {shapes}; every input must have "
             "the same shape (pad or resize them in the dataset)"
         ) from exc
-    return batch, torch.tensor(labels, dtype=torch.int64), hash_rows(batch)
+    return batch, torch.tensor(labels, dtype=torch.int64)
+
+
+def collate_pairs(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Collate like `collate_with_hashes` but skip hashing (for runs that check nothing)."""
+    inputs, labels = _stack(items)
+    return inputs, labels, None
 
 
 def check_item(item: Any, index: int | None = None) -> None:

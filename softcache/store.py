@@ -131,6 +131,7 @@ class LogitStore:
         self._group = group
         self.meta = meta
         self.location = location
+        self._arrays: dict[str, zarr.Array] = {}
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -224,9 +225,12 @@ class LogitStore:
 
     def array(self, name: str) -> zarr.Array:
         """The Zarr array called `name` (one of `array_names`)."""
-        arr = self._group[name]
-        assert isinstance(arr, zarr.Array)
-        return arr
+        # Cached: every lookup through the group re-reads the array's metadata from the store.
+        if name not in self._arrays:
+            arr = self._group[name]
+            assert isinstance(arr, zarr.Array)
+            self._arrays[name] = arr
+        return self._arrays[name]
 
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         """Rows [start, stop) of a shard."""
@@ -286,6 +290,12 @@ class LogitStore:
         return {
             name: self.array(name)[start:stop] for name in (*self.data_array_names, SAMPLE_HASH)
         }
+
+    def top1(self) -> np.ndarray:
+        """(N,) int64: the teacher's top-1 class for every row."""
+        if self.meta.encoding == "dense":
+            return self.array(LOGITS)[:].argmax(axis=1).astype(np.int64)
+        return self.array(TOPK_INDICES)[:, 0].astype(np.int64)
 
     def decode_values(self, values: np.ndarray) -> np.ndarray:
         """Stored logit values (`logits` or `topk_values`) as float32."""

@@ -40,7 +40,7 @@ class TeacherCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def student_net() -> nn.Module:
+def student() -> nn.Module:
     """A tiny MLP: 64 -> 64 -> 10 (about 4.8k parameters), freshly initialised."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES))
 

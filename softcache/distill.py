@@ -1,0 +1,145 @@
+"""The Python API for a training loop of your own: aligned batches and the matching KD loss.
+
+    store = softcache.open_store("teacher.zarr")
+    plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=store.meta.shard_rows,
+                               batch_size=64, seed=0)
+    aligned = softcache.AlignedBatches(dataset, store)
+    for epoch in range(epochs):
+        plan.set_epoch(epoch)
+        for inputs, labels, soft in aligned.epoch(plan):
+            loss = softcache.distillation_loss(student(inputs), soft, labels,
+                                               temperatures=store.meta.temperatures,
+                                               temperature=2.0, alpha=0.1)
+
+`AlignedBatches` zips a DataLoader over the inputs with the store's soft-label stream; both follow the
+same plan, and every batch's input hashes are checked against the store's, so a reordered or altered
+dataset stops training at its first wrong sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from softcache import losses
+from softcache.errors import DatasetMismatchError
+from softcache.hashing import collate_with_hashes
+from softcache.plan import EpochPlan
+from softcache.store import LogitStore
+from softcache.stream import SoftLabels, SoftLabelStream, plan_from_state
+
+log = logging.getLogger("softcache")
+_warned_temperatures: set[float] = set()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    soft: SoftLabels,
+    targets: torch.Tensor | None,
+    *,
+    temperatures: Sequence[float],
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The KD loss for a batch of cached soft labels, dense or top-k.
+
+    Args:
+        student_logits: (B, C) student logits.
+        soft: the batch's soft labels (on the student's device).
+        targets: (B,) int64 hard labels, -1 for none; or None.
+        temperatures: the store's temperatures with normalisers (`store.meta.temperatures`).
+        temperature: the distillation temperature T.
+        alpha: weight of the hard-label term.
+
+    Returns:
+        A float32 scalar (see `softcache.losses` for the formulas).
+    """
+    if soft.logits is not None:
+        return losses.kd_loss_dense(
+            student_logits, soft.logits, targets, temperature=temperature, alpha=alpha
+        )
+    assert soft.topk_values is not None and soft.topk_indices is not None and soft.lse is not None
+    lse = None
+    for column, t in enumerate(temperatures):
+        if abs(t - temperature) < 1e-9:
+            lse = soft.lse[:, column]
+    if lse is None and temperature not in _warned_temperatures:
+        _warned_temperatures.add(temperature)
+        log.warning(
+            "the store has no normaliser for temperature %s (it has %s): the top-k loss "
+            "renormalises over the kept classes, which drops the tail mass",
+            temperature,
+            list(temperatures),
+        )
+    return losses.kd_loss_topk(
+        student_logits,
+        soft.topk_values,
+        soft.topk_indices,
+        lse,
+        targets,
+        temperature=temperature,
+        alpha=alpha,
+    )
+
+
+class AlignedBatches:
+    """(inputs, labels, soft labels) batches in the order of an epoch plan, alignment-checked.
+
+    Args:
+        dataset: the map-style dataset the store was built from.
+        store: an open, complete store.
+        num_workers: DataLoader workers for the inputs (they open nothing from the store).
+        pin_memory: pin input batches (for CUDA).
+        prefetch_blocks: store blocks read ahead.
+        client: a `distributed.Client` for the stream, or None for threads.
+        check_hashes: compare every batch's input hashes with the store's.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        store: LogitStore,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_blocks: int = 4,
+        client: Any | None = None,
+        check_hashes: bool = True,
+    ) -> None:
+        if len(dataset) != store.meta.num_samples:
+            raise DatasetMismatchError(
+                f"the dataset has {len(dataset)} samples but store {store.location} was built from "
+                f"{store.meta.num_samples}; use the dataset the store was built from"
+            )
+        self.dataset = dataset
+        self.store = store
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.stream = SoftLabelStream(store, prefetch_blocks=prefetch_blocks, client=client)
+        self.check_hashes = check_hashes
+
+    def epoch(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor, SoftLabels]]:
+        """Yield the plan's remaining batches of its current epoch.
+
+        `plan` is not advanced: the caller counts the batches it consumed, which is what a
+        checkpoint must record (a DataLoader with workers draws batches ahead of the step).
+
+        Yields:
+            inputs (B, ...), labels (B,) int64 (-1: none), and the batch's `SoftLabels`.
+        """
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=plan_from_state(plan.state_dict()),
+            collate_fn=collate_with_hashes,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        for (inputs, labels, hashes), soft in zip(loader, self.stream.batches(plan), strict=True):
+            if self.check_hashes:
+                soft.check_alignment(np.asarray(hashes))
+            yield inputs, labels, soft

@@ -1,0 +1,269 @@
+"""The soft-label stream: a store's rows, in epoch-plan order, read by Dask a bounded number ahead.
+
+Reading random rows from a chunked store decompresses a whole chunk per row; computing a Dask graph
+per batch pays scheduling overhead per batch. Both are orders of magnitude slower than what the
+student needs. So the stream reads whole storage blocks (shards) in `EpochPlan.block_order`, a few
+blocks per `dask.compute`, on a background thread that stays at most `prefetch_blocks` blocks ahead
+of the training loop; decoding (float16 -> float32, uint16 -> int64) happens there too. The training
+thread only gathers its batch's rows from blocks already in memory. Memory is bounded by the
+prefetch window plus the plan's shuffle window, whatever N is.
+
+The threaded scheduler is the default; pass a `distributed.Client` (or a scheduler address to the
+CLI) to read through a cluster.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+
+from softcache.errors import DatasetMismatchError
+from softcache.plan import EpochPlan
+from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
+
+
+@dataclass
+class SoftLabels:
+    """One batch of soft labels, aligned with the plan's batch of row indices.
+
+    Attributes:
+        indices: (B,) int64 dataset indices of the rows.
+        sample_hash: (B,) uint64 hashes of the inputs the teacher saw.
+        logits: (B, C) float32 teacher logits (`dense` stores), else None.
+        topk_values: (B, k) float32 kept teacher logits, descending (`topk` stores), else None.
+        topk_indices: (B, k) int64 class ids of `topk_values`, else None.
+        lse: (B, len(temperatures)) float32 full-row log-sum-exp per stored temperature, else None.
+    """
+
+    indices: np.ndarray
+    sample_hash: np.ndarray
+    logits: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
+        """A copy with the tensors on `device`."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return SoftLabels(
+            self.indices,
+            self.sample_hash,
+            move(self.logits),
+            move(self.topk_values),
+            move(self.topk_indices),
+            move(self.lse),
+        )
+
+    def check_alignment(self, input_hashes: np.ndarray) -> None:
+        """Raise unless the batch's inputs hash to what the teacher saw.
+
+        Args:
+            input_hashes: (B,) uint64 from `softcache.hashing.collate_with_hashes`.
+
+        Raises:
+            DatasetMismatchError: naming the first mismatching dataset index.
+        """
+        if len(input_hashes) != len(self.sample_hash) or not np.array_equal(
+            input_hashes, self.sample_hash
+        ):
+            bad = np.flatnonzero(input_hashes[: len(self.sample_hash)] != self.sample_hash)
+            first = int(self.indices[bad[0]]) if bad.size else int(self.indices[0])
+            raise DatasetMismatchError(
+                f"dataset sample {first} does not match the store: its input hashes differ from "
+                "what the teacher saw when the store was built (the dataset was reordered, "
+                "changed, or is not the one the store was built from); rebuild the store from "
+                "this dataset or use the dataset it was built from"
+            )
+
+
+class SoftLabelStream:
+    """Read a store's soft labels batch by batch, in the order of an epoch plan.
+
+    Args:
+        store: an open, complete store.
+        prefetch_blocks: blocks read ahead of the training loop (memory bound).
+        client: a `distributed.Client` to read through; None uses Dask's threaded scheduler.
+    """
+
+    def __init__(
+        self,
+        store: LogitStore,
+        *,
+        prefetch_blocks: int = 4,
+        client: Any | None = None,
+    ) -> None:
+        if prefetch_blocks < 1:
+            raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
+        self.store = store
+        self.prefetch_blocks = prefetch_blocks
+        self.client = client
+        names = (*store.data_array_names, SAMPLE_HASH)
+        # Dask chunks = shards: one task per (array, shard), never per row or per batch.
+        self._arrays = {
+            name: da.from_zarr(store.array(name), chunks=store.array(name).shards)
+            for name in names
+        }
+
+    def _check_plan(self, plan: EpochPlan) -> None:
+        store = self.store
+        if plan.block_rows != store.meta.shard_rows:
+            raise ValueError(
+                f"the plan's block_rows ({plan.block_rows}) must equal the store's shard_rows "
+                f"({store.meta.shard_rows}): the stream reads whole shards"
+            )
+        if plan.num_samples != store.meta.num_samples:
+            raise DatasetMismatchError(
+                f"the plan covers {plan.num_samples} samples but the store holds "
+                f"{store.meta.num_samples}; the dataset is not the one the store was built from"
+            )
+
+    def batches(self, plan: EpochPlan) -> Iterator[SoftLabels]:
+        """Yield the soft labels of the plan's remaining batches in its current epoch.
+
+        The stream follows a private copy of the plan from its current cursor, so the same plan
+        can drive the DataLoader of inputs; `plan` itself is not advanced.
+        """
+        self._check_plan(plan)
+        plan = plan_from_state(plan.state_dict())
+        blocks = [int(b) for b in plan.block_order()]
+        rows = self.store.meta.shard_rows
+        # Rows of each block still to be consumed this epoch: a block leaves memory at zero.
+        remaining = _rows_left(plan, blocks, rows)
+        reader = _BlockReader(self, [b for b in blocks if remaining.get(b, 0) > 0])
+        cache: dict[int, dict[str, np.ndarray]] = {}
+        try:
+            for batch in plan.batches():
+                block_ids = batch // rows
+                for b in np.unique(block_ids):
+                    while int(b) not in cache:
+                        got, data = reader.next()
+                        cache[got] = data
+                yield self._gather(batch, block_ids, cache, rows)
+                for b, n in zip(*np.unique(block_ids, return_counts=True), strict=True):
+                    remaining[int(b)] -= int(n)
+                    if remaining[int(b)] == 0:
+                        del cache[int(b)]
+        finally:
+            reader.close()
+
+    def _gather(
+        self,
+        batch: np.ndarray,
+        block_ids: np.ndarray,
+        cache: dict[int, dict[str, np.ndarray]],
+        rows: int,
+    ) -> SoftLabels:
+        offsets = batch - block_ids * rows
+        unique = np.unique(block_ids)
+        cols: dict[str, np.ndarray] = {}
+        for name in self._arrays:
+            if unique.size == 1:
+                cols[name] = cache[int(unique[0])][name][offsets]
+                continue
+            first = cache[int(unique[0])][name]
+            col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
+            for b in unique:
+                mask = block_ids == b
+                col[mask] = cache[int(b)][name][offsets[mask]]
+            cols[name] = col
+        meta = self.store.meta
+        out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH])
+        if meta.encoding == "dense":
+            out.logits = torch.from_numpy(cols[LOGITS])
+        else:
+            out.topk_values = torch.from_numpy(cols[TOPK_VALUES])
+            out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
+            out.lse = torch.from_numpy(cols[LSE])
+        return out
+
+    def _decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Storage dtypes -> what the losses take (runs on the reader thread)."""
+        for name in (LOGITS, TOPK_VALUES):
+            if name in data:
+                data[name] = self.store.decode_values(data[name])
+        if TOPK_INDICES in data:
+            data[TOPK_INDICES] = data[TOPK_INDICES].astype(np.int64)
+        return data
+
+    def _compute(self, blocks: list[int]) -> list[dict[str, np.ndarray]]:
+        graph = [{name: arr.blocks[b] for name, arr in self._arrays.items()} for b in blocks]
+        if self.client is not None:
+            return self.client.gather(self.client.compute(graph))
+        (results,) = dask.compute(graph, scheduler="threads")
+        return list(results)
+
+
+class _BlockReader:
+    """A background thread reading blocks in order, at most `prefetch_blocks` ahead."""
+
+    _DONE = object()
+
+    def __init__(self, stream: SoftLabelStream, blocks: list[int]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=stream.prefetch_blocks)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(stream, blocks), name="softcache-stream", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, stream: SoftLabelStream, blocks: list[int]) -> None:
+        try:
+            # Read a few blocks per compute so Dask decodes them in parallel.
+            group = max(1, min(stream.prefetch_blocks // 2, 4))
+            for i in range(0, len(blocks), group):
+                ids = blocks[i : i + group]
+                for b, data in zip(ids, stream._compute(ids), strict=True):
+                    if not self._put((b, stream._decode(data))):
+                        return
+            self._put(self._DONE)
+        except BaseException as exc:
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> tuple[int, dict[str, np.ndarray]]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is self._DONE:  # pragma: no cover - the plan never asks for more than it listed
+            raise RuntimeError("the stream ran out of blocks before the plan did")
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _rows_left(plan: EpochPlan, blocks: list[int], rows: int) -> dict[int, int]:
+    """Rows of each block that the plan's remaining batches use."""
+    counts: dict[int, int] = dict.fromkeys(blocks, 0)
+    for batch in plan_from_state(plan.state_dict()).batches():
+        ids, n = np.unique(batch // rows, return_counts=True)
+        for b, c in zip(ids, n, strict=True):
+            counts[int(b)] += int(c)
+    return counts
+
+
+def plan_from_state(state: dict[str, Any]) -> EpochPlan:
+    """A new, independent plan at the layout, epoch and cursor of `state`."""
+    plan = EpochPlan(**{k: v for k, v in state.items() if k not in ("epoch", "cursor")})
+    plan.load_state_dict(state)
+    return plan

@@ -1,0 +1,434 @@
+"""`softcache train`: a small, real trainer for students, from a store or a baseline.
+
+Three modes share everything but the loss: the same student initialisation (seeded), the same data
+order (one epoch plan), the same optimiser and schedule, so their numbers compare:
+
+- `offline`: soft labels streamed from the store (the point of softcache);
+- `online`: the teacher runs in the loop on every batch (the baseline offline KD replaces);
+- `hard`: hard labels only.
+
+A checkpoint (student, optimiser, schedule, RNG, the plan's epoch and cursor, metrics so far) is
+written atomically at each epoch end (and every `checkpoint_steps` steps when asked); `--resume`
+continues from it and ends with the weights an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from softcache import losses
+from softcache.config import TrainConfig
+from softcache.devices import resolve_device
+from softcache.distill import AlignedBatches, distillation_loss
+from softcache.errors import ConfigError, DatasetMismatchError, SpecError
+from softcache.hashing import collate_pairs, collate_with_hashes
+from softcache.plan import EpochPlan
+from softcache.progress import Progress
+from softcache.specs import instantiate
+from softcache.store import LogitStore
+from softcache.stream import plan_from_state
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+# Settings a resumed run must share with the checkpoint, or its result would be a different run.
+_RESUME_KEYS = (
+    "student", "dataset", "store", "mode", "teacher", "epochs", "batch_size", "lr", "optimizer",
+    "weight_decay", "schedule", "temperature", "alpha", "seed", "block_rows", "window_blocks",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced: the metrics (as in metrics.json) and where it wrote them."""
+
+    metrics: dict[str, Any]
+    output: Path
+    student: nn.Module
+
+
+def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
+    """Train a student as `config` says; write checkpoints and metrics.json under `config.output`.
+
+    Args:
+        config: the training configuration.
+        progress: show a progress bar on stderr.
+        client: a `distributed.Client` for the soft-label stream (overrides `dask_scheduler`).
+
+    Raises:
+        SoftcacheError: bad specs, a store that is incomplete or does not match the dataset, or a
+            checkpoint that belongs to another configuration.
+    """
+    device = resolve_device(config.device)
+    cuda = device.type == "cuda"
+    dataset = instantiate(config.dataset, "dataset")
+    store = LogitStore.open(config.store) if config.store else None
+    if store is not None and len(dataset) != store.meta.num_samples:
+        raise DatasetMismatchError(
+            f"the dataset has {len(dataset)} samples but store {config.store} was built from "
+            f"{store.meta.num_samples}; use the dataset the store was built from"
+        )
+    torch.manual_seed(config.seed)
+    student = _module(config.student, "student").to(device)
+    teacher = _module(config.teacher, "teacher").eval().to(device) if config.teacher else None
+    plan = EpochPlan(
+        num_samples=len(dataset),
+        block_rows=store.meta.shard_rows if store else config.block_rows,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        window_blocks=config.window_blocks,
+    )
+    steps_total = config.epochs * len(plan)
+    optimizer = _optimizer(config, student)
+    schedule = _schedule(config, optimizer, steps_total)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = _new_metrics(config, store)
+    partial = _EpochStats()
+    if config.resume:
+        state = _load_checkpoint(output, config)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        plan.load_state_dict(state["plan"])
+        torch.set_rng_state(state["torch_rng"])
+        metrics = state["metrics"]
+        partial = _EpochStats(**state["partial"])
+    if client is None and config.dask_scheduler:
+        client = _connect(config.dask_scheduler)
+    evaluator = _Evaluator(config, teacher, device)
+    aligned = None
+    if config.mode == "offline":
+        assert store is not None
+        aligned = AlignedBatches(
+            dataset,
+            store,
+            num_workers=config.num_workers,
+            pin_memory=cuda,
+            prefetch_blocks=config.prefetch_blocks,
+            client=client,
+        )
+
+    for epoch in range(plan.epoch, config.epochs):
+        if plan.epoch != epoch:
+            plan.set_epoch(epoch)
+        start_cursor = plan.cursor
+        stats, partial = partial, _EpochStats()
+        bar = Progress(
+            len(plan) * config.batch_size,
+            f"epoch {epoch + 1}/{config.epochs}",
+            enabled=progress,
+            initial=start_cursor * config.batch_size,
+        )
+        t_epoch = time.perf_counter()
+        t_ready = t_epoch
+        student.train()
+        batches = _batches(config, dataset, aligned, plan, cuda)
+        for step, (inputs, labels, soft) in enumerate(batches):
+            stats.wait += time.perf_counter() - t_ready
+            inputs = inputs.to(device, non_blocking=cuda)
+            labels = labels.to(device, non_blocking=cuda)
+            with _autocast(device, config.amp):
+                logits = student(inputs)
+                loss = _loss(config, logits, labels, soft, teacher, inputs, store, device)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            loss_value = float(loss.detach())  # syncs the device: the step is done here
+            if metrics["first_step_loss"] is None:
+                metrics["first_step_loss"] = loss_value
+            stats.loss_sum += loss_value * len(labels)
+            stats.samples += len(labels)
+            bar.update(len(labels))
+            cursor = start_cursor + step + 1
+            if (
+                config.checkpoint_steps
+                and cursor % config.checkpoint_steps == 0
+                and cursor < len(plan)
+            ):
+                stats.seconds += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                at = dict(plan.state_dict(), cursor=cursor)
+                _save_checkpoint(output, student, optimizer, schedule, scaler, at, metrics, stats)
+            t_ready = time.perf_counter()
+        bar.close()
+        stats.seconds += time.perf_counter() - t_epoch
+        eval_accuracy, agreement = evaluator(student)
+        _record_epoch(metrics, stats, eval_accuracy, agreement)
+        plan.set_epoch(epoch + 1)
+        _save_checkpoint(
+            output, student, optimizer, schedule, scaler, plan.state_dict(), metrics, _EpochStats()
+        )
+        _write_json(output / METRICS, metrics)
+    _write_json(output / METRICS, metrics)
+    return TrainResult(metrics=metrics, output=output, student=student)
+
+
+# ---- the step ----------------------------------------------------------------------------------
+
+
+def _batches(
+    config: TrainConfig,
+    dataset: Any,
+    aligned: AlignedBatches | None,
+    plan: EpochPlan,
+    cuda: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    if aligned is not None:
+        yield from aligned.epoch(plan)
+        return
+    loader = DataLoader(
+        dataset,
+        batch_sampler=plan_from_state(plan.state_dict()),
+        collate_fn=collate_pairs,
+        num_workers=config.num_workers,
+        pin_memory=cuda,
+    )
+    for inputs, labels, _ in loader:
+        yield inputs, labels, None
+
+
+def _loss(
+    config: TrainConfig,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft: Any,
+    teacher: nn.Module | None,
+    inputs: torch.Tensor,
+    store: LogitStore | None,
+    device: torch.device,
+) -> torch.Tensor:
+    if config.mode == "hard":
+        return losses.hard_loss(logits, labels)
+    if config.mode == "online":
+        assert teacher is not None
+        with torch.inference_mode():
+            teacher_logits = teacher(inputs)
+        return losses.kd_loss_dense(
+            logits,
+            teacher_logits.clone(),
+            labels,
+            temperature=config.temperature,
+            alpha=config.alpha,
+        )
+    assert store is not None
+    return distillation_loss(
+        logits,
+        soft.to(device, non_blocking=device.type == "cuda"),
+        labels,
+        temperatures=store.meta.temperatures,
+        temperature=config.temperature,
+        alpha=config.alpha,
+    )
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+class _Evaluator:
+    """Accuracy on the eval set and top-1 agreement with the teacher there, when it is known."""
+
+    def __init__(
+        self, config: TrainConfig, teacher: nn.Module | None, device: torch.device
+    ) -> None:
+        self.device = device
+        self.amp = config.amp
+        self.loader: DataLoader | None = None
+        self.teacher_top1: torch.Tensor | None = None
+        if not config.eval_dataset:
+            return
+        dataset = instantiate(config.eval_dataset, "eval dataset")
+        self.loader = DataLoader(dataset, batch_size=512, collate_fn=collate_with_hashes)
+        if config.eval_store:
+            self.teacher_top1 = self._store_top1(LogitStore.open(config.eval_store), dataset)
+        elif teacher is not None:
+            with torch.inference_mode():
+                self.teacher_top1 = torch.cat(
+                    [teacher(x.to(device)).argmax(1).cpu() for x, _, _ in self.loader]
+                )
+
+    def _store_top1(self, store: LogitStore, dataset: Any) -> torch.Tensor:
+        if len(dataset) != store.meta.num_samples:
+            raise DatasetMismatchError(
+                f"the eval dataset has {len(dataset)} samples but eval store {store.location} "
+                f"holds {store.meta.num_samples}"
+            )
+        assert self.loader is not None
+        hashes = np.concatenate([h for _, _, h in self.loader])
+        bad = np.flatnonzero(hashes != store.sample_hashes())
+        if bad.size:
+            raise DatasetMismatchError(
+                f"eval dataset sample {int(bad[0])} does not match eval store {store.location}"
+            )
+        return torch.from_numpy(store.top1()).long()
+
+    def __call__(self, student: nn.Module) -> tuple[float | None, float | None]:
+        if self.loader is None:
+            return None, None
+        student.eval()
+        correct = labelled = 0
+        predictions = []
+        with torch.inference_mode(), _autocast(self.device, self.amp):
+            for inputs, labels, _ in self.loader:
+                pred = student(inputs.to(self.device)).argmax(1).cpu()
+                predictions.append(pred)
+                has_label = labels >= 0
+                correct += int((pred[has_label] == labels[has_label]).sum())
+                labelled += int(has_label.sum())
+        student.train()
+        accuracy = correct / labelled if labelled else None
+        agreement = None
+        if self.teacher_top1 is not None:
+            agreement = float((torch.cat(predictions) == self.teacher_top1).float().mean())
+        return accuracy, agreement
+
+
+# ---- bookkeeping -------------------------------------------------------------------------------
+
+
+@dataclass
+class _EpochStats:
+    """Running sums of the current epoch, carried through a mid-epoch checkpoint."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    wait: float = 0.0
+    seconds: float = 0.0
+
+
+def _new_metrics(config: TrainConfig, store: LogitStore | None) -> dict[str, Any]:
+    return {
+        "mode": config.mode,
+        "epoch": [],
+        "train_loss": [],
+        "eval_accuracy": [],
+        "teacher_agreement": [],
+        "epoch_seconds": [],
+        "samples_per_second": [],
+        "data_wait_fraction": [],
+        "first_step_loss": None,
+        "store_bytes_per_sample": (
+            store.nbytes_stored() / store.meta.num_samples if store is not None else None
+        ),
+        "config": config.to_dict(),
+    }
+
+
+def _record_epoch(
+    metrics: dict[str, Any], stats: _EpochStats, accuracy: float | None, agreement: float | None
+) -> None:
+    metrics["epoch"].append(len(metrics["epoch"]) + 1)
+    metrics["train_loss"].append(stats.loss_sum / max(stats.samples, 1))
+    metrics["eval_accuracy"].append(accuracy)
+    metrics["teacher_agreement"].append(agreement)
+    metrics["epoch_seconds"].append(stats.seconds)
+    metrics["samples_per_second"].append(stats.samples / stats.seconds if stats.seconds else None)
+    metrics["data_wait_fraction"].append(stats.wait / stats.seconds if stats.seconds else None)
+
+
+def _save_checkpoint(
+    output: Path,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: Any,
+    plan_state: dict[str, Any],
+    metrics: dict[str, Any],
+    stats: _EpochStats,
+) -> None:
+    state = {
+        "student": student.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "plan": plan_state,
+        "torch_rng": torch.get_rng_state(),
+        "metrics": metrics,
+        "partial": vars(stats).copy(),
+    }
+    tmp = output / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, output / CHECKPOINT)  # atomic: a kill never leaves half a checkpoint
+
+
+def _load_checkpoint(output: Path, config: TrainConfig) -> dict[str, Any]:
+    path = output / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["metrics"]["config"]
+    now = config.to_dict()
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in _RESUME_KEYS
+        if saved.get(k) != now.get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"--resume: the checkpoint in {output} was made with other settings ({'; '.join(diffs)}); "
+            "resume with the original settings or choose another --output"
+        )
+    return state
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+
+
+def _module(spec: str, what: str) -> nn.Module:
+    module = instantiate(spec, what)
+    if not isinstance(module, nn.Module):
+        raise SpecError(
+            f"{what} factory {spec!r} returned a {type(module).__name__}, not an nn.Module"
+        )
+    return module
+
+
+def _optimizer(config: TrainConfig, student: nn.Module) -> torch.optim.Optimizer:
+    params = student.parameters()
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _connect(address: str) -> Any:
+    from distributed import Client
+
+    try:
+        return Client(address, timeout="10s")
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc

@@ -1,0 +1,70 @@
+"""Test helpers: tiny deterministic teachers and datasets (`tests.helpers.specs:NAME`), and tools to
+snapshot, run and compare stores from the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (relative name -> bytes): to prove a refused command changed nothing."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m softcache.cli ARGS` in a real subprocess from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "softcache.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_popen(args: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `python -m softcache.cli ARGS` in the background, output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "softcache.cli", *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def array_names(path: Path) -> list[str]:
+    return sorted(zarr.open_group(str(path), mode="r").array_keys())
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    """Every array of store `a` equals store `b`'s: same names, metadata, dtype and bits.
+
+    Float arrays are compared as raw storage bits (so -0.0 vs 0.0 or NaN payloads would count), the
+    same test as for integer arrays: identical, not merely close.
+    """
+    ga = zarr.open_group(str(a), mode="r")
+    gb = zarr.open_group(str(b), mode="r")
+    names = sorted(ga.array_keys())
+    assert names == sorted(gb.array_keys())
+    for name in names:
+        xa, xb = ga[name], gb[name]
+        assert isinstance(xa, zarr.Array) and isinstance(xb, zarr.Array)
+        assert xa.metadata.to_dict() == xb.metadata.to_dict(), name
+        da, db = xa[...], xb[...]
+        assert da.dtype == db.dtype and da.shape == db.shape, name
+        bits = np.dtype(f"u{da.dtype.itemsize}")
+        assert np.array_equal(da.view(bits), db.view(bits)), f"array {name} differs"
