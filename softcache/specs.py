@@ -46,6 +46,8 @@ def load_callable(spec: str) -> Callable[..., Any]:
             module = importlib.import_module(module_part)
         except ImportError as exc:
             raise SpecError(f"spec {spec!r}: cannot import module {module_part!r}: {exc}") from exc
+        except Exception as exc:  # the module itself raised while importing
+            raise SpecError(f"spec {spec!r}: importing {module_part!r} failed: {exc!r}") from exc
     try:
         obj = getattr(module, attr)
     except AttributeError as exc:

@@ -1,7 +1,7 @@
 """scikit-learn's digits (1,797 8x8 images, shipped inside the package) with a fixed split.
 
 Items are `(image (1, 8, 8) float32 in [0, 1], label int)`. The split is a seeded permutation:
-1,437 training and 360 test images, the same on every machine.
+1,438 training and 359 test images, the same on every machine.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def train_set() -> Digits:
-    """The 1,437 training images."""
+    """The 1,438 training images."""
     x, y, _, _ = _split()
     return Digits(x, y)
 
 
 def test_set() -> Digits:
-    """The 360 held-out test images."""
+    """The 359 held-out test images."""
     _, _, x, y = _split()
     return Digits(x, y)

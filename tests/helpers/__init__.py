@@ -17,15 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under `path` (relative name -> bytes): to prove a refused command changed nothing."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    executable: Sequence[str] = (sys.executable, "-m", "softcache.cli"),
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m softcache.cli ARGS` in a real subprocess from the repository root."""
+    """Run `python -m softcache.cli ARGS` (or `executable ARGS`) in a subprocess from the repo root."""
     return subprocess.run(
-        [sys.executable, "-m", "softcache.cli", *args],
+        [*executable, *args],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         capture_output=True,

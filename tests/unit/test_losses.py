@@ -63,7 +63,9 @@ def test_topk_with_all_classes_equals_dense(seed, batch, classes, temperature, a
             s_topk, values, indices, normaliser, targets, temperature=temperature, alpha=alpha
         )
         topk.backward()
-        torch.testing.assert_close(topk, dense, rtol=1e-5, atol=1e-6)
+        # Both sides are float32 sums of O(1) terms that cancel to a small KL, then scaled by
+        # T^2: the absolute rounding error grows with T^2, so the tolerance does too.
+        torch.testing.assert_close(topk, dense, rtol=1e-5, atol=1e-6 * max(1.0, temperature**2))
         torch.testing.assert_close(s_topk.grad, s_dense.grad, rtol=1e-4, atol=1e-6)
 
 
