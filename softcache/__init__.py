@@ -6,18 +6,18 @@ Build a teacher's logits once into a Zarr store (`build`), then train students f
 
 __version__ = "0.1.0"
 
-from softcache.config import BuildConfig, TrainConfig, load_config  # noqa: E402
-from softcache.distill import AlignedBatches, distillation_loss  # noqa: E402
-from softcache.errors import (  # noqa: E402
+from softcache.config import BuildConfig, TrainConfig, load_config
+from softcache.distill import AlignedBatches, distillation_loss
+from softcache.errors import (
     DatasetMismatchError,
     IncompleteStoreError,
     SoftcacheError,
     StoreFormatError,
 )
-from softcache.losses import hard_loss, kd_loss_dense, kd_loss_topk  # noqa: E402
-from softcache.plan import EpochPlan  # noqa: E402
-from softcache.store import LogitStore, StoreMeta  # noqa: E402
-from softcache.stream import SoftLabels, SoftLabelStream  # noqa: E402
+from softcache.losses import hard_loss, kd_loss_dense, kd_loss_topk
+from softcache.plan import EpochPlan
+from softcache.store import LogitStore, StoreMeta
+from softcache.stream import SoftLabels, SoftLabelStream
 
 
 def open_store(path: str, *, require_complete: bool = True) -> LogitStore:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from softcache.encoding import NONFINITE, OVERFLOW, encode_batch
 from softcache.errors import (
     ConfigError,
     DatasetFormatError,
+    MissingArrayError,
+    NotAStoreError,
     SoftcacheError,
     SpecError,
     StoreExistsError,
@@ -42,9 +43,10 @@ from softcache.errors import (
     TeacherOutputError,
 )
 from softcache.hashing import check_item, collate_with_hashes, fingerprint
+from softcache.location import exists, is_empty, is_local, local_path, open_location
 from softcache.progress import Progress
 from softcache.specs import instantiate
-from softcache.store import SAMPLE_HASH, LogitStore, StoreMeta
+from softcache.store import SAMPLE_HASH, SHARD_DONE, LogitStore, StoreMeta
 from softcache.writer import ShardWriter
 
 # Build settings that change the bytes a store holds; a partial store is resumed only if they match.
@@ -126,7 +128,13 @@ def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
         build_config={k: v for k, v in config.to_dict().items() if k != "overwrite"},
         softcache_version=__version__,
     )
-    store = _open_output(config, meta)
+    store = open_output(
+        config.output,
+        meta,
+        overwrite=config.overwrite,
+        compression_level=config.compression_level,
+        storage_options=config.storage_options,
+    )
     done = store.done_mask()
     todo = [s for s in range(meta.num_shards) if not done[s]]
     rows_done = sum(
@@ -238,7 +246,13 @@ def _run_teacher(
             offset = indices[0] - shard * meta.shard_rows
             x = inputs.to(device, non_blocking=cuda)
             with _autocast(device, config.amp):
-                logits = teacher(x)
+                try:
+                    logits = teacher(x)
+                except Exception as exc:
+                    raise TeacherOutputError(
+                        f"the teacher failed on the batch of samples {indices[0]}..{indices[-1]} "
+                        f"(input shape {tuple(x.shape)}): {type(exc).__name__}: {exc}"
+                    ) from exc
             _check_output(logits, len(indices), meta.num_classes, indices[0])
             encoded = encode_batch(
                 logits,
@@ -275,7 +289,8 @@ def _check_flags(p: _Pending, store: LogitStore) -> None:
         first = p.indices[int(np.argmax(bad))]
         raise TeacherOutputError(
             f"the teacher produced non-finite logits (NaN or inf) for sample {first} (the first bad "
-            "sample); fix the teacher or the input, then run the same command again to resume"
+            "sample); fix the input and run the same command again to resume (a changed teacher "
+            "needs --overwrite)"
         )
     over = p.host[OVERFLOW].numpy()
     if over.any():
@@ -350,50 +365,87 @@ def _probe_classes(
     return int(out.shape[1])
 
 
-def _open_output(config: BuildConfig, meta: StoreMeta) -> LogitStore:
-    """Create the store, or reopen a compatible partial one to resume it."""
-    path = Path(config.output)
-    if path.exists():
+def open_output(
+    location: str,
+    meta: StoreMeta,
+    *,
+    overwrite: bool,
+    compression_level: int = 3,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LogitStore:
+    """Create the store, or reopen a compatible partial one to resume it.
+
+    Refuses to touch anything it did not write: a location holding other data is an error even
+    with `--overwrite`.
+    """
+    options = storage_options
+    backend = open_location(location, read_only=False, storage_options=options)
+    if is_local(location):
+        _check_local_output(local_path(location))
+    if exists(backend, "zarr.json"):
         try:
-            existing = LogitStore.open(path, mode="r+", require_complete=False)
-        except StoreFormatError as exc:
-            if path.is_dir() and not any(path.iterdir()):
-                existing = None
-            elif config.overwrite and _looks_like_zarr(path):
-                existing = None
-                shutil.rmtree(path)
-            else:
+            existing = LogitStore.open(
+                location, mode="r+", require_complete=False, storage_options=options
+            )
+        except NotAStoreError as exc:
+            raise StoreExistsError(
+                f"{location} holds a Zarr group that is not a softcache store ({exc}); choose "
+                "another --output (softcache does not delete data it did not write, even with "
+                "--overwrite)"
+            ) from exc
+        except MissingArrayError as exc:
+            # shard_done is created last: without it, creation was interrupted before any shard
+            # could be recorded, so starting afresh loses nothing.
+            if SHARD_DONE not in exc.missing and not overwrite:
                 raise StoreExistsError(
-                    f"{path} exists and is not a softcache store ({exc}); choose another --output "
-                    "(softcache does not delete data it did not write, even with --overwrite)"
+                    f"{location} is a damaged softcache store ({exc}); pass --overwrite to "
+                    "rebuild it"
                 ) from exc
-        if existing is not None:
-            if config.overwrite:
-                shutil.rmtree(path)
-            elif existing.meta.complete:
+        except StoreFormatError as exc:
+            if not overwrite:
                 raise StoreExistsError(
-                    f"{path} is already a complete store; pass --overwrite to rebuild it"
+                    f"{location} holds a softcache store this version cannot resume ({exc}); "
+                    "pass --overwrite to replace it, or choose another --output"
+                ) from exc
+        else:
+            if existing.meta.complete and not overwrite:
+                raise StoreExistsError(
+                    f"{location} is already a complete store; pass --overwrite to rebuild it"
                 )
-            else:
-                diffs = _layout_diff(existing.meta, meta)
-                if diffs:
-                    raise StoreExistsError(
-                        f"{path} holds a partial build with a different configuration "
-                        f"({'; '.join(diffs)}); run the original command to finish it, or pass "
-                        "--overwrite to start again"
-                    )
+            diffs = _layout_diff(existing.meta, meta)
+            if diffs and not overwrite:
+                raise StoreExistsError(
+                    f"{location} holds a partial build with a different configuration "
+                    f"({'; '.join(diffs)}); run the original command to finish it, or pass "
+                    "--overwrite to start again"
+                )
+            if not overwrite:
                 return existing
+    elif not is_empty(backend):
+        raise StoreExistsError(
+            f"{location} exists and is not a softcache store; choose another --output "
+            "(softcache does not delete data it did not write, even with --overwrite)"
+        )
+    try:
+        # Zarr's create mode replaces whatever group was there.
+        return LogitStore.create(
+            location, meta, compression_level=compression_level, storage_options=options
+        )
+    except OSError as exc:
+        raise SoftcacheError(f"cannot write the store at {location}: {exc}") from exc
+
+
+def _check_local_output(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise StoreExistsError(f"{path} exists and is a file, not a store; choose another --output")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(path.parent, os.W_OK):
-            raise PermissionError(f"no write permission on {path.parent}")
-        return LogitStore.create(path, meta, compression_level=config.compression_level)
     except OSError as exc:
         raise SoftcacheError(f"cannot write the store at {path}: {exc}") from exc
-
-
-def _looks_like_zarr(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
+    if not os.access(path.parent, os.W_OK):
+        raise SoftcacheError(
+            f"cannot write the store at {path}: no write permission on {path.parent}"
+        )
 
 
 def _layout_diff(old: StoreMeta, new: StoreMeta) -> list[str]:

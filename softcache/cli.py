@@ -29,12 +29,42 @@ def _friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SoftcacheError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(_one_line(str(exc))) from exc
+        except OSError as exc:
+            # Storage and network failures: the message is the user's lead, not a traceback.
+            raise click.ClickException(f"I/O error: {type(exc).__name__}: {exc}") from exc
         except KeyboardInterrupt:
             click.echo("\ninterrupted; run the same command again to resume", err=True)
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _storage_option(fn: F) -> F:
+    return click.option(
+        "--storage-option",
+        "storage_option",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="An fsspec option for URL stores (repeatable; dots nest: client_kwargs.region_name=x). "
+        "Credentials also come from the environment, as the backend reads them.",
+    )(fn)
+
+
+def _options_from(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    from softcache.location import parse_storage_options
+
+    return parse_storage_options(pairs) or None
+
+
+def _one_line(message: str) -> str:
+    """An error raised in a DataLoader worker arrives with the worker's traceback in its message
+    (torch re-raises it that way): keep the last line, the error itself, without its class path."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and "Error" in head else last
 
 
 @click.group(context_settings=CONTEXT)
@@ -103,8 +133,15 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
 @_friendly_errors
-def build(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -> None:
+def build(
+    config_file: str | None,
+    as_json: bool,
+    quiet: bool,
+    storage_option: tuple[str, ...],
+    **options: Any,
+) -> None:
     """Run the teacher over the dataset and write its logits into a Zarr store.
 
     Killed or interrupted, the same command resumes where it stopped; the finished store is
@@ -113,6 +150,7 @@ def build(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -
     from softcache.build import build as run_build
     from softcache.config import BuildConfig, load_config
 
+    options["storage_options"] = _options_from(storage_option)
     config = load_config(BuildConfig, config_file, options, section="build")
     result = run_build(config, progress=not quiet)
     summary = {
@@ -206,8 +244,15 @@ def build(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
 @_friendly_errors
-def train(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -> None:
+def train(
+    config_file: str | None,
+    as_json: bool,
+    quiet: bool,
+    storage_option: tuple[str, ...],
+    **options: Any,
+) -> None:
     """Train a student from a store (offline KD), or a baseline (online KD, hard labels).
 
     Writes a checkpoint each epoch and OUTPUT/metrics.json; --resume continues an interrupted run
@@ -216,6 +261,7 @@ def train(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -
     from softcache.config import TrainConfig, load_config
     from softcache.train import train as run_train
 
+    options["storage_options"] = _options_from(storage_option)
     config = load_config(TrainConfig, config_file, options, section="train")
     result = run_train(config, progress=not quiet)
     m = result.metrics
@@ -239,6 +285,150 @@ def train(config_file: str | None, as_json: bool, quiet: bool, **options: Any) -
         ("metrics", str(result.output / "metrics.json")),
     ]
     click.echo(format_table(rows))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_storage_option
+@_friendly_errors
+def info(store: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
+    """Describe STORE: teacher, dataset, encoding, size, and how far its build got.
+
+    STORE is a folder, file://, s3://bucket/prefix (or any fsspec URL), or a .zip archive.
+    """
+    from softcache.inspect import info_rows, store_info
+
+    summary = store_info(store, storage_options=_options_from(storage_option))
+    click.echo(json.dumps(summary, indent=2) if as_json else format_table(info_rows(summary)))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("store")
+@click.option(
+    "--dataset", help="Dataset spec: also check every sample hashes to what the teacher saw."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
+@_friendly_errors
+def verify(
+    store: str, dataset: str | None, as_json: bool, quiet: bool, storage_option: tuple[str, ...]
+) -> None:
+    """Check STORE end to end; exit 0 only if every check passes.
+
+    Checks the format version, completion, array shapes and dtypes, every chunk's presence and
+    checksum, the dataset fingerprint, and with --dataset every sample hash.
+    """
+    from softcache.verify import verify as run_verify
+
+    report = run_verify(
+        store, dataset=dataset, storage_options=_options_from(storage_option), progress=not quiet
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        click.echo(
+            f"OK  {store}: {report.checked.get('shards', 0)} shards of {len(report.checked.get('arrays', []))} arrays verified"
+            + (
+                f", {report.checked['dataset']['num_samples']:,} samples match {dataset}"
+                if dataset
+                else ""
+            )
+        )
+    else:
+        for problem in report.problems:
+            click.echo(f"FAIL  {problem}", err=True)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("prefix")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@_storage_option
+@_friendly_errors
+def ls(prefix: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
+    """List the stores directly under PREFIX (a folder or bucket prefix), a line each."""
+    from softcache.inspect import list_stores, ls_line
+
+    stores = list_stores(prefix, storage_options=_options_from(storage_option))
+    if as_json:
+        click.echo(json.dumps(stores, indent=2))
+        return
+    if not stores:
+        click.echo(f"no softcache stores under {prefix}")
+    for entry in stores:
+        click.echo(ls_line(entry))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, help="Where to write the merged store.")
+@click.option(
+    "--weights", help="Comma-separated weights, one per store (normalised).  [default: equal]"
+)
+@click.option(
+    "--encoding", type=click.Choice(["dense", "topk"]), default="dense", show_default=True
+)
+@click.option(
+    "--top-k", "top_k", type=int, default=5, show_default=True, help="k with --encoding topk."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default="float16",
+    show_default=True,
+)
+@click.option(
+    "--temperatures", default="1,2,4", show_default=True, help="Normalisers a topk store keeps."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
+@_friendly_errors
+def merge(
+    stores: tuple[str, ...],
+    output: str,
+    weights: str | None,
+    encoding: str,
+    top_k: int,
+    dtype: str,
+    temperatures: str,
+    overwrite: bool,
+    quiet: bool,
+    storage_option: tuple[str, ...],
+) -> None:
+    """Merge STORES of one dataset into an ensemble teacher: the weighted mean of probabilities."""
+    from softcache.merge import merge as run_merge
+
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+        temps = [float(x) for x in temperatures.split(",") if x.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated numbers: {exc}") from exc
+    result = run_merge(
+        stores,
+        output,
+        weights=w,
+        encoding=encoding,
+        top_k=top_k,
+        dtype=dtype,
+        temperatures=temps,
+        overwrite=overwrite,
+        storage_options=_options_from(storage_option),
+        progress=not quiet,
+    )
+    click.echo(
+        format_table(
+            [
+                ("store", result.store),
+                ("sources", str(result.sources)),
+                ("samples", f"{result.num_samples:,}"),
+                ("bytes on disk", f"{result.bytes_stored:,}"),
+            ]
+        )
+    )
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

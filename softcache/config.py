@@ -49,6 +49,8 @@ class BuildConfig:
         compression_level: zstd level.
         writer_threads: background threads compressing and writing shards.
         overwrite: replace an existing store at `output`.
+        storage_options: options for the fsspec backend of a URL `output` (endpoint, profile,
+            ...); never recorded in the store, since they may hold credentials.
     """
 
     teacher: str
@@ -67,6 +69,7 @@ class BuildConfig:
     compression_level: int = 3
     writer_threads: int = 2
     overwrite: bool = False
+    storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("encoding", self.encoding, ENCODINGS)
@@ -102,8 +105,8 @@ class BuildConfig:
         return chunk
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-able data (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
+        """The config as plain JSON-able data (tuples become lists), without storage options."""
+        return _to_plain(_public_fields(self))
 
 
 TRAIN_MODES = ("offline", "online", "hard")
@@ -144,6 +147,7 @@ class TrainConfig:
         output: directory for checkpoints and metrics.json.
         checkpoint_steps: also checkpoint every N steps inside an epoch (0: only at epoch ends).
         resume: continue from the checkpoint in `output`.
+        storage_options: fsspec options for URL stores (never recorded: may hold credentials).
     """
 
     student: str
@@ -172,6 +176,7 @@ class TrainConfig:
     output: str = "runs/train"
     checkpoint_steps: int = 0
     resume: bool = False
+    storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, TRAIN_MODES)
@@ -184,15 +189,17 @@ class TrainConfig:
         if self.mode == "online" and not self.teacher:
             raise ConfigError("mode online runs the teacher in the loop: pass --teacher")
         if self.lr <= 0 or self.temperature <= 0:
-            raise ConfigError(f"lr and temperature must be positive, got {self.lr}, {self.temperature}")
+            raise ConfigError(
+                f"lr and temperature must be positive, got {self.lr}, {self.temperature}"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.num_workers < 0 or self.checkpoint_steps < 0 or self.weight_decay < 0:
             raise ConfigError("num_workers, checkpoint_steps and weight_decay must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-able data."""
-        return _to_plain(dataclasses.asdict(self))
+        """The config as plain JSON-able data, without storage options."""
+        return _to_plain(_public_fields(self))
 
 
 def load_config(
@@ -292,6 +299,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
+
+
+def _public_fields(config: Any) -> dict[str, Any]:
+    """Fields safe to record as provenance (storage options may hold credentials)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "storage_options"}
 
 
 def _to_plain(obj: Any) -> Any:

@@ -24,6 +24,22 @@ class StoreFormatError(SoftcacheError):
     """A store is not a softcache store, or was written in a format version this reader does not know."""
 
 
+class NotAStoreError(StoreFormatError):
+    """A location that is not a softcache store at all (nothing there, or foreign data)."""
+
+
+class MissingArrayError(StoreFormatError):
+    """A softcache store lacks arrays its metadata requires (interrupted creation, or damage)."""
+
+    def __init__(self, message: str, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class UnsupportedVersionError(StoreFormatError):
+    """A softcache store written in a format version this reader does not know."""
+
+
 class IncompleteStoreError(SoftcacheError):
     """A store's build has not finished (its `complete` flag is unset)."""
 

@@ -31,7 +31,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from softcache import __version__
-from softcache.errors import IncompleteStoreError, StoreFormatError
+from softcache.errors import (
+    IncompleteStoreError,
+    MissingArrayError,
+    NotAStoreError,
+    StoreFormatError,
+    UnsupportedVersionError,
+)
+from softcache.location import exists, is_local, local_path, open_location
 
 FORMAT_VERSION = 1
 ATTR_KEY = "softcache"
@@ -106,12 +113,12 @@ class StoreMeta:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             if isinstance(version, int) and version > FORMAT_VERSION:
-                raise StoreFormatError(
+                raise UnsupportedVersionError(
                     f"{where} uses store format_version {version}, but softcache {__version__} "
                     f"reads only version {FORMAT_VERSION}; upgrade softcache to a release that "
                     f"supports format_version {version}"
                 )
-            raise StoreFormatError(f"{where} has unknown store format_version {version!r}")
+            raise UnsupportedVersionError(f"{where} has unknown store format_version {version!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             kwargs = {k: v for k, v in data.items() if k in names}
@@ -127,16 +134,26 @@ class LogitStore:
     Use `LogitStore.create` to start a build and `LogitStore.open` to read or resume one.
     """
 
-    def __init__(self, group: zarr.Group, meta: StoreMeta, location: str) -> None:
+    def __init__(
+        self, group: zarr.Group, meta: StoreMeta, location: str, *, read_only: bool = True
+    ) -> None:
         self._group = group
         self.meta = meta
         self.location = location
+        self.read_only = read_only
         self._arrays: dict[str, zarr.Array] = {}
 
     # ---- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, meta: StoreMeta, *, compression_level: int = 3) -> LogitStore:
+    def create(
+        cls,
+        path: str | Path,
+        meta: StoreMeta,
+        *,
+        compression_level: int = 3,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> LogitStore:
         """Create an empty store (overwriting whatever is at `path`).
 
         The metadata goes in first, with `complete = false`, so a half-created store is recognised
@@ -147,8 +164,10 @@ class LogitStore:
             complete=False,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
-        group = zarr.open_group(str(path), mode="w")
-        group.attrs[ATTR_KEY] = meta.to_dict()
+        backend = open_location(str(path), read_only=False, storage_options=storage_options)
+        # The attribute is written with the group itself, so no instant exists at which the
+        # location holds a group that is not recognisably a (partial) softcache store.
+        group = zarr.open_group(backend, mode="w", attributes={ATTR_KEY: meta.to_dict()})
         n, rows, chunk = meta.num_samples, meta.shard_rows, meta.chunk_rows
         compressors = [ZstdCodec(level=compression_level), Crc32cCodec()]
         for name, (row_shape, dtype) in row_layout(meta).items():
@@ -172,17 +191,22 @@ class LogitStore:
             fill_value=0,
             compressors=None,
         )
-        return cls(group, meta, str(path))
+        return cls(group, meta, str(path), read_only=False)
 
     @classmethod
     def open(
-        cls, path: str | Path, *, mode: str = "r", require_complete: bool = True
+        cls,
+        path: str | Path,
+        *,
+        mode: str = "r",
+        require_complete: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> LogitStore:
         """Open an existing store.
 
         Args:
-            path: the store's location.
-            mode: `r` to read, `r+` to resume a build.
+            path: the store's location: a path, `file://`, an fsspec URL or a `.zip` archive.
+            mode: `r` to read (the store object is read-only), `r+` to resume a build.
             require_complete: refuse a store whose build has not finished.
 
         Raises:
@@ -190,20 +214,27 @@ class LogitStore:
             IncompleteStoreError: `require_complete` and the build did not finish.
         """
         where = f"store {path}"
-        if isinstance(path, Path | str) and "://" not in str(path) and not Path(path).exists():
-            raise StoreFormatError(f"{where} does not exist")
+        location = str(path)
+        if is_local(location) and not local_path(location).exists():
+            raise NotAStoreError(f"{where} does not exist")
+        read_only = mode == "r"
+        backend = open_location(location, read_only=read_only, storage_options=storage_options)
+        if not exists(backend, "zarr.json"):
+            raise NotAStoreError(f"{where} does not exist or is not a Zarr group (no zarr.json)")
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = zarr.open_group(backend, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
-            raise StoreFormatError(f"{where} is not a Zarr group: {exc}") from exc
+            raise NotAStoreError(f"{where} is not a Zarr group: {exc}") from exc
         attrs = group.attrs.asdict()
         if ATTR_KEY not in attrs:
-            raise StoreFormatError(f"{where} is a Zarr group but has no '{ATTR_KEY}' metadata")
+            raise NotAStoreError(f"{where} is a Zarr group but has no '{ATTR_KEY}' metadata")
         meta = StoreMeta.from_dict(attrs[ATTR_KEY], where=where)
-        store = cls(group, meta, str(path))
+        store = cls(group, meta, location, read_only=read_only)
         missing = [name for name in store.array_names if name not in group]
         if missing:
-            raise StoreFormatError(f"{where} is missing array(s) {', '.join(missing)}")
+            raise MissingArrayError(
+                f"{where} is missing array(s) {', '.join(missing)}", missing=tuple(missing)
+            )
         if require_complete and not meta.complete:
             done = int(store.done_mask().sum())
             raise IncompleteStoreError(
@@ -229,6 +260,10 @@ class LogitStore:
         if name not in self._arrays:
             arr = self._group[name]
             assert isinstance(arr, zarr.Array)
+            if not self.read_only:
+                # Write every chunk, zeros included, so a missing chunk object always means loss
+                # (never "all zeros"), which `verify` can then detect.
+                arr = arr.with_config({"write_empty_chunks": True})
             self._arrays[name] = arr
         return self._arrays[name]
 
@@ -301,6 +336,22 @@ class LogitStore:
         """Stored logit values (`logits` or `topk_values`) as float32."""
         return decode_values(values, self.meta.value_dtype)
 
+    def shard_object_key(self, name: str, shard: int) -> str:
+        """The store key of the object holding shard `shard` of array `name`."""
+        arr = self.array(name)
+        if name == SHARD_DONE:  # one element per chunk: the "shard" is that element
+            return f"{arr.path}/{arr.metadata.encode_chunk_key((shard,))}"
+        coords = (shard,) + (0,) * (arr.ndim - 1)
+        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def shard_object_exists(self, name: str, shard: int) -> bool:
+        """Whether the object holding a shard of `name` exists (missing reads as fill zeros)."""
+        return exists(self._group.store, self.shard_object_key(name, shard))
+
+    def nbytes_logical(self) -> int:
+        """Uncompressed bytes of the per-row arrays (what a raw dump would take)."""
+        return sum(self.array(name).nbytes for name in (*self.data_array_names, SAMPLE_HASH))
+
     def nbytes_stored(self) -> int:
         """Bytes the store occupies (compressed), summed over every array."""
         return sum(self.array(name).nbytes_stored() for name in self.array_names)
@@ -327,7 +378,9 @@ def encode_values(values: np.ndarray, value_dtype: str) -> np.ndarray:
     if value_dtype == "bfloat16":
         bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        return ((bits + rounding) >> 16).astype(np.uint16)
+        rounded = ((bits + rounding) >> 16).astype(np.uint16)
+        # Rounding would carry a NaN's payload into the exponent (even to zero): keep it a NaN.
+        return np.where(np.isnan(values), np.uint16(0x7FC0), rounded).astype(np.uint16)
     return values.astype(_STORAGE_DTYPES[value_dtype])
 
 

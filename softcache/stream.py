@@ -111,8 +111,7 @@ class SoftLabelStream:
         names = (*store.data_array_names, SAMPLE_HASH)
         # Dask chunks = shards: one task per (array, shard), never per row or per batch.
         self._arrays = {
-            name: da.from_zarr(store.array(name), chunks=store.array(name).shards)
-            for name in names
+            name: da.from_zarr(store.array(name), chunks=store.array(name).shards) for name in names
         }
 
     def _check_plan(self, plan: EpochPlan) -> None:

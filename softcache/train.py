@@ -73,7 +73,8 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
     dataset = instantiate(config.dataset, "dataset")
-    store = LogitStore.open(config.store) if config.store else None
+    options = config.storage_options
+    store = LogitStore.open(config.store, storage_options=options) if config.store else None
     if store is not None and len(dataset) != store.meta.num_samples:
         raise DatasetMismatchError(
             f"the dataset has {len(dataset)} samples but store {config.store} was built from "
@@ -255,7 +256,8 @@ class _Evaluator:
         dataset = instantiate(config.eval_dataset, "eval dataset")
         self.loader = DataLoader(dataset, batch_size=512, collate_fn=collate_with_hashes)
         if config.eval_store:
-            self.teacher_top1 = self._store_top1(LogitStore.open(config.eval_store), dataset)
+            eval_store = LogitStore.open(config.eval_store, storage_options=config.storage_options)
+            self.teacher_top1 = self._store_top1(eval_store, dataset)
         elif teacher is not None:
             with torch.inference_mode():
                 self.teacher_top1 = torch.cat(

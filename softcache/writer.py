@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from softcache.errors import SoftcacheError
 from softcache.store import LogitStore
 
 
@@ -43,6 +44,14 @@ class ShardWriter:
         try:
             self._store.write_shard(shard, arrays)
             self.shards_written += 1
+        except Exception as exc:
+            # Storage failures (a full disk, an unreachable bucket) are the user's to fix, and the
+            # shards already recorded are safe: say so instead of dumping a traceback.
+            raise SoftcacheError(
+                f"writing shard {shard} to {self._store.location} failed "
+                f"({type(exc).__name__}: {exc}); the shards recorded so far are kept: fix the "
+                "cause and run the same command again to resume"
+            ) from exc
         finally:
             self._slots.release()
 

@@ -1,0 +1,120 @@
+"""`softcache info` and `softcache ls`: what a colleague needs before using someone else's store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from softcache.errors import SoftcacheError, UnsupportedVersionError
+from softcache.location import is_local, is_zip, list_prefix, local_path, open_location
+from softcache.store import LogitStore
+
+
+def store_info(
+    location: str, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A summary of a store (complete or not), as plain JSON-able data.
+
+    Raises:
+        StoreFormatError: not a softcache store, or an unknown format version.
+    """
+    store = LogitStore.open(location, require_complete=False, storage_options=storage_options)
+    meta = store.meta
+    done = int(store.done_mask().sum())
+    stored = store.nbytes_stored()
+    logical = store.nbytes_logical()
+    return {
+        "location": location,
+        "format_version": meta.format_version,
+        "complete": meta.complete,
+        "shards_done": done,
+        "shards_total": meta.num_shards,
+        "encoding": meta.encoding,
+        "num_classes": meta.num_classes,
+        "k": meta.k,
+        "value_dtype": meta.value_dtype,
+        "temperatures": list(meta.temperatures),
+        "num_samples": meta.num_samples,
+        "views": 1,
+        "shard_rows": meta.shard_rows,
+        "teacher": dict(meta.teacher),
+        "dataset": dict(meta.dataset),
+        "bytes_stored": stored,
+        "bytes_per_sample": stored / meta.num_samples if meta.num_samples else None,
+        "compression_ratio": logical / stored if stored else None,
+        "created": meta.created,
+        "softcache_version": meta.softcache_version,
+    }
+
+
+def info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """`store_info` as (label, value) rows for a terminal."""
+    teacher, dataset = info["teacher"], info["dataset"]
+    encoding = info["encoding"] + (f" (k={info['k']})" if info["k"] else "")
+    status = (
+        "complete"
+        if info["complete"]
+        else f"INCOMPLETE: {info['shards_done']} of {info['shards_total']} shards written"
+    )
+    fingerprint = dataset.get("fingerprint") or "-"
+    return [
+        ("store", info["location"]),
+        ("status", status),
+        ("teacher", f"{teacher.get('spec')} ({teacher.get('num_parameters', 0):,} parameters)"),
+        ("teacher sha256", str(teacher.get("state_dict_sha256", "-"))),
+        ("dataset", f"{dataset.get('spec')} ({dataset.get('num_samples', 0):,} samples)"),
+        ("fingerprint", fingerprint),
+        ("encoding", f"{encoding}, {info['value_dtype']}, {info['num_classes']:,} classes"),
+        ("temperatures", ", ".join(f"{t:g}" for t in info["temperatures"]) or "- (dense: any)"),
+        (
+            "samples",
+            f"{info['num_samples']:,} x {info['views']} view(s), shards of {info['shard_rows']:,} rows",
+        ),
+        ("bytes on disk", f"{info['bytes_stored']:,} ({info['bytes_per_sample']:,.1f} B/sample)"),
+        ("compression", f"{info['compression_ratio']:.2f}x"),
+        ("created", f"{info['created']} by softcache {info['softcache_version']}"),
+        ("format", f"version {info['format_version']}"),
+    ]
+
+
+def list_stores(
+    prefix: str, *, storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The softcache stores directly under `prefix` (or `prefix` itself), with key metadata.
+
+    Entries that are not softcache stores are skipped; stores that cannot be read (for example a
+    newer format version) are listed with their error.
+    """
+    candidates = [prefix]
+    if is_local(prefix):
+        root = local_path(prefix)
+        if not root.is_dir():
+            raise SoftcacheError(f"{prefix} is not a folder")
+        candidates += [str(p) for p in sorted(root.iterdir()) if p.is_dir() or is_zip(p.name)]
+    else:
+        backend = open_location(prefix, read_only=True, storage_options=storage_options)
+        candidates += [f"{prefix.rstrip('/')}/{name}" for name in list_prefix(backend)]
+    found = []
+    for location in candidates:
+        try:
+            found.append(store_info(location, storage_options=storage_options))
+        except UnsupportedVersionError as exc:
+            found.append({"location": location, "error": str(exc)})
+        except SoftcacheError:
+            continue  # not a softcache store
+    return found
+
+
+def ls_line(info: Mapping[str, Any]) -> str:
+    """One line of `softcache ls`."""
+    if "error" in info:
+        return f"{info['location']}  ERROR: {info['error']}"
+    encoding = info["encoding"] + (f"-{info['k']}" if info["k"] else "")
+    status = (
+        "complete" if info["complete"] else f"partial {info['shards_done']}/{info['shards_total']}"
+    )
+    return (
+        f"{info['location']}  {encoding} {info['value_dtype']}  {info['num_samples']:,} samples  "
+        f"{info['num_classes']:,} classes  {info['bytes_per_sample']:,.1f} B/sample  {status}  "
+        f"teacher={info['teacher'].get('spec')}  dataset={info['dataset'].get('spec')}"
+    )
