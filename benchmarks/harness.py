@@ -1,0 +1,148 @@
+"""Timing machinery: interleaved repetitions, medians, figures, the table and the JSON file.
+
+The machines here are shared and noisy (two CPU cores, tests running beside the benchmark), so a
+figure is never an absolute time: it is a ratio of two cases timed side by side in one process,
+repeated in turn (A, B, A, B, ...) after one discarded warm-up round, and summarised by the ratio
+of their medians. The spread of the per-round ratios is printed next to it as a noise gauge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One line of the results table.
+
+    Attributes:
+        name: what is measured ("build / bare loop, dense").
+        value: the figure (a ratio, or bytes for storage rows).
+        unit: "x" for ratios, else printed after the value ("B/sample", "% of epoch").
+        goal: the largest acceptable value, or None for an informational figure.
+        detail: how to read it: the medians behind the ratio, the noise, the conditions.
+        samples: the raw timings (seconds) or values behind the figure, per case.
+    """
+
+    name: str
+    value: float
+    unit: str = "x"
+    goal: float | None = None
+    detail: str = ""
+    samples: Mapping[str, Sequence[float]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool | None:
+        return None if self.goal is None else self.value <= self.goal
+
+
+def interleave(
+    cases: Mapping[str, Callable[[], float]], rounds: int, *, warmup: bool = True
+) -> dict[str, list[float]]:
+    """Run every case once per round, in turn, after one discarded warm-up round.
+
+    Args:
+        cases: name -> a callable returning the seconds (or any measure) of one run.
+        rounds: measured rounds.
+        warmup: run the discarded round first (cases that discard their own warm-up skip it).
+
+    Returns:
+        name -> the `rounds` measures, in order.
+    """
+    if warmup:
+        for run in cases.values():
+            run()
+    out: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            out[name].append(run())
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio_figure(
+    name: str,
+    samples: Mapping[str, Sequence[float]],
+    over: str,
+    under: str,
+    *,
+    goal: float | None,
+    note: str = "",
+) -> Figure:
+    """median(samples[over]) / median(samples[under]), with the per-round spread in the detail."""
+    a, b = median(samples[over]), median(samples[under])
+    rounds = [x / y for x, y in zip(samples[over], samples[under], strict=False) if y > 0]
+    spread = f"rounds {min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
+    detail = f"{over} {_seconds(a)} / {under} {_seconds(b)}, median of {len(samples[over])}"
+    detail = "; ".join(part for part in (detail, spread, note) if part)
+    return Figure(
+        name=name,
+        value=a / b,
+        goal=goal,
+        detail=detail,
+        samples={over: list(samples[over]), under: list(samples[under])},
+    )
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def table(figures: Sequence[Figure]) -> str:
+    """The results as a fixed-width text table: figure, value, goal, verdict, how to read it."""
+    rows = [("figure", "value", "goal", "ok", "detail")]
+    for f in figures:
+        value = f"{f.value:.3f}x" if f.unit == "x" else f"{f.value:,.1f} {f.unit}"
+        goal = "-" if f.goal is None else f"<= {f.goal:g}"
+        ok = {None: "", True: "yes", False: "NO"}[f.ok]
+        rows.append((f.name, value, goal, ok, f.detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [
+            row[0].ljust(widths[0]),
+            *(c.rjust(w) for c, w in zip(row[1:4], widths[1:], strict=True)),
+        ]
+        lines.append("  ".join([*cells, row[4]]).rstrip())
+        if i == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers are measured on, and how busy the machine is (1-minute load average)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def write_json(path: Path, run: Mapping[str, Any], figures: Sequence[Figure]) -> None:
+    """Write the results (run settings, environment, figures with raw samples) as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**run, "figures": [{**asdict(f), "ok": f.ok} for f in figures]}
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,282 @@
+"""Train overhead: offline-KD epochs next to hard-label and online-KD epochs of the same student.
+
+Every mode runs through `softcache.train.train` with the same student, data order (the plan comes
+from the store's shard layout in every mode), optimiser and batch size; only the loss's source
+differs. A run's epoch time is the median of its epochs after the first (the first pays imports,
+allocator growth and the first blocks' read), so these cases need no warm-up round.
+
+Timed in the same rounds, to say where an offline epoch's extra time goes:
+
+- `stream`: the soft-label stream alone (`SoftLabelStream.batches` over the dense store, no
+  student): the reading the stream's thread has to hide behind the student's steps;
+- `hash`: hashing every input of an epoch (`softcache.hashing.hash_rows`, batch by batch): the
+  alignment check, which offline training runs on the training thread when `num_workers` is 0.
+
+And the teacher's and student's passes on one batch, so the online figure states its teacher.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.build import BuildWorkload, fresh_store
+from benchmarks.harness import Figure, interleave, median, ratio_figure, timed
+from softcache.config import TrainConfig
+from softcache.hashing import collate_pairs, hash_rows
+from softcache.plan import EpochPlan
+from softcache.specs import instantiate
+from softcache.store import LogitStore
+from softcache.stream import SoftLabelStream
+from softcache.train import train
+
+TRAIN_GOAL = 1.05
+
+
+@dataclass(frozen=True)
+class TrainWorkload:
+    """A student, a teacher and a dataset to train on.
+
+    Attributes:
+        label: prefixes the figure names.
+        student: student spec.
+        teacher: teacher spec (builds the stores and runs in the online mode).
+        dataset: dataset spec.
+        epochs: epochs per run (the first is warm-up).
+        online_epochs: epochs per online run (the first is warm-up; online epochs are long).
+        batch_size: student batch size.
+        shard_rows: the stores' shard height (the plan's block).
+        online: include the online-KD mode.
+        goal: the goal of the offline / hard ratios, or None for informational figures.
+    """
+
+    label: str
+    student: str
+    teacher: str
+    dataset: str
+    epochs: int = 4
+    online_epochs: int = 2
+    batch_size: int = 64
+    shard_rows: int = 512
+    online: bool = True
+    goal: float | None = TRAIN_GOAL
+
+
+class TrainBench:
+    """Cases `hard`, `offline`, `offline-topk`, `online` (optional), `stream` and `hash`."""
+
+    warmup = False
+
+    def __init__(self, workload: TrainWorkload, workdir: Path) -> None:
+        self.workload = workload
+        self.workdir = workdir
+        build = BuildWorkload(
+            "", workload.teacher, workload.dataset, shard_rows=workload.shard_rows
+        )
+        self.stores = {
+            "dense": fresh_store(build, "dense", workdir / "train-dense.zarr"),
+            "topk": fresh_store(build, "topk", workdir / "train-topk.zarr"),
+        }
+        self.wait: dict[str, list[float]] = {}
+        self.num_samples = LogitStore.open(self.stores["dense"]).meta.num_samples
+        self._count = itertools.count()
+        dataset = instantiate(workload.dataset, "dataset")
+        self._inputs = [
+            collate_pairs([dataset[int(i)] for i in rows])[0] for rows in self._plan().batches()
+        ]
+
+    def _plan(self) -> EpochPlan:
+        return EpochPlan(
+            num_samples=self.num_samples,
+            block_rows=self.workload.shard_rows,
+            batch_size=self.workload.batch_size,
+            seed=0,
+        )
+
+    def _train(self, mode: str, store: str) -> float:
+        w = self.workload
+        config = TrainConfig(
+            student=w.student,
+            dataset=w.dataset,
+            store=str(self.stores[store]),
+            mode=mode,
+            teacher=w.teacher if mode == "online" else None,
+            epochs=w.online_epochs if mode == "online" else w.epochs,
+            batch_size=w.batch_size,
+            device="cpu",
+            output=str(self.workdir / "runs" / f"{mode}-{next(self._count)}"),
+        )
+        result = train(config, progress=False)
+        shutil.rmtree(result.output)
+        metrics = result.metrics
+        name = mode if store == "dense" else f"{mode}-{store}"
+        self.wait.setdefault(name, []).extend(metrics["data_wait_fraction"][1:])
+        return median(metrics["epoch_seconds"][1:])
+
+    def _stream(self) -> float:
+        stream = SoftLabelStream(LogitStore.open(self.stores["dense"]))
+        plan = self._plan()
+        return timed(lambda: all(True for _ in stream.batches(plan)))
+
+    def _hash(self) -> float:
+        return timed(lambda: [hash_rows(inputs) for inputs in self._inputs])
+
+    def cases(self) -> dict[str, Callable[[], float]]:
+        cases: dict[str, Callable[[], float]] = {
+            "hard": lambda: self._train("hard", "dense"),
+            "offline": lambda: self._train("offline", "dense"),
+            "offline-topk": lambda: self._train("offline", "topk"),
+            "stream": self._stream,
+            "hash": self._hash,
+        }
+        if self.workload.online:
+            cases["online"] = lambda: self._train("online", "dense")
+        return cases
+
+    def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
+        w = self.workload
+        prefix = f"{w.label} " if w.label else ""
+        note = f"N={self.num_samples}, batch {w.batch_size}, {w.epochs - 1} timed epochs/run"
+        online_note = f"online runs: {w.online_epochs - 1} timed epoch(s) each"
+        figures = [
+            ratio_figure(
+                f"{prefix}offline KD / hard epoch, dense",
+                samples,
+                "offline",
+                "hard",
+                goal=w.goal,
+                note=note,
+            ),
+            ratio_figure(
+                f"{prefix}offline KD / hard epoch, top-5",
+                samples,
+                "offline-topk",
+                "hard",
+                goal=w.goal,
+                note=note,
+            ),
+        ]
+        if "online" in samples:
+            cost = model_costs(w, self.workload.batch_size)
+            figures.append(
+                ratio_figure(
+                    f"{prefix}online KD / offline KD epoch",
+                    samples,
+                    "online",
+                    "offline",
+                    goal=None,
+                    note=(
+                        f"teacher fwd+bwd = {cost.fwd_bwd_ratio:.1f}x student's; expected "
+                        f"~ 1 + teacher fwd / student step = {cost.expected_online:.2f}; "
+                        f"{online_note}"
+                    ),
+                )
+            )
+            figures.append(cost.figure(prefix))
+        figures.append(
+            ratio_figure(
+                f"{prefix}share: stream alone / hard epoch",
+                samples,
+                "stream",
+                "hard",
+                goal=None,
+                note="reading + decoding an epoch of soft labels, no student",
+            )
+        )
+        figures.append(
+            ratio_figure(
+                f"{prefix}share: input hashing / hard epoch",
+                samples,
+                "hash",
+                "hard",
+                goal=None,
+                note="the alignment check's blake2b over every input of an epoch",
+            )
+        )
+        figures.extend(
+            Figure(
+                name=f"{prefix}data wait fraction, {name}",
+                value=100 * statistics.median(values),
+                unit="% of epoch",
+                detail=f"median over {len(values)} epochs; time the step waited for its batch",
+                samples={name: values},
+            )
+            for name, values in self.wait.items()
+        )
+        return figures
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Median seconds per batch of the teacher's and the student's passes."""
+
+    teacher_fwd_bwd: float
+    student_fwd_bwd: float
+    teacher_fwd: float
+    student_step: float
+    samples: dict[str, list[float]]
+
+    @property
+    def fwd_bwd_ratio(self) -> float:
+        return self.teacher_fwd_bwd / self.student_fwd_bwd
+
+    @property
+    def expected_online(self) -> float:
+        """Online / offline epoch if the only difference were the teacher's forward."""
+        return 1 + self.teacher_fwd / self.student_step
+
+    def figure(self, prefix: str) -> Figure:
+        return Figure(
+            name=f"{prefix}teacher / student cost (fwd+bwd)",
+            value=self.fwd_bwd_ratio,
+            detail=(
+                f"per batch: teacher fwd+bwd {self.teacher_fwd_bwd * 1e3:.1f} ms, student "
+                f"{self.student_fwd_bwd * 1e3:.1f} ms; teacher inference fwd "
+                f"{self.teacher_fwd * 1e3:.1f} ms, student step {self.student_step * 1e3:.1f} ms"
+            ),
+            samples=self.samples,
+        )
+
+
+def model_costs(workload: TrainWorkload, batch_size: int, rounds: int = 7) -> ModelCosts:
+    """Time the teacher's and the student's passes on one batch of the dataset, interleaved."""
+    dataset = instantiate(workload.dataset, "dataset")
+    inputs = torch.stack([dataset[i][0] for i in range(batch_size)])
+    labels = torch.tensor([dataset[i][1] for i in range(batch_size)])
+    teacher: nn.Module = instantiate(workload.teacher, "teacher")
+    student: nn.Module = instantiate(workload.student, "student")
+    optimizer = torch.optim.AdamW(student.parameters())
+
+    def fwd_bwd(model: nn.Module) -> Callable[[], float]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(inputs), labels).backward()
+
+        return lambda: timed(run)
+
+    def teacher_fwd() -> None:
+        with torch.inference_mode():
+            teacher(inputs)
+
+    def student_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(student(inputs), labels).backward()
+        optimizer.step()
+
+    samples = interleave(
+        {
+            "teacher_fwd_bwd": fwd_bwd(teacher),
+            "student_fwd_bwd": fwd_bwd(student),
+            "teacher_fwd": lambda: timed(teacher_fwd),
+            "student_step": lambda: timed(student_step),
+        },
+        rounds,
+    )
+    return ModelCosts(**{k: median(v) for k, v in samples.items()}, samples=samples)
