@@ -229,6 +229,17 @@ def build(
     "--output", "-o", help="Directory for checkpoints and metrics.json.  [default: runs/train]"
 )
 @click.option(
+    "--hash-check",
+    type=click.Choice(["all", "first-epoch", "off"]),
+    help="Alignment check: every row always; every row in the first epoch, then every "
+    "--hash-stride-th row; or none.  [default: first-epoch]",
+)
+@click.option(
+    "--hash-stride",
+    type=int,
+    help="Rows between checked rows after the first epoch.  [default: 16]",
+)
+@click.option(
     "--checkpoint-steps",
     type=int,
     help="Also checkpoint every N steps.  [default: 0, epoch ends only]",

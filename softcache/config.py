@@ -112,6 +112,7 @@ class BuildConfig:
 TRAIN_MODES = ("offline", "online", "hard")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine")
+HASH_CHECKS = ("all", "first-epoch", "off")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class TrainConfig:
         output: directory for checkpoints and metrics.json.
         checkpoint_steps: also checkpoint every N steps inside an epoch (0: only at epoch ends).
         resume: continue from the checkpoint in `output`.
+        hash_check: how much of the alignment check to pay for. `all`: hash every row of every
+            batch. `first-epoch` (default): every row in the run's first epoch, then every
+            `hash_stride`-th row of each batch (the rows at those positions differ from epoch
+            to epoch as the plan reshuffles). `off`: no check (the sample count is still checked).
+        hash_stride: rows between hashed rows after the first epoch, with `first-epoch`.
         storage_options: fsspec options for URL stores (never recorded: may hold credentials).
     """
 
@@ -176,13 +182,23 @@ class TrainConfig:
     output: str = "runs/train"
     checkpoint_steps: int = 0
     resume: bool = False
+    hash_check: str = "first-epoch"
+    hash_stride: int = 16
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, TRAIN_MODES)
+        _check_choice("hash_check", self.hash_check, HASH_CHECKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
-        for name in ("epochs", "batch_size", "block_rows", "window_blocks", "prefetch_blocks"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "block_rows",
+            "window_blocks",
+            "prefetch_blocks",
+            "hash_stride",
+        ):
             _check_positive(name, getattr(self, name))
         if self.mode == "offline" and not self.store:
             raise ConfigError("mode offline trains from a store: pass --store")

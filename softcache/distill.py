@@ -12,8 +12,9 @@
                                                temperature=2.0, alpha=0.1)
 
 `AlignedBatches` zips a DataLoader over the inputs with the store's soft-label stream; both follow the
-same plan, and every batch's input hashes are checked against the store's, so a reordered or altered
-dataset stops training at its first wrong sample.
+same plan, and the batches' input hashes are checked against the store's, so a reordered or altered
+dataset stops training at its first wrong sample (every row by default; `hash_stride` trades
+coverage for speed, see `TrainConfig.hash_check`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from softcache import losses
 from softcache.errors import DatasetMismatchError
-from softcache.hashing import collate_with_hashes
+from softcache.hashing import sampled_collate
 from softcache.plan import EpochPlan
 from softcache.store import LogitStore
 from softcache.stream import SoftLabels, SoftLabelStream, plan_from_state
@@ -97,7 +98,8 @@ class AlignedBatches:
         pin_memory: pin input batches (for CUDA).
         prefetch_blocks: store blocks read ahead.
         client: a `distributed.Client` for the stream, or None for threads.
-        check_hashes: compare every batch's input hashes with the store's.
+        hash_stride: check the input hashes of every `hash_stride`-th row of each batch against
+            the store's (1: every row; 0: no check). `epoch` can override it per epoch.
     """
 
     def __init__(
@@ -109,7 +111,7 @@ class AlignedBatches:
         pin_memory: bool = False,
         prefetch_blocks: int = 4,
         client: Any | None = None,
-        check_hashes: bool = True,
+        hash_stride: int = 1,
     ) -> None:
         if len(dataset) != store.meta.num_samples:
             raise DatasetMismatchError(
@@ -121,10 +123,16 @@ class AlignedBatches:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.stream = SoftLabelStream(store, prefetch_blocks=prefetch_blocks, client=client)
-        self.check_hashes = check_hashes
+        self.hash_stride = hash_stride
 
-    def epoch(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor, SoftLabels]]:
+    def epoch(
+        self, plan: EpochPlan, *, hash_stride: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, SoftLabels]]:
         """Yield the plan's remaining batches of its current epoch.
+
+        Args:
+            plan: the epoch plan, at the epoch and cursor to read from.
+            hash_stride: overrides the constructor's `hash_stride` for this epoch.
 
         `plan` is not advanced: the caller counts the batches it consumed, which is what a
         checkpoint must record (a DataLoader with workers draws batches ahead of the step).
@@ -132,14 +140,15 @@ class AlignedBatches:
         Yields:
             inputs (B, ...), labels (B,) int64 (-1: none), and the batch's `SoftLabels`.
         """
+        stride = self.hash_stride if hash_stride is None else hash_stride
         loader = DataLoader(
             self.dataset,
             batch_sampler=plan_from_state(plan.state_dict()),
-            collate_fn=collate_with_hashes,
+            collate_fn=sampled_collate(stride),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
         for (inputs, labels, hashes), soft in zip(loader, self.stream.batches(plan), strict=True):
-            if self.check_hashes:
-                soft.check_alignment(np.asarray(hashes))
+            if stride:
+                soft.check_alignment(np.asarray(hashes), stride)
             yield inputs, labels, soft

@@ -9,8 +9,9 @@ wrong row instead of silently teaching the student garbage. Hashing runs in the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,30 @@ def collate_with_hashes(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tenso
     """
     batch, labels = _stack(items)
     return batch, labels, hash_rows(batch)
+
+
+def sampled_collate(
+    stride: int,
+) -> Callable[[Sequence[Any]], tuple[torch.Tensor, torch.Tensor, Any]]:
+    """A collate function hashing every `stride`-th row of each batch (rows 0, stride, ...).
+
+    `stride=1` is `collate_with_hashes`; `stride=0` hashes nothing (`collate_pairs`). The result
+    is picklable, so DataLoader workers can run it.
+    """
+    if stride < 0:
+        raise ValueError(f"stride must be >= 0, got {stride}")
+    if stride == 0:
+        return collate_pairs
+    if stride == 1:
+        return collate_with_hashes
+    return functools.partial(_collate_strided, stride=stride)
+
+
+def _collate_strided(
+    items: Sequence[Any], stride: int
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    batch, labels = _stack(items)
+    return batch, labels, hash_rows(batch[::stride])
 
 
 def _stack(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,20 +65,22 @@ class SoftLabels:
             move(self.lse),
         )
 
-    def check_alignment(self, input_hashes: np.ndarray) -> None:
+    def check_alignment(self, input_hashes: np.ndarray, stride: int = 1) -> None:
         """Raise unless the batch's inputs hash to what the teacher saw.
 
         Args:
-            input_hashes: (B,) uint64 from `softcache.hashing.collate_with_hashes`.
+            input_hashes: uint64 hashes of rows 0, stride, 2 * stride, ... of the batch, from
+                `softcache.hashing.sampled_collate(stride)` (`collate_with_hashes` for stride 1).
+            stride: which rows were hashed.
 
         Raises:
             DatasetMismatchError: naming the first mismatching dataset index.
         """
-        if len(input_hashes) != len(self.sample_hash) or not np.array_equal(
-            input_hashes, self.sample_hash
-        ):
-            bad = np.flatnonzero(input_hashes[: len(self.sample_hash)] != self.sample_hash)
-            first = int(self.indices[bad[0]]) if bad.size else int(self.indices[0])
+        expected = self.sample_hash[::stride]
+        indices = self.indices[::stride]
+        if len(input_hashes) != len(expected) or not np.array_equal(input_hashes, expected):
+            bad = np.flatnonzero(input_hashes[: len(expected)] != expected[: len(input_hashes)])
+            first = int(indices[bad[0]]) if bad.size else int(indices[0])
             raise DatasetMismatchError(
                 f"dataset sample {first} does not match the store: its input hashes differ from "
                 "what the teacher saw when the store was built (the dataset was reordered, "

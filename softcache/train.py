@@ -123,6 +123,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
             client=client,
         )
 
+    first_epoch = plan.epoch
     for epoch in range(plan.epoch, config.epochs):
         if plan.epoch != epoch:
             plan.set_epoch(epoch)
@@ -137,7 +138,8 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         t_epoch = time.perf_counter()
         t_ready = t_epoch
         student.train()
-        batches = _batches(config, dataset, aligned, plan, cuda)
+        stride = _hash_stride(config, first_epoch=epoch == first_epoch)
+        batches = _batches(config, dataset, aligned, plan, cuda, stride)
         for step, (inputs, labels, soft) in enumerate(batches):
             stats.wait += time.perf_counter() - t_ready
             inputs = inputs.to(device, non_blocking=cuda)
@@ -189,9 +191,10 @@ def _batches(
     aligned: AlignedBatches | None,
     plan: EpochPlan,
     cuda: bool,
+    hash_stride: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
     if aligned is not None:
-        yield from aligned.epoch(plan)
+        yield from aligned.epoch(plan, hash_stride=hash_stride)
         return
     loader = DataLoader(
         dataset,
@@ -202,6 +205,13 @@ def _batches(
     )
     for inputs, labels, _ in loader:
         yield inputs, labels, None
+
+
+def _hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:
+    """Rows between alignment-checked rows this epoch (1: all, 0: none); see `hash_check`."""
+    if config.hash_check == "all" or (config.hash_check == "first-epoch" and first_epoch):
+        return 1
+    return config.hash_stride if config.hash_check == "first-epoch" else 0
 
 
 def _loss(

@@ -291,3 +291,22 @@ def test_offline_kd_matches_online_kd_over_three_seeds(digits_stores, tmp_path):
             accuracy[mode].append(train(config, progress=False).metrics["eval_accuracy"][-1])
     gap = abs(np.mean(accuracy["online"]) - np.mean(accuracy["offline"]))
     assert gap <= 0.005, accuracy
+
+
+@pytest.mark.parametrize(
+    ("hash_check", "refused"), [("all", True), ("first-epoch", True), ("off", False)]
+)
+def test_hash_check_policy(digits_stores, tmp_path, hash_check, refused):
+    """`first-epoch` and `all` both hash every row of the first epoch; `off` checks nothing."""
+    config = _config(
+        digits_stores,
+        tmp_path / hash_check,
+        epochs=1,
+        dataset="tests.helpers.train_specs:altered",
+        hash_check=hash_check,
+    )
+    if refused:
+        with pytest.raises(DatasetMismatchError, match=f"dataset sample {train_specs.ALTERED} "):
+            train(config, progress=False)
+    else:
+        assert len(train(config, progress=False).metrics["train_loss"]) == 1

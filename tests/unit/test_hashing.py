@@ -134,3 +134,33 @@ def test_check_item_accepts_good_items() -> None:
     for label in (0, -1, None, np.int32(3), torch.tensor(5), np.array(2)):
         check_item((torch.zeros(2), label), 0)
     check_item((np.zeros(2), 1), 0)
+
+
+def test_sampled_collate_hashes_every_stride_th_row() -> None:
+    from softcache.hashing import collate_pairs, sampled_collate
+
+    items = [(torch.full((2, 3), float(i)), i) for i in range(10)]
+    full = collate_with_hashes(items)[2]
+    for stride in (1, 3, 4, 16):
+        _, labels, hashes = sampled_collate(stride)(items)
+        assert np.array_equal(hashes, full[::stride])
+        assert torch.equal(labels, torch.arange(10))
+    assert sampled_collate(0) is collate_pairs
+    with pytest.raises(ValueError, match="stride"):
+        sampled_collate(-1)
+
+
+def test_check_alignment_with_a_stride_names_the_first_bad_checked_row() -> None:
+    from softcache.errors import DatasetMismatchError
+    from softcache.stream import SoftLabels
+
+    hashes = np.arange(100, 110, dtype=np.uint64)
+    soft = SoftLabels(indices=np.arange(40, 50), sample_hash=hashes)
+    soft.check_alignment(hashes[::3].copy(), stride=3)
+    altered = hashes.copy()
+    altered[6] += 1  # row 6 is checked with stride 3 (rows 0, 3, 6, 9)
+    with pytest.raises(DatasetMismatchError, match="dataset sample 46 "):
+        soft.check_alignment(altered[::3], stride=3)
+    altered = hashes.copy()
+    altered[5] += 1  # row 5 is not among the checked rows
+    soft.check_alignment(altered[::3], stride=3)
