@@ -126,13 +126,15 @@ class AlignedBatches:
         self.hash_stride = hash_stride
 
     def epoch(
-        self, plan: EpochPlan, *, hash_stride: int | None = None
+        self, plan: EpochPlan, *, hash_stride: int | None = None, then: EpochPlan | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, SoftLabels]]:
         """Yield the plan's remaining batches of its current epoch.
 
         Args:
             plan: the epoch plan, at the epoch and cursor to read from.
             hash_stride: overrides the constructor's `hash_stride` for this epoch.
+            then: the next epoch's plan, whose first soft labels are then read ahead during the
+                end of this epoch (see `SoftLabelStream.batches`).
 
         `plan` is not advanced: the caller counts the batches it consumed, which is what a
         checkpoint must record (a DataLoader with workers draws batches ahead of the step).
@@ -148,7 +150,9 @@ class AlignedBatches:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-        for (inputs, labels, hashes), soft in zip(loader, self.stream.batches(plan), strict=True):
+        for (inputs, labels, hashes), soft in zip(
+            loader, self.stream.batches(plan, then=then), strict=True
+        ):
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
             yield inputs, labels, soft

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,8 @@ class SoftLabelStream:
         self.store = store
         self.prefetch_blocks = prefetch_blocks
         self.client = client
+        # (plan key, reader, rows left per block) of an epoch read ahead of its `batches` call.
+        self._ahead: tuple[tuple[Any, ...], _BlockReader, dict[int, int]] | None = None
         names = (*store.data_array_names, SAMPLE_HASH)
         # Dask chunks = shards: one task per (array, shard), never per row or per batch.
         self._arrays = {
@@ -129,19 +132,44 @@ class SoftLabelStream:
                 f"{store.meta.num_samples}; the dataset is not the one the store was built from"
             )
 
-    def batches(self, plan: EpochPlan) -> Iterator[SoftLabels]:
-        """Yield the soft labels of the plan's remaining batches in its current epoch.
+    def batches(self, plan: EpochPlan, *, then: EpochPlan | None = None) -> Iterator[SoftLabels]:
+        """The soft labels of the plan's remaining batches in its current epoch.
 
         The stream follows a private copy of the plan from its current cursor, so the same plan
-        can drive the DataLoader of inputs; `plan` itself is not advanced.
+        can drive the DataLoader of inputs; `plan` itself is not advanced. Reading starts at
+        once, not at the first `next()`, so the first blocks load while the caller fetches its
+        first batch of inputs.
+
+        Args:
+            plan: the epoch plan, at the epoch and cursor to read from.
+            then: the plan of the epoch that will follow. Once this epoch's last block is read,
+                the stream starts reading that epoch's first blocks, so the next epoch does not
+                begin by waiting for them (at most `prefetch_blocks` more blocks in memory).
         """
         self._check_plan(plan)
-        plan = plan_from_state(plan.state_dict())
-        blocks = [int(b) for b in plan.block_order()]
+        reader, remaining = self._take_or_start(plan)
+        iterator = self._iterate(plan_from_state(plan.state_dict()), reader, remaining, then)
+        weakref.finalize(iterator, reader.close)  # also stops a reader whose batches go unread
+        return iterator
+
+    def _take_or_start(self, plan: EpochPlan) -> tuple[_BlockReader, dict[int, int]]:
+        """The reader already prefetching this plan's epoch, or a new one."""
+        key = _plan_key(plan)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead[0] == key:
+                return ahead[1], ahead[2]
+            ahead[1].close()
+        return self._start(plan)
+
+    def _iterate(
+        self,
+        plan: EpochPlan,
+        reader: _BlockReader,
+        remaining: dict[int, int],
+        then: EpochPlan | None,
+    ) -> Iterator[SoftLabels]:
         rows = self.store.meta.shard_rows
-        # Rows of each block still to be consumed this epoch: a block leaves memory at zero.
-        remaining = _rows_left(plan, blocks, rows)
-        reader = _BlockReader(self, [b for b in blocks if remaining.get(b, 0) > 0])
         cache: dict[int, dict[str, np.ndarray]] = {}
         try:
             for batch in plan.batches():
@@ -150,6 +178,9 @@ class SoftLabelStream:
                     while int(b) not in cache:
                         got, data = reader.next()
                         cache[got] = data
+                        if then is not None and reader.delivered_all:
+                            self._ahead = (_plan_key(then), *self._start(then))
+                            then = None
                 yield self._gather(batch, block_ids, cache, rows)
                 for b, n in zip(*np.unique(block_ids, return_counts=True), strict=True):
                     remaining[int(b)] -= int(n)
@@ -157,6 +188,12 @@ class SoftLabelStream:
                         del cache[int(b)]
         finally:
             reader.close()
+
+    def _start(self, plan: EpochPlan) -> tuple[_BlockReader, dict[int, int]]:
+        blocks = [int(b) for b in plan.block_order()]
+        # Rows of each block still to be consumed this epoch: a block leaves memory at zero.
+        remaining = _rows_left(plan, blocks, self.store.meta.shard_rows)
+        return _BlockReader(self, [b for b in blocks if remaining[b] > 0]), remaining
 
     def _gather(
         self,
@@ -211,6 +248,8 @@ class _BlockReader:
     _DONE = object()
 
     def __init__(self, stream: SoftLabelStream, blocks: list[int]) -> None:
+        self._expected = len(blocks)
+        self._delivered = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=stream.prefetch_blocks)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -246,7 +285,13 @@ class _BlockReader:
             raise item
         if item is self._DONE:  # pragma: no cover - the plan never asks for more than it listed
             raise RuntimeError("the stream ran out of blocks before the plan did")
+        self._delivered += 1
         return item
+
+    @property
+    def delivered_all(self) -> bool:
+        """Whether every block this reader was given has been handed out."""
+        return self._delivered == self._expected
 
     def close(self) -> None:
         self._stop.set()
@@ -261,6 +306,10 @@ def _rows_left(plan: EpochPlan, blocks: list[int], rows: int) -> dict[int, int]:
         for b, c in zip(ids, n, strict=True):
             counts[int(b)] += int(c)
     return counts
+
+
+def _plan_key(plan: EpochPlan) -> tuple[Any, ...]:
+    return tuple(sorted(plan.state_dict().items()))
 
 
 def plan_from_state(state: dict[str, Any]) -> EpochPlan:

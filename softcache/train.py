@@ -108,77 +108,88 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         torch.set_rng_state(state["torch_rng"])
         metrics = state["metrics"]
         partial = _EpochStats(**state["partial"])
-    if client is None and config.dask_scheduler:
-        client = _connect(config.dask_scheduler)
-    evaluator = _Evaluator(config, teacher, device)
-    aligned = None
-    if config.mode == "offline":
-        assert store is not None
-        aligned = AlignedBatches(
-            dataset,
-            store,
-            num_workers=config.num_workers,
-            pin_memory=cuda,
-            prefetch_blocks=config.prefetch_blocks,
-            client=client,
-        )
+    with contextlib.ExitStack() as stack:
+        if client is None and config.dask_scheduler:
+            client = _connect(config.dask_scheduler)
+            stack.callback(client.close)  # a client we opened, we close
+        evaluator = _Evaluator(config, teacher, device)
+        aligned = None
+        if config.mode == "offline":
+            assert store is not None
+            aligned = AlignedBatches(
+                dataset,
+                store,
+                num_workers=config.num_workers,
+                pin_memory=cuda,
+                prefetch_blocks=config.prefetch_blocks,
+                client=client,
+            )
 
-    first_epoch = plan.epoch
-    for epoch in range(plan.epoch, config.epochs):
-        if plan.epoch != epoch:
-            plan.set_epoch(epoch)
-        start_cursor = plan.cursor
-        stats, partial = partial, _EpochStats()
-        bar = Progress(
-            len(plan) * config.batch_size,
-            f"epoch {epoch + 1}/{config.epochs}",
-            enabled=progress,
-            initial=start_cursor * config.batch_size,
-        )
-        t_epoch = time.perf_counter()
-        t_ready = t_epoch
-        student.train()
-        stride = _hash_stride(config, first_epoch=epoch == first_epoch)
-        batches = _batches(config, dataset, aligned, plan, cuda, stride)
-        for step, (inputs, labels, soft) in enumerate(batches):
-            stats.wait += time.perf_counter() - t_ready
-            inputs = inputs.to(device, non_blocking=cuda)
-            labels = labels.to(device, non_blocking=cuda)
-            with _autocast(device, config.amp):
-                logits = student(inputs)
-                loss = _loss(config, logits, labels, soft, teacher, inputs, store, device)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            loss_value = float(loss.detach())  # syncs the device: the step is done here
-            if metrics["first_step_loss"] is None:
-                metrics["first_step_loss"] = loss_value
-            stats.loss_sum += loss_value * len(labels)
-            stats.samples += len(labels)
-            bar.update(len(labels))
-            cursor = start_cursor + step + 1
-            if (
-                config.checkpoint_steps
-                and cursor % config.checkpoint_steps == 0
-                and cursor < len(plan)
-            ):
-                stats.seconds += time.perf_counter() - t_epoch
-                t_epoch = time.perf_counter()
-                at = dict(plan.state_dict(), cursor=cursor)
-                _save_checkpoint(output, student, optimizer, schedule, scaler, at, metrics, stats)
-            t_ready = time.perf_counter()
-        bar.close()
-        stats.seconds += time.perf_counter() - t_epoch
-        eval_accuracy, agreement = evaluator(student)
-        _record_epoch(metrics, stats, eval_accuracy, agreement)
-        plan.set_epoch(epoch + 1)
-        _save_checkpoint(
-            output, student, optimizer, schedule, scaler, plan.state_dict(), metrics, _EpochStats()
-        )
+        first_epoch = plan.epoch
+        for epoch in range(plan.epoch, config.epochs):
+            if plan.epoch != epoch:
+                plan.set_epoch(epoch)
+            start_cursor = plan.cursor
+            stats, partial = partial, _EpochStats()
+            bar = Progress(
+                len(plan) * config.batch_size,
+                f"epoch {epoch + 1}/{config.epochs}",
+                enabled=progress,
+                initial=start_cursor * config.batch_size,
+            )
+            t_epoch = time.perf_counter()
+            t_ready = t_epoch
+            student.train()
+            stride = _hash_stride(config, first_epoch=epoch == first_epoch)
+            batches = _batches(config, dataset, aligned, plan, cuda, stride)
+            for step, (inputs, labels, soft) in enumerate(batches):
+                stats.wait += time.perf_counter() - t_ready
+                inputs = inputs.to(device, non_blocking=cuda)
+                labels = labels.to(device, non_blocking=cuda)
+                with _autocast(device, config.amp):
+                    logits = student(inputs)
+                    loss = _loss(config, logits, labels, soft, teacher, inputs, store, device)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                loss_value = float(loss.detach())  # syncs the device: the step is done here
+                if metrics["first_step_loss"] is None:
+                    metrics["first_step_loss"] = loss_value
+                stats.loss_sum += loss_value * len(labels)
+                stats.samples += len(labels)
+                bar.update(len(labels))
+                cursor = start_cursor + step + 1
+                if (
+                    config.checkpoint_steps
+                    and cursor % config.checkpoint_steps == 0
+                    and cursor < len(plan)
+                ):
+                    stats.seconds += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    at = dict(plan.state_dict(), cursor=cursor)
+                    _save_checkpoint(
+                        output, student, optimizer, schedule, scaler, at, metrics, stats
+                    )
+                t_ready = time.perf_counter()
+            bar.close()
+            stats.seconds += time.perf_counter() - t_epoch
+            eval_accuracy, agreement = evaluator(student)
+            _record_epoch(metrics, stats, eval_accuracy, agreement)
+            plan.set_epoch(epoch + 1)
+            _save_checkpoint(
+                output,
+                student,
+                optimizer,
+                schedule,
+                scaler,
+                plan.state_dict(),
+                metrics,
+                _EpochStats(),
+            )
+            _write_json(output / METRICS, metrics)
         _write_json(output / METRICS, metrics)
-    _write_json(output / METRICS, metrics)
     return TrainResult(metrics=metrics, output=output, student=student)
 
 
@@ -194,7 +205,11 @@ def _batches(
     hash_stride: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
     if aligned is not None:
-        yield from aligned.epoch(plan, hash_stride=hash_stride)
+        then = None
+        if plan.epoch + 1 < config.epochs:
+            then = plan_from_state(dict(plan.state_dict(), cursor=0))
+            then.set_epoch(plan.epoch + 1)
+        yield from aligned.epoch(plan, hash_stride=hash_stride, then=then)
         return
     loader = DataLoader(
         dataset,

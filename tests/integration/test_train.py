@@ -310,3 +310,21 @@ def test_hash_check_policy(digits_stores, tmp_path, hash_check, refused):
             train(config, progress=False)
     else:
         assert len(train(config, progress=False).metrics["train_loss"]) == 1
+
+
+def test_train_reads_through_a_dask_scheduler_address(digits_stores, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None
+    )
+    with cluster:
+        via_cluster = train(
+            _config(
+                digits_stores, tmp_path / "c", epochs=2, dask_scheduler=cluster.scheduler_address
+            ),
+            progress=False,
+        )
+    local = train(_config(digits_stores, tmp_path / "l", epochs=2), progress=False)
+    assert via_cluster.metrics["train_loss"] == local.metrics["train_loss"]
+    for pa, pb in zip(via_cluster.student.parameters(), local.student.parameters(), strict=True):
+        assert torch.equal(pa, pb)

@@ -1,0 +1,118 @@
+"""The soft-label stream: plan order, exact rows, resume, read-ahead across epochs, Dask clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from softcache.errors import DatasetMismatchError
+from softcache.plan import EpochPlan
+from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
+from softcache.stream import SoftLabelStream
+
+
+def _plan(store: LogitStore, **kw) -> EpochPlan:
+    defaults = {"batch_size": 20, "seed": 3, "window_blocks": 2}
+    return EpochPlan(
+        num_samples=store.meta.num_samples, block_rows=store.meta.shard_rows, **{**defaults, **kw}
+    )
+
+
+def _check_rows(store: LogitStore, soft, full: dict[str, np.ndarray]) -> None:
+    idx = soft.indices
+    assert np.array_equal(soft.sample_hash, full[SAMPLE_HASH][idx])
+    if store.meta.encoding == "dense":
+        assert np.array_equal(soft.logits.numpy(), store.decode_values(full[LOGITS][idx]))
+    else:
+        assert np.array_equal(soft.topk_values.numpy(), store.decode_values(full[TOPK_VALUES][idx]))
+        assert np.array_equal(soft.topk_indices.numpy(), full[TOPK_INDICES][idx].astype(np.int64))
+        assert np.array_equal(soft.lse.numpy(), full[LSE][idx])
+
+
+@pytest.mark.parametrize("encoding", ["dense", "topk"])
+def test_stream_follows_the_plan_with_exact_rows(make_store, encoding):
+    path, _ = make_store(encoding=encoding, top_k=3)
+    store = LogitStore.open(path)
+    full = store.read_rows(0, store.meta.num_samples)
+    plan = _plan(store)
+    expected = list(_plan(store).batches())
+    got = list(SoftLabelStream(store, prefetch_blocks=2).batches(plan))
+    assert len(got) == len(expected)
+    for soft, rows in zip(got, expected, strict=True):
+        assert np.array_equal(soft.indices, rows)
+        _check_rows(store, soft, full)
+    assert plan.cursor == 0  # the stream follows a copy
+
+
+def test_stream_resumes_mid_epoch(make_store):
+    path, _ = make_store()
+    store = LogitStore.open(path)
+    plan = _plan(store, epoch=2)
+    everything = [s.indices for s in SoftLabelStream(store).batches(plan)]
+    iterator = iter(plan)
+    for _ in range(4):
+        next(iterator)
+    rest = [s.indices for s in SoftLabelStream(store).batches(plan)]
+    assert len(rest) == len(everything) - 4
+    for a, b in zip(rest, everything[4:], strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_next_epoch_is_read_ahead_and_handed_over(make_store):
+    path, _ = make_store()
+    store = LogitStore.open(path)
+    full = store.read_rows(0, store.meta.num_samples)
+    stream = SoftLabelStream(store, prefetch_blocks=2)
+    first, second = _plan(store, epoch=0), _plan(store, epoch=1)
+    list(stream.batches(first, then=second))
+    assert stream._ahead is not None  # the next epoch's reader was started during this one
+    ahead_reader = stream._ahead[1]
+    got = list(stream.batches(second))
+    assert stream._ahead is None and ahead_reader._delivered > 0  # and it was the one used
+    expected = list(_plan(store, epoch=1).batches())
+    for soft, rows in zip(got, expected, strict=True):
+        assert np.array_equal(soft.indices, rows)
+        _check_rows(store, soft, full)
+
+
+def test_a_read_ahead_for_another_plan_is_discarded(make_store):
+    path, _ = make_store()
+    store = LogitStore.open(path)
+    stream = SoftLabelStream(store)
+    list(stream.batches(_plan(store, epoch=0), then=_plan(store, epoch=1)))
+    stale = stream._ahead[1]
+    other = _plan(store, epoch=5)
+    got = [s.indices for s in stream.batches(other)]
+    assert stale._stop.is_set()
+    for a, b in zip(got, _plan(store, epoch=5).batches(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_plan_must_match_the_store(make_store):
+    path, _ = make_store()
+    store = LogitStore.open(path)
+    stream = SoftLabelStream(store)
+    wrong_blocks = EpochPlan(num_samples=store.meta.num_samples, block_rows=7, batch_size=5)
+    with pytest.raises(ValueError, match="shard_rows"):
+        stream.batches(wrong_blocks)
+    wrong_n = EpochPlan(
+        num_samples=store.meta.num_samples - 1, block_rows=store.meta.shard_rows, batch_size=5
+    )
+    with pytest.raises(DatasetMismatchError, match="samples"):
+        stream.batches(wrong_n)
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_stream_through_a_dask_local_cluster(make_store, processes):
+    distributed = pytest.importorskip("distributed")
+    path, _ = make_store()
+    store = LogitStore.open(path)
+    full = store.read_rows(0, store.meta.num_samples)
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=processes, dashboard_address=None
+    )
+    with cluster, distributed.Client(cluster) as client:
+        got = list(SoftLabelStream(store, client=client).batches(_plan(store)))
+    for soft, rows in zip(got, _plan(store).batches(), strict=True):
+        assert np.array_equal(soft.indices, rows)
+        _check_rows(store, soft, full)
