@@ -164,6 +164,20 @@ def _build_args(output: str, endpoint: str, dataset: str = "dataset") -> list[st
     ]  # fmt: skip
 
 
+def _local_build(path: Path) -> LogitStore:
+    """The same build as `_build_args`, uninterrupted, to a local folder."""
+    config = BuildConfig(
+        teacher=f"{SPECS}:teacher",
+        dataset=f"{SPECS}:dataset",
+        output=str(path),
+        shard_rows=32,
+        batch_size=16,
+        device="cpu",
+    )
+    build(config, progress=False)
+    return LogitStore.open(str(path))
+
+
 def _snapshot(fs, prefix: str) -> dict[str, tuple[int, str]]:
     fs.invalidate_cache()
     return {
@@ -179,7 +193,8 @@ def _assert_same_arrays(a: LogitStore, b: LogitStore) -> None:
         assert x.dtype == y.dtype and np.array_equal(x, y), name  # exact, floats included
 
 
-def test_build_info_verify_train_ls_on_s3(s3, tmp_path):
+def test_build_info_verify_train_ls_on_s3(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     url = f"s3://{BUCKET}/synthetic.zarr"
     option = ["--storage-option", f"endpoint_url={s3['endpoint']}"]
     done = _cli(*_build_args(url, s3["endpoint"]), env=s3["env"])
@@ -195,21 +210,8 @@ def test_build_info_verify_train_ls_on_s3(s3, tmp_path):
     assert "synthetic.zarr" in listing and "300 samples" in listing
 
     # The same arrays as a local build of the same config.
-    local = tmp_path / "local.zarr"
-    os.chdir(ROOT)
-    build(
-        BuildConfig(
-            teacher=f"{SPECS}:teacher",
-            dataset=f"{SPECS}:dataset",
-            output=str(local),
-            shard_rows=32,
-            batch_size=16,
-            device="cpu",
-        ),
-        progress=False,
-    )
     remote = LogitStore.open(url, storage_options={"endpoint_url": s3["endpoint"]})
-    _assert_same_arrays(remote, LogitStore.open(str(local)))
+    _assert_same_arrays(remote, _local_build(tmp_path / "local.zarr"))
 
     # Training reads the store and never writes to it.
     before = _snapshot(s3["fs"], f"{BUCKET}/synthetic.zarr")
@@ -224,7 +226,8 @@ def test_build_info_verify_train_ls_on_s3(s3, tmp_path):
     assert _snapshot(s3["fs"], f"{BUCKET}/synthetic.zarr") == before
 
 
-def test_build_resumes_after_the_server_restarts(s3, tmp_path):
+def test_build_resumes_after_the_server_restarts(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     proxy = TcpProxy(_free_port(), s3["port"])
     proxy.start()
     endpoint = f"http://127.0.0.1:{proxy.listen_port}"
@@ -270,20 +273,7 @@ def test_build_resumes_after_the_server_restarts(s3, tmp_path):
     finally:
         proxy.stop()
     finished = LogitStore.open(url, storage_options={"endpoint_url": s3["endpoint"]})
-    local = tmp_path / "uninterrupted.zarr"
-    os.chdir(ROOT)
-    build(
-        BuildConfig(
-            teacher=f"{SPECS}:teacher",
-            dataset=f"{SPECS}:dataset",
-            output=str(local),
-            shard_rows=32,
-            batch_size=16,
-            device="cpu",
-        ),
-        progress=False,
-    )
-    _assert_same_arrays(finished, LogitStore.open(str(local)))
+    _assert_same_arrays(finished, _local_build(tmp_path / "uninterrupted.zarr"))
 
 
 def test_zip_archive_reads_and_trains_read_only(tmp_path, monkeypatch):
