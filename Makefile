@@ -21,6 +21,7 @@ test-all:
 lint:
 	.venv/bin/ruff check softcache pipelines tests benchmarks
 	.venv/bin/ruff format --check softcache pipelines tests benchmarks
+	.venv/bin/mypy softcache
 
 bench:
 	.venv/bin/python -m benchmarks.run

@@ -4,6 +4,10 @@ Build a teacher's logits once into a Zarr store (`build`), then train students f
 (`train`, or your own loop with `AlignedBatches` and `distillation_loss`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from softcache.config import BuildConfig, TrainConfig, load_config
@@ -19,20 +23,24 @@ from softcache.plan import EpochPlan
 from softcache.store import LogitStore, StoreMeta
 from softcache.stream import SoftLabels, SoftLabelStream
 
+if TYPE_CHECKING:  # the heavy modules load on first use
+    from softcache.build import BuildResult
+    from softcache.train import TrainResult
+
 
 def open_store(path: str, *, require_complete: bool = True) -> LogitStore:
     """Open a store for reading (see `LogitStore.open`)."""
     return LogitStore.open(path, mode="r", require_complete=require_complete)
 
 
-def build(config: BuildConfig, *, progress: bool = True):  # type: ignore[no-untyped-def]
+def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
     """Run `softcache build` from Python (see `softcache.build.build`)."""
     from softcache.build import build as _build
 
     return _build(config, progress=progress)
 
 
-def train(config: TrainConfig, *, progress: bool = True, client=None):  # type: ignore[no-untyped-def]
+def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
     """Run `softcache train` from Python (see `softcache.train.train`)."""
     from softcache.train import train as _train
 

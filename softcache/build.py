@@ -138,7 +138,7 @@ def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
     done = store.done_mask()
     todo = [s for s in range(meta.num_shards) if not done[s]]
     rows_done = sum(
-        stop - start for s in np.flatnonzero(done) for start, stop in [store.shard_bounds(s)]
+        stop - start for s in np.flatnonzero(done) for start, stop in [store.shard_bounds(int(s))]
     )
 
     t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
 
 def shard_batches(store: LogitStore, shards: Sequence[int], batch_size: int) -> list[list[int]]:
     """Index lists of shard-aligned batches: a batch never crosses a shard boundary."""
-    batches = []
+    batches: list[list[int]] = []
     for shard in shards:
         start, stop = store.shard_bounds(shard)
         batches.extend(

@@ -145,7 +145,7 @@ class AlignedBatches:
         stride = self.hash_stride if hash_stride is None else hash_stride
         loader = DataLoader(
             self.dataset,
-            batch_sampler=plan_from_state(plan.state_dict()),
+            batch_sampler=plan_from_state(plan.state_dict()),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=sampled_collate(stride),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -38,7 +38,7 @@ from softcache.errors import (
     StoreFormatError,
     UnsupportedVersionError,
 )
-from softcache.location import exists, is_local, local_path, open_location
+from softcache.location import exists, is_local, local_path, object_size, open_location
 
 FORMAT_VERSION = 1
 ATTR_KEY = "softcache"
@@ -214,6 +214,8 @@ class LogitStore:
             IncompleteStoreError: `require_complete` and the build did not finish.
         """
         where = f"store {path}"
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}; create stores with create()")
         location = str(path)
         if is_local(location) and not local_path(location).exists():
             raise NotAStoreError(f"{where} does not exist")
@@ -222,13 +224,16 @@ class LogitStore:
         if not exists(backend, "zarr.json"):
             raise NotAStoreError(f"{where} does not exist or is not a Zarr group (no zarr.json)")
         try:
-            group = zarr.open_group(backend, mode=mode)
+            group = zarr.open_group(backend, mode="r" if read_only else "r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
             raise NotAStoreError(f"{where} is not a Zarr group: {exc}") from exc
         attrs = group.attrs.asdict()
         if ATTR_KEY not in attrs:
             raise NotAStoreError(f"{where} is a Zarr group but has no '{ATTR_KEY}' metadata")
-        meta = StoreMeta.from_dict(attrs[ATTR_KEY], where=where)
+        raw = attrs[ATTR_KEY]
+        if not isinstance(raw, Mapping):
+            raise StoreFormatError(f"{where}: the '{ATTR_KEY}' attribute is not a JSON object")
+        meta = StoreMeta.from_dict(raw, where=where)
         store = cls(group, meta, location, read_only=read_only)
         missing = [name for name in store.array_names if name not in group]
         if missing:
@@ -278,9 +283,13 @@ class LogitStore:
 
     # ---- writing -------------------------------------------------------------------------------
 
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of array `name` as a numpy array, in storage dtype."""
+        return np.asarray(self.array(name)[rows])
+
     def done_mask(self) -> np.ndarray:
         """(num_shards,) bool: which shards a writer has recorded as written."""
-        return self.array(SHARD_DONE)[:].astype(bool)
+        return self.read(SHARD_DONE).astype(bool)
 
     def empty_shard(self, shard: int) -> dict[str, np.ndarray]:
         """Uninitialised host buffers for one shard, ready to fill and pass to `write_shard`."""
@@ -318,19 +327,20 @@ class LogitStore:
 
     def sample_hashes(self) -> np.ndarray:
         """(N,) uint64: every row's input hash."""
-        return self.array(SAMPLE_HASH)[:]
+        return self.read(SAMPLE_HASH)
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of every data array and `sample_hash`, in storage dtype."""
         return {
-            name: self.array(name)[start:stop] for name in (*self.data_array_names, SAMPLE_HASH)
+            name: self.read(name, slice(start, stop))
+            for name in (*self.data_array_names, SAMPLE_HASH)
         }
 
     def top1(self) -> np.ndarray:
         """(N,) int64: the teacher's top-1 class for every row."""
         if self.meta.encoding == "dense":
-            return self.array(LOGITS)[:].argmax(axis=1).astype(np.int64)
-        return self.array(TOPK_INDICES)[:, 0].astype(np.int64)
+            return self.read(LOGITS).argmax(axis=1).astype(np.int64)
+        return self.read(TOPK_INDICES)[:, 0].astype(np.int64)
 
     def decode_values(self, values: np.ndarray) -> np.ndarray:
         """Stored logit values (`logits` or `topk_values`) as float32."""
@@ -344,9 +354,13 @@ class LogitStore:
         coords = (shard,) + (0,) * (arr.ndim - 1)
         return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
 
-    def shard_object_exists(self, name: str, shard: int) -> bool:
-        """Whether the object holding a shard of `name` exists (missing reads as fill zeros)."""
-        return exists(self._group.store, self.shard_object_key(name, shard))
+    def shard_object_size(self, name: str, shard: int) -> int | None:
+        """Bytes of the object holding a shard of `name`, None when missing.
+
+        Zarr reads a missing or empty shard object as fill zeros, so only this tells them from
+        data.
+        """
+        return object_size(self._group.store, self.shard_object_key(name, shard))
 
     def nbytes_logical(self) -> int:
         """Uncompressed bytes of the per-row arrays (what a raw dump would take)."""
@@ -360,6 +374,7 @@ class LogitStore:
 def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-row shape and storage dtype of every data array and `sample_hash` for a store's meta."""
     vdt = storage_dtype(meta.value_dtype)
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]]
     if meta.encoding == "dense":
         layout = {LOGITS: ((meta.num_classes,), vdt)}
     else:

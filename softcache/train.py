@@ -213,7 +213,7 @@ def _batches(
         return
     loader = DataLoader(
         dataset,
-        batch_sampler=plan_from_state(plan.state_dict()),
+        batch_sampler=plan_from_state(plan.state_dict()),  # type: ignore[arg-type]  # int64 arrays index like lists
         collate_fn=collate_pairs,
         num_workers=config.num_workers,
         pin_memory=cuda,

@@ -123,14 +123,16 @@ def _check_chunks(store: LogitStore, report: VerifyReport, progress: bool) -> np
             report.problems.append(f"{where} is not recorded as written in {SHARD_DONE}")
         for name in names:
             bar.update(1)
-            if not store.shard_object_exists(name, shard):
+            size = store.shard_object_size(name, shard)
+            if not size:  # missing (None) or empty (0): both would read back as zeros
+                state = "is missing" if size is None else "is empty (0 bytes)"
                 report.problems.append(
-                    f"array {name}, {where}: object {store.shard_object_key(name, shard)} is missing"
+                    f"array {name}, {where}: object {store.shard_object_key(name, shard)} {state}"
                 )
                 hashes_ok &= name != SAMPLE_HASH
                 continue
             try:
-                data = store.array(name)[start:stop]
+                data = store.read(name, slice(start, stop))
             except Exception as exc:  # any decode failure is a finding, not a crash
                 report.problems.append(f"array {name}, {where}: cannot be read: {exc}")
                 hashes_ok &= name != SAMPLE_HASH
