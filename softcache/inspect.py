@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from softcache.errors import SoftcacheError, UnsupportedVersionError
+from softcache.errors import NotAStoreError, SoftcacheError
 from softcache.location import is_local, is_zip, list_prefix, local_path, open_location
 from softcache.store import LogitStore
 
@@ -98,10 +98,10 @@ def list_stores(
     for location in candidates:
         try:
             found.append(store_info(location, storage_options=storage_options))
-        except UnsupportedVersionError as exc:
+        except NotAStoreError:
+            continue
+        except SoftcacheError as exc:  # a softcache store it cannot read: say so, don't hide it
             found.append({"location": location, "error": str(exc)})
-        except SoftcacheError:
-            continue  # not a softcache store
     return found
 
 
