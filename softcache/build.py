@@ -43,10 +43,10 @@ from softcache.errors import (
     TeacherOutputError,
 )
 from softcache.hashing import check_item, collate_with_hashes, fingerprint
-from softcache.location import exists, is_empty, is_local, local_path, open_location
+from softcache.location import is_empty, is_local, local_path, open_location
 from softcache.progress import Progress
 from softcache.specs import instantiate
-from softcache.store import SAMPLE_HASH, SHARD_DONE, LogitStore, StoreMeta
+from softcache.store import SAMPLE_HASH, SHARD_DONE, LogitStore, StoreMeta, holds_group
 from softcache.writer import ShardWriter
 
 # Build settings that change the bytes a store holds; a partial store is resumed only if they match.
@@ -382,7 +382,7 @@ def open_output(
     backend = open_location(location, read_only=False, storage_options=options)
     if is_local(location):
         _check_local_output(local_path(location))
-    if exists(backend, "zarr.json"):
+    if holds_group(backend):
         try:
             existing = LogitStore.open(
                 location, mode="r+", require_complete=False, storage_options=options

@@ -221,7 +221,7 @@ class LogitStore:
             raise NotAStoreError(f"{where} does not exist")
         read_only = mode == "r"
         backend = open_location(location, read_only=read_only, storage_options=storage_options)
-        if not exists(backend, "zarr.json"):
+        if not holds_group(backend):
             raise NotAStoreError(f"{where} does not exist or is not a Zarr group (no zarr.json)")
         try:
             group = zarr.open_group(backend, mode="r" if read_only else "r+")
@@ -369,6 +369,11 @@ class LogitStore:
     def nbytes_stored(self) -> int:
         """Bytes the store occupies (compressed), summed over every array."""
         return sum(self.array(name).nbytes_stored() for name in self.array_names)
+
+
+def holds_group(backend: Any) -> bool:
+    """Whether a Zarr store object holds a group (or array) at its root."""
+    return exists(backend, "zarr.json")
 
 
 def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
