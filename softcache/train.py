@@ -132,7 +132,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
             start_cursor = plan.cursor
             stats, partial = partial, _EpochStats()
             bar = Progress(
-                len(plan) * config.batch_size,
+                plan.num_rows(),
                 f"epoch {epoch + 1}/{config.epochs}",
                 enabled=progress,
                 initial=start_cursor * config.batch_size,
