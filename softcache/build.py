@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from softcache import __version__
 from softcache.config import BuildConfig
 from softcache.devices import resolve_device
-from softcache.encoding import NONFINITE, OVERFLOW, encode_batch
+from softcache.encoding import NONFINITE, OVERFLOW, copy_encoded, encode_batch
 from softcache.errors import (
     ConfigError,
     DatasetFormatError,
@@ -227,12 +227,11 @@ def _run_teacher(
         if p.event is not None:
             p.event.synchronize()
         _check_flags(p, store)
-        buf = buffers.setdefault(p.shard, store.empty_shard(p.shard))
+        if p.shard not in buffers:
+            buffers[p.shard] = store.empty_shard(p.shard)
+        buf = buffers[p.shard]
         n = len(p.indices)
-        for name, tensor in p.host.items():
-            if not name.startswith("_"):
-                arr = tensor.numpy()
-                buf[name][p.offset : p.offset + n] = arr.view(buf[name].dtype)
+        copy_encoded(p.host, buf, p.offset)
         buf[SAMPLE_HASH][p.offset : p.offset + n] = p.hashes
         filled[p.shard] = filled.get(p.shard, 0) + n
         start, stop = store.shard_bounds(p.shard)

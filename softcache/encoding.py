@@ -8,8 +8,9 @@ log-sum-exp at each build temperature so the kept probabilities stay exact and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from softcache.store import LOGITS, LSE, TOPK_INDICES, TOPK_VALUES
@@ -70,3 +71,19 @@ def encode_batch(
     out[NONFINITE] = nonfinite
     out[OVERFLOW] = overflow
     return out
+
+
+def copy_encoded(
+    encoded: Mapping[str, torch.Tensor], buffers: Mapping[str, np.ndarray], offset: int
+) -> None:
+    """Copy host-side results of `encode_batch` into storage buffers, starting at row `offset`.
+
+    Bit patterns are reinterpreted, not converted: int16 carries bfloat16 values and uint16
+    class ids. The NONFINITE / OVERFLOW flags are not stored.
+    """
+    for name, tensor in encoded.items():
+        if name in (NONFINITE, OVERFLOW):
+            continue
+        values = tensor.numpy()
+        dest = buffers[name]
+        dest[offset : offset + len(values)] = values.view(dest.dtype)

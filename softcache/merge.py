@@ -23,7 +23,7 @@ import torch
 from softcache import __version__
 from softcache.build import open_output
 from softcache.config import ENCODINGS, VALUE_DTYPES
-from softcache.encoding import encode_batch
+from softcache.encoding import copy_encoded, encode_batch
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.hashing import fingerprint
 from softcache.progress import Progress
@@ -151,10 +151,8 @@ def merge(
                     index_dtype=index_dtype,
                 )
                 buf = out.empty_shard(shard)
-                for name in (LOGITS, TOPK_VALUES, TOPK_INDICES, LSE):
-                    if name in buf:
-                        buf[name][:] = encoded[name].numpy().view(buf[name].dtype)
-                buf[SAMPLE_HASH][:] = stores[0].array(SAMPLE_HASH)[start:stop]
+                copy_encoded(encoded, buf, 0)
+                buf[SAMPLE_HASH][:] = stores[0].read(SAMPLE_HASH, slice(start, stop))
                 writer.submit(shard, buf)
             bar.update(stop - start)
     bar.close()
