@@ -9,6 +9,12 @@ batch behind the forward pass; full shards go to background writer threads.
 Resume: shards are recorded in `shard_done` only after their data is written, so a build killed at any
 moment (SIGKILL included) and started again with the same command skips the recorded shards, recomputes
 the rest, and ends with the store an uninterrupted build writes. `complete` is set last.
+
+Distributed (`workers` / `dask_scheduler`): the same loop runs inside Dask tasks, one task per range
+of whole shards. This process creates the store and sets `complete`; each worker loads the teacher
+and the dataset once and keeps them for its next tasks, and every shard is written by exactly one
+task. A task whose worker dies is rerun elsewhere by Dask; it recomputes the shards of its range not
+yet recorded, so the finished store is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from softcache import __version__
+from softcache.cluster import cluster_client, worker_device
 from softcache.config import BuildConfig
 from softcache.devices import resolve_device
 from softcache.encoding import NONFINITE, OVERFLOW, copy_encoded, encode_batch
@@ -86,12 +93,14 @@ class BuildResult:
         return self.samples_computed / self.seconds if self.seconds > 0 else float("nan")
 
 
-def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
+def build(config: BuildConfig, *, progress: bool = True, client: Any | None = None) -> BuildResult:
     """Run the teacher over the dataset and write (or finish) the store.
 
     Args:
         config: the build configuration.
         progress: show a progress bar on stderr.
+        client: a `distributed.Client` to run the build on (overrides `config.workers` and
+            `config.dask_scheduler`); its workers must import softcache and the specs.
 
     Returns:
         A `BuildResult` summary.
@@ -143,8 +152,21 @@ def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
 
     t0 = time.perf_counter()
     bar = Progress(num_samples, "build", enabled=progress, initial=rows_done)
-    with ShardWriter(store, threads=config.writer_threads) as writer:
-        _run_teacher(teacher, dataset, store, todo, device, config, writer, bar)
+    if client is not None or config.distributed:
+        del teacher  # the workers load their own
+        with contextlib.ExitStack() as stack:
+            if client is None:
+                client = stack.enter_context(
+                    cluster_client(
+                        address=config.dask_scheduler,
+                        workers=config.workers,
+                        gpus=device.type == "cuda",
+                    )
+                )
+            _run_on_cluster(client, config, store, todo, bar)
+    else:
+        with ShardWriter(store, threads=config.writer_threads) as writer:
+            _run_teacher(teacher, dataset, store, todo, device, config, writer, bar)
     bar.close()
     seconds = time.perf_counter() - t0
     if not store.done_mask().all():  # pragma: no cover - a writer failure raises before this
@@ -181,6 +203,98 @@ def state_dict_sha256(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# ---- on a Dask cluster --------------------------------------------------------------------------
+
+# Several tasks per worker balance the load and bound what a lost worker costs; a task of a few
+# shards keeps the per-task overhead (opening the store, one round trip) small beside the teacher.
+_TASKS_PER_WORKER = 4
+_MAX_SHARDS_PER_TASK = 8
+
+
+def task_ranges(todo: Sequence[int], workers: int, shards_per_task: int = 0) -> list[list[int]]:
+    """Split the shards to compute into tasks of consecutive shards.
+
+    Args:
+        todo: shard indices still to compute, ascending.
+        workers: workers in the cluster (at least 1).
+        shards_per_task: shards per task; 0 picks about four tasks per worker (so a slow or lost
+            worker holds up little) and at most eight shards per task.
+
+    Returns:
+        Lists of shard indices; each shard is in exactly one list.
+    """
+    size = shards_per_task or max(
+        1, min(_MAX_SHARDS_PER_TASK, -(-len(todo) // (max(workers, 1) * _TASKS_PER_WORKER)))
+    )
+    return [list(todo[i : i + size]) for i in range(0, len(todo), size)]
+
+
+def _run_on_cluster(
+    client: Any, config: BuildConfig, store: LogitStore, todo: Sequence[int], bar: Progress
+) -> None:
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    tasks = task_ranges(todo, workers, config.shards_per_task)
+    teacher_sha = store.meta.teacher["state_dict_sha256"]
+    run_id = os.urandom(4).hex()  # task keys must be unique across builds sharing a cluster
+    futures = [
+        client.submit(
+            _shard_task, config, shards, teacher_sha, key=f"softcache-build-{shards[0]}-{run_id}"
+        )
+        for shards in tasks
+    ]
+    try:
+        for future in as_completed(futures):
+            bar.update(future.result())
+    except KilledWorker as exc:
+        # Dask reruns a task whose worker died; after `distributed.scheduler.allowed-failures`
+        # deaths (3 by default) it gives up on it.
+        raise SoftcacheError(
+            f"Dask workers kept dying while running {exc.task!r} (out of memory? see the worker "
+            "logs); the shards recorded so far are kept: run the same command again to resume"
+        ) from exc
+    finally:
+        client.cancel(futures)
+
+
+# What a worker keeps between tasks: the last (teacher, dataset) it loaded, by their identity.
+_WORKER_CACHE: dict[tuple[str, str, str, str], tuple[nn.Module, Any]] = {}
+
+
+def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
+    """On a Dask worker: compute and write `shards` not yet recorded; return the rows written."""
+    device = worker_device(resolve_device(config.device))
+    key = (config.teacher, teacher_sha256, config.dataset, str(device))
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE.clear()  # one teacher at a time: a worker's memory stays one model
+        teacher = _load_teacher(config.teacher, device)
+        sha = state_dict_sha256(teacher)
+        if sha != teacher_sha256:
+            raise SoftcacheError(
+                f"the teacher {config.teacher!r} loads with other weights on a Dask worker "
+                f"(state dict sha256 {sha[:12]}...) than where the build started "
+                f"({teacher_sha256[:12]}...); give every worker the same checkpoint"
+            )
+        _WORKER_CACHE[key] = (teacher, instantiate(config.dataset, "dataset"))
+    teacher, dataset = _WORKER_CACHE[key]
+    store = LogitStore.open(
+        config.output, mode="r+", require_complete=False, storage_options=config.storage_options
+    )
+    if len(dataset) != store.meta.num_samples:
+        raise DatasetFormatError(
+            f"dataset {config.dataset!r} has {len(dataset)} samples on a Dask worker but "
+            f"{store.meta.num_samples} where the build started; give every worker the same data"
+        )
+    # A rerun task (its first worker died) skips what that worker had already recorded.
+    todo = [s for s in shards if not store.read(SHARD_DONE, slice(s, s + 1))[0]]
+    with ShardWriter(store, threads=config.writer_threads) as writer:
+        quiet = Progress(0, "", enabled=False)
+        _run_teacher(teacher, dataset, store, todo, device, config, writer, quiet)
+    return sum(stop - start for start, stop in map(store.shard_bounds, shards))
 
 
 # ---- the loop ----------------------------------------------------------------------------------

@@ -126,6 +126,23 @@ def main() -> None:
     "--overwrite", is_flag=True, default=None, help="Replace an existing store at --output."
 )
 @click.option(
+    "--workers",
+    type=int,
+    help="Run on a Dask cluster of N worker processes on this machine (one per GPU on a GPU node; "
+    "with dask-cuda installed each is pinned to its GPU).  [default: 0, in this process]",
+)
+@click.option(
+    "--dask-scheduler",
+    metavar="ADDRESS",
+    help="Run on an existing Dask cluster (tcp://host:port). Its workers must import softcache and "
+    "the specs, and reach --output.",
+)
+@click.option(
+    "--shards-per-task",
+    type=int,
+    help="Shards per Dask task; a dying worker loses at most this much.  [default: 0, automatic]",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
@@ -145,7 +162,8 @@ def build(
     """Run the teacher over the dataset and write its logits into a Zarr store.
 
     Killed or interrupted, the same command resumes where it stopped; the finished store is
-    identical to one written in a single run.
+    identical to one written in a single run. With --workers or --dask-scheduler the shards are
+    computed by Dask workers (a worker that dies has its shards recomputed elsewhere).
     """
     from softcache.build import build as run_build
     from softcache.config import BuildConfig, load_config

@@ -51,6 +51,12 @@ class BuildConfig:
         overwrite: replace an existing store at `output`.
         storage_options: options for the fsspec backend of a URL `output` (endpoint, profile,
             ...); never recorded in the store, since they may hold credentials.
+        workers: run the build on a Dask `LocalCluster` of this many worker processes (0: in
+            this process). On a GPU node, one worker per GPU.
+        dask_scheduler: run the build on an existing Dask cluster (`tcp://host:port`); its
+            workers must import softcache, the specs and reach `output`.
+        shards_per_task: shards one Dask task computes (0: chosen from the number of shards and
+            workers); a worker that dies loses at most this much work.
     """
 
     teacher: str
@@ -70,9 +76,22 @@ class BuildConfig:
     writer_threads: int = 2
     overwrite: bool = False
     storage_options: dict[str, Any] | None = None
+    workers: int = 0
+    dask_scheduler: str | None = None
+    shards_per_task: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("encoding", self.encoding, ENCODINGS)
+        if self.workers < 0 or self.shards_per_task < 0:
+            raise ConfigError(
+                f"workers and shards_per_task must be >= 0, got {self.workers} and "
+                f"{self.shards_per_task}"
+            )
+        if self.workers and self.dask_scheduler:
+            raise ConfigError(
+                "give --workers (a cluster on this machine) or --dask-scheduler (an existing "
+                "cluster), not both"
+            )
         _check_choice("dtype", self.dtype, VALUE_DTYPES)
         for name in ("top_k", "batch_size", "shard_rows", "writer_threads"):
             _check_positive(name, getattr(self, name))
@@ -93,6 +112,11 @@ class BuildConfig:
             raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}")
         if not self.teacher or not self.dataset or not self.output:
             raise ConfigError("teacher, dataset and output are required")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the build runs on a Dask cluster."""
+        return bool(self.workers or self.dask_scheduler)
 
     @property
     def effective_chunk_rows(self) -> int:
