@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,15 +184,29 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
     )
 
 
-def shard_batches(store: LogitStore, shards: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Index lists of shard-aligned batches: a batch never crosses a shard boundary."""
-    batches: list[list[int]] = []
-    for shard in shards:
-        start, stop = store.shard_bounds(shard)
-        batches.extend(
-            list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)
-        )
-    return batches
+class ShardBatches:
+    """Index lists of shard-aligned batches (a batch never crosses a shard boundary), made lazily.
+
+    A DataLoader `batch_sampler`. Lazy so that a build holds O(batch) indices, not O(N): at tens of
+    millions of rows, a list of every batch's Python ints would cost gigabytes.
+
+    Args:
+        store: the store (for shard bounds).
+        shards: the shards to cover, in order.
+        batch_size: rows per batch (the last batch of each shard may be shorter).
+    """
+
+    def __init__(self, store: LogitStore, shards: Sequence[int], batch_size: int) -> None:
+        self.bounds = [store.shard_bounds(s) for s in shards]
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start, stop in self.bounds:
+            for b in range(start, stop, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.bounds)
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -324,7 +338,7 @@ def _run_teacher(
 ) -> None:
     meta = store.meta
     cuda = device.type == "cuda"
-    batches = shard_batches(store, todo, config.batch_size)
+    batches = ShardBatches(store, todo, config.batch_size)
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
