@@ -266,6 +266,11 @@ def build(
     "--resume", is_flag=True, default=None, help="Continue from the checkpoint in --output."
 )
 @click.option(
+    "--ddp-timeout",
+    type=float,
+    help="Under torchrun: seconds a rank waits for the others before failing.  [default: 600]",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
@@ -285,7 +290,9 @@ def train(
     """Train a student from a store (offline KD), or a baseline (online KD, hard labels).
 
     Writes a checkpoint each epoch and OUTPUT/metrics.json; --resume continues an interrupted run
-    to the same weights an uninterrupted run reaches.
+    to the same weights an uninterrupted run reaches. Under torchrun (`torchrun --nproc_per_node P
+    -m softcache.cli train ...`) each process is one DDP rank: --batch-size is per rank, and rank 0
+    reports and writes.
     """
     from softcache.config import TrainConfig, load_config
     from softcache.train import train as run_train
@@ -293,6 +300,8 @@ def train(
     options["storage_options"] = _options_from(storage_option)
     config = load_config(TrainConfig, config_file, options, section="train")
     result = run_train(config, progress=not quiet)
+    if not result.main:
+        return  # under torchrun, rank 0 reports
     m = result.metrics
     if as_json:
         click.echo(json.dumps({k: v for k, v in m.items() if k != "config"}, indent=2))

@@ -78,6 +78,7 @@ class BuildConfig:
     storage_options: dict[str, Any] | None = None
     workers: int = 0
     dask_scheduler: str | None = None
+    ddp_timeout: float = 600.0
     shards_per_task: int = 0
 
     def __post_init__(self) -> None:
@@ -169,6 +170,8 @@ class TrainConfig:
         window_blocks: blocks whose rows are shuffled together.
         prefetch_blocks: store blocks read ahead of the training loop.
         dask_scheduler: None (threads), or a `distributed` scheduler address (`tcp://host:port`).
+        ddp_timeout: under torchrun, seconds a rank waits in a collective before failing (rank
+            0's eval pass and checkpoint at an epoch end must fit in it).
         output: directory for checkpoints and metrics.json.
         checkpoint_steps: also checkpoint every N steps inside an epoch (0: only at epoch ends).
         resume: continue from the checkpoint in `output`.
@@ -203,6 +206,7 @@ class TrainConfig:
     window_blocks: int = 4
     prefetch_blocks: int = 4
     dask_scheduler: str | None = None
+    ddp_timeout: float = 600.0
     output: str = "runs/train"
     checkpoint_steps: int = 0
     resume: bool = False
@@ -228,9 +232,10 @@ class TrainConfig:
             raise ConfigError("mode offline trains from a store: pass --store")
         if self.mode == "online" and not self.teacher:
             raise ConfigError("mode online runs the teacher in the loop: pass --teacher")
-        if self.lr <= 0 or self.temperature <= 0:
+        if self.lr <= 0 or self.temperature <= 0 or self.ddp_timeout <= 0:
             raise ConfigError(
-                f"lr and temperature must be positive, got {self.lr}, {self.temperature}"
+                "lr, temperature and ddp_timeout must be positive, got "
+                f"{self.lr}, {self.temperature}, {self.ddp_timeout}"
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")

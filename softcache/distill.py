@@ -15,6 +15,28 @@
 same plan, and the batches' input hashes are checked against the store's, so a reordered or altered
 dataset stops training at its first wrong sample (every row by default; `hash_stride` trades
 coverage for speed, see `TrainConfig.hash_check`).
+
+Under DDP (e.g. `torchrun --nproc_per_node 4 train.py`), give the plan the process's rank and world
+size; each rank then loads the inputs and reads the soft-label blocks of its own rows only, and every
+rank takes the same number of steps (`aligned.steps(plan)`; see `softcache.stream.equal_steps`), so
+DDP's gradient all-reduce never waits for a rank that has run out of batches:
+
+    dist.init_process_group("nccl")  # "gloo" on CPU; torchrun sets RANK, WORLD_SIZE, ...
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.manual_seed(0)  # the same initial student on every rank
+    model = DistributedDataParallel(student.to(device), device_ids=[device.index])
+    plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=store.meta.shard_rows,
+                               batch_size=64, seed=0, rank=dist.get_rank(),
+                               world_size=dist.get_world_size())
+    aligned = softcache.AlignedBatches(dataset, store)
+    for epoch in range(epochs):
+        plan.set_epoch(epoch)
+        for inputs, labels, soft in aligned.epoch(plan):  # aligned.steps(plan) batches
+            logits = model(inputs.to(device))
+            loss = softcache.distillation_loss(logits, soft.to(device), labels.to(device), ...)
+
+`batch_size` is per rank (the global batch is `world_size` times larger), and which rows a rank
+drops to keep the step counts equal changes from epoch to epoch.
 """
 
 from __future__ import annotations
@@ -32,7 +54,7 @@ from softcache.errors import DatasetMismatchError
 from softcache.hashing import sampled_collate
 from softcache.plan import EpochPlan
 from softcache.store import LogitStore
-from softcache.stream import SoftLabels, SoftLabelStream, plan_from_state
+from softcache.stream import PlanSampler, SoftLabels, SoftLabelStream
 
 log = logging.getLogger("softcache")
 _warned_temperatures: set[float] = set()
@@ -100,6 +122,9 @@ class AlignedBatches:
         client: a `distributed.Client` for the stream, or None for threads.
         hash_stride: check the input hashes of every `hash_stride`-th row of each batch against
             the store's (1: every row; 0: no check). `epoch` can override it per epoch.
+        equal_steps: end each epoch after `steps(plan)` batches, the same on every DDP rank
+            (False: all of this rank's batches, which differ between ranks). No difference with
+            one rank.
     """
 
     def __init__(
@@ -112,6 +137,7 @@ class AlignedBatches:
         prefetch_blocks: int = 4,
         client: Any | None = None,
         hash_stride: int = 1,
+        equal_steps: bool = True,
     ) -> None:
         if len(dataset) != store.meta.num_samples:
             raise DatasetMismatchError(
@@ -122,8 +148,14 @@ class AlignedBatches:
         self.store = store
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.stream = SoftLabelStream(store, prefetch_blocks=prefetch_blocks, client=client)
+        self.stream = SoftLabelStream(
+            store, prefetch_blocks=prefetch_blocks, client=client, equal_steps=equal_steps
+        )
         self.hash_stride = hash_stride
+
+    def steps(self, plan: EpochPlan) -> int:
+        """Batches `epoch` yields for the plan's epoch, counted from its start."""
+        return self.stream.stop(plan)
 
     def epoch(
         self, plan: EpochPlan, *, hash_stride: int | None = None, then: EpochPlan | None = None
@@ -138,6 +170,7 @@ class AlignedBatches:
 
         `plan` is not advanced: the caller counts the batches it consumed, which is what a
         checkpoint must record (a DataLoader with workers draws batches ahead of the step).
+        The epoch ends after `steps(plan)` batches.
 
         Yields:
             inputs (B, ...), labels (B,) int64 (-1: none), and the batch's `SoftLabels`.
@@ -145,7 +178,7 @@ class AlignedBatches:
         stride = self.hash_stride if hash_stride is None else hash_stride
         loader = DataLoader(
             self.dataset,
-            batch_sampler=plan_from_state(plan.state_dict()),  # type: ignore[arg-type]  # int64 arrays index like lists
+            batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=sampled_collate(stride),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

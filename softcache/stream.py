@@ -10,10 +10,17 @@ prefetch window plus the plan's shuffle window, whatever N is.
 
 The threaded scheduler is the default; pass a `distributed.Client` (or a scheduler address to the
 CLI) to read through a cluster.
+
+Under DDP each rank streams its own plan (`EpochPlan(rank=..., world_size=...)`): it reads only the
+blocks of its own rows, the next epoch's read-ahead included, so no block is read by two ranks. Ranks
+hold whole blocks, so their batch counts can differ by up to a block's worth; with `equal_steps`
+(the default) every rank stops after `equal_steps(plan)` batches, the fewest any rank has, and the
+blocks holding only rows past that point are never read. With one process this changes nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import weakref
@@ -90,6 +97,36 @@ class SoftLabels:
             )
 
 
+def equal_steps(plan: EpochPlan) -> int:
+    """Batches every rank takes in the plan's epoch: the fewest any rank has.
+
+    Computed locally from the plan (`EpochPlan.batches_per_rank`), so all ranks agree without
+    communicating; with one rank it is `len(plan)`. A rank with more batches drops its last ones
+    (at most about a block of rows per rank and epoch; which rows changes every epoch).
+    """
+    return int(plan.batches_per_rank().min())
+
+
+class PlanSampler:
+    """A DataLoader batch sampler: an independent copy of `plan`, from its cursor to batch `stop`.
+
+    Args:
+        plan: the epoch plan, at the epoch and cursor to start from (it is not advanced).
+        stop: the epoch's batch count to stop at (e.g. `equal_steps(plan)`); None: `len(plan)`.
+    """
+
+    def __init__(self, plan: EpochPlan, stop: int | None = None) -> None:
+        self._plan = plan_from_state(plan.state_dict())
+        self._start = plan.cursor
+        self.stop = len(plan) if stop is None else min(stop, len(plan))
+
+    def __len__(self) -> int:
+        return max(self.stop - self._start, 0)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return itertools.islice(self._plan.batches(), max(self.stop - self._plan.cursor, 0))
+
+
 class SoftLabelStream:
     """Read a store's soft labels batch by batch, in the order of an epoch plan.
 
@@ -97,6 +134,8 @@ class SoftLabelStream:
         store: an open, complete store.
         prefetch_blocks: blocks read ahead of the training loop (memory bound).
         client: a `distributed.Client` to read through; None uses Dask's threaded scheduler.
+        equal_steps: stop each epoch after `equal_steps(plan)` batches, the same count on every
+            DDP rank (False: all of this rank's batches). No difference with one rank.
     """
 
     def __init__(
@@ -105,12 +144,14 @@ class SoftLabelStream:
         *,
         prefetch_blocks: int = 4,
         client: Any | None = None,
+        equal_steps: bool = True,
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
         self.store = store
         self.prefetch_blocks = prefetch_blocks
         self.client = client
+        self.equal_steps = equal_steps
         # (plan key, reader, rows left per block) of an epoch read ahead of its `batches` call.
         self._ahead: tuple[tuple[Any, ...], _BlockReader, dict[int, int]] | None = None
         names = (*store.data_array_names, SAMPLE_HASH)
@@ -132,6 +173,10 @@ class SoftLabelStream:
                 f"{store.meta.num_samples}; the dataset is not the one the store was built from"
             )
 
+    def stop(self, plan: EpochPlan) -> int:
+        """The batch count at which this stream ends the plan's epoch (see `equal_steps`)."""
+        return equal_steps(plan) if self.equal_steps else len(plan)
+
     def batches(self, plan: EpochPlan, *, then: EpochPlan | None = None) -> Iterator[SoftLabels]:
         """The soft labels of the plan's remaining batches in its current epoch.
 
@@ -148,7 +193,7 @@ class SoftLabelStream:
         """
         self._check_plan(plan)
         reader, remaining = self._take_or_start(plan)
-        iterator = self._iterate(plan_from_state(plan.state_dict()), reader, remaining, then)
+        iterator = self._iterate(PlanSampler(plan, self.stop(plan)), reader, remaining, then)
         weakref.finalize(iterator, reader.close)  # also stops a reader whose batches go unread
         return iterator
 
@@ -164,7 +209,7 @@ class SoftLabelStream:
 
     def _iterate(
         self,
-        plan: EpochPlan,
+        batches: PlanSampler,
         reader: _BlockReader,
         remaining: dict[int, int],
         then: EpochPlan | None,
@@ -172,7 +217,7 @@ class SoftLabelStream:
         rows = self.store.meta.shard_rows
         cache: dict[int, dict[str, np.ndarray]] = {}
         try:
-            for batch in plan.batches():
+            for batch in batches:
                 block_ids = batch // rows
                 for b in np.unique(block_ids):
                     while int(b) not in cache:
@@ -190,9 +235,11 @@ class SoftLabelStream:
             reader.close()
 
     def _start(self, plan: EpochPlan) -> tuple[_BlockReader, dict[int, int]]:
-        blocks = [int(b) for b in plan.block_order()]
-        # Rows of each block still to be consumed this epoch: a block leaves memory at zero.
-        remaining = _rows_left(plan, blocks, self.store.meta.shard_rows)
+        blocks = [int(b) for b in plan.block_order()]  # this rank's blocks only
+        # Rows of each block still to be consumed this epoch: a block leaves memory at zero, and
+        # one with none (already consumed, or only rows past the stop) is never read.
+        batches = PlanSampler(plan, self.stop(plan))
+        remaining = _rows_left(batches, blocks, self.store.meta.shard_rows)
         return _BlockReader(self, [b for b in blocks if remaining[b] > 0]), remaining
 
     def _gather(
@@ -298,10 +345,10 @@ class _BlockReader:
         self._thread.join(timeout=5)
 
 
-def _rows_left(plan: EpochPlan, blocks: list[int], rows: int) -> dict[int, int]:
-    """Rows of each block that the plan's remaining batches use."""
+def _rows_left(batches: PlanSampler, blocks: list[int], rows: int) -> dict[int, int]:
+    """Rows of each block that the remaining batches use."""
     counts: dict[int, int] = dict.fromkeys(blocks, 0)
-    for batch in plan_from_state(plan.state_dict()).batches():
+    for batch in batches:
         ids, n = np.unique(batch // rows, return_counts=True)
         for b, c in zip(ids, n, strict=True):
             counts[int(b)] += int(c)

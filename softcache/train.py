@@ -10,6 +10,17 @@ order (one epoch plan), the same optimiser and schedule, so their numbers compar
 A checkpoint (student, optimiser, schedule, RNG, the plan's epoch and cursor, metrics so far) is
 written atomically at each epoch end (and every `checkpoint_steps` steps when asked); `--resume`
 continues from it and ends with the weights an uninterrupted run reaches.
+
+Distributed (DDP): run the same command under torchrun
+(`torchrun --nproc_per_node P -m softcache.cli train ...`; see `softcache.ddp`). Each rank trains a
+`DistributedDataParallel` student from the same seeded weights, loads the inputs and reads the
+soft-label blocks of its own rows only (the epoch plan gives ranks disjoint whole blocks), and all
+ranks take `equal_steps(plan)` steps per epoch, so at most about a block of rows per rank is left
+out of an epoch (different rows each epoch). `batch_size` is per rank. Train loss and samples/s are
+global; metrics, checkpoints, the eval pass and the progress bar come from rank 0, and no other rank
+writes to the output directory. The checkpoint holds the bare student's state_dict and a
+rank-independent plan state: `--resume` under torchrun has every rank read it, and resuming with
+another number of processes is refused.
 """
 
 from __future__ import annotations
@@ -28,9 +39,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from softcache import losses
+from softcache import ddp, losses
+from softcache.cluster import connect
 from softcache.config import TrainConfig
-from softcache.devices import resolve_device
 from softcache.distill import AlignedBatches, distillation_loss
 from softcache.errors import ConfigError, DatasetMismatchError, SpecError
 from softcache.hashing import collate_pairs, collate_with_hashes
@@ -38,7 +49,7 @@ from softcache.plan import EpochPlan
 from softcache.progress import Progress
 from softcache.specs import instantiate
 from softcache.store import LogitStore
-from softcache.stream import plan_from_state
+from softcache.stream import PlanSampler, equal_steps, plan_from_state
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -51,26 +62,52 @@ _RESUME_KEYS = (
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced: the metrics (as in metrics.json) and where it wrote them."""
+    """What a training run produced: the metrics (as in metrics.json) and where it wrote them.
+
+    Under DDP every rank gets one; only rank 0's metrics hold the eval results.
+    """
 
     metrics: dict[str, Any]
     output: Path
     student: nn.Module
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process reports (rank 0, or the only process): print results only there."""
+        return self.rank == 0
 
 
 def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
     """Train a student as `config` says; write checkpoints and metrics.json under `config.output`.
 
+    Under `torchrun` (RANK, WORLD_SIZE and LOCAL_RANK set, WORLD_SIZE > 1) every process runs this
+    as one DDP rank; see the module docstring. Without them it trains in this one process.
+
     Args:
         config: the training configuration.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (rank 0 only).
         client: a `distributed.Client` for the soft-label stream (overrides `dask_scheduler`).
 
     Raises:
         SoftcacheError: bad specs, a store that is incomplete or does not match the dataset, or a
-            checkpoint that belongs to another configuration.
+            checkpoint that belongs to another configuration or another number of ranks.
     """
-    device = resolve_device(config.device)
+    with contextlib.ExitStack() as stack:
+        ranks, device = ddp.join(config, stack)
+        return _train(config, ranks, device, progress=progress, client=client, stack=stack)
+
+
+def _train(
+    config: TrainConfig,
+    ranks: ddp.Ranks,
+    device: torch.device,
+    *,
+    progress: bool,
+    client: Any | None,
+    stack: contextlib.ExitStack,
+) -> TrainResult:
     cuda = device.type == "cuda"
     dataset = instantiate(config.dataset, "dataset")
     options = config.storage_options
@@ -80,7 +117,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
             f"the dataset has {len(dataset)} samples but store {config.store} was built from "
             f"{store.meta.num_samples}; use the dataset the store was built from"
         )
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial student on every rank
     student = _module(config.student, "student").to(device)
     teacher = _module(config.teacher, "teacher").eval().to(device) if config.teacher else None
     plan = EpochPlan(
@@ -89,95 +126,109 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         batch_size=config.batch_size,
         seed=config.seed,
         window_blocks=config.window_blocks,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
-    steps_total = config.epochs * len(plan)
+    ddp.check_ranks(plan, ranks)
+    steps_total = ddp.total_steps(plan, config.epochs)
     optimizer = _optimizer(config, student)
     schedule = _schedule(config, optimizer, steps_total)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    metrics = _new_metrics(config, store)
+    if ranks.main:
+        output.mkdir(parents=True, exist_ok=True)
+    metrics = _new_metrics(config, store, ranks)
     partial = _EpochStats()
-    if config.resume:
-        state = _load_checkpoint(output, config)
+    if config.resume:  # every rank reads the checkpoint; only rank 0 ever writes it
+        state = _load_checkpoint(output, config, ranks)
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
-        plan.load_state_dict(state["plan"])
+        plan.load_state_dict({**state["plan"], "rank": ranks.rank})
         torch.set_rng_state(state["torch_rng"])
         metrics = state["metrics"]
-        partial = _EpochStats(**state["partial"])
-    with contextlib.ExitStack() as stack:
-        if client is None and config.dask_scheduler:
-            client = _connect(config.dask_scheduler)
-            stack.callback(client.close)  # a client we opened, we close
-        evaluator = _Evaluator(config, teacher, device)
-        aligned = None
-        if config.mode == "offline":
-            assert store is not None
-            aligned = AlignedBatches(
-                dataset,
-                store,
-                num_workers=config.num_workers,
-                pin_memory=cuda,
-                prefetch_blocks=config.prefetch_blocks,
-                client=client,
-            )
+        if ranks.main:  # the saved sums are global: counted once, on rank 0
+            partial = _EpochStats(**state["partial"])
+    model: nn.Module = student
+    if ranks.world_size > 1:
+        # Broadcasts rank 0's weights and buffers (identical anyway: same seed or checkpoint).
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if cuda else None
+        )
+    if client is None and config.dask_scheduler:
+        client = connect(config.dask_scheduler)
+        stack.callback(client.close)  # a client we opened, we close
+    evaluator = _Evaluator(config, teacher, device) if ranks.main else None
+    aligned = None
+    if config.mode == "offline":
+        assert store is not None
+        aligned = AlignedBatches(
+            dataset,
+            store,
+            num_workers=config.num_workers,
+            pin_memory=cuda,
+            prefetch_blocks=config.prefetch_blocks,
+            client=client,
+        )
 
-        first_epoch = plan.epoch
-        for epoch in range(plan.epoch, config.epochs):
-            if plan.epoch != epoch:
-                plan.set_epoch(epoch)
-            start_cursor = plan.cursor
-            stats, partial = partial, _EpochStats()
-            bar = Progress(
-                plan.num_rows(),
-                f"epoch {epoch + 1}/{config.epochs}",
-                enabled=progress,
-                initial=start_cursor * config.batch_size,
-            )
-            t_epoch = time.perf_counter()
-            t_ready = t_epoch
-            student.train()
-            stride = _hash_stride(config, first_epoch=epoch == first_epoch)
-            batches = _batches(config, dataset, aligned, plan, cuda, stride)
-            for step, (inputs, labels, soft) in enumerate(batches):
-                stats.wait += time.perf_counter() - t_ready
-                inputs = inputs.to(device, non_blocking=cuda)
-                labels = labels.to(device, non_blocking=cuda)
-                with _autocast(device, config.amp):
-                    logits = student(inputs)
-                    loss = _loss(config, logits, labels, soft, teacher, inputs, store, device)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                loss_value = float(loss.detach())  # syncs the device: the step is done here
-                if metrics["first_step_loss"] is None:
-                    metrics["first_step_loss"] = loss_value
-                stats.loss_sum += loss_value * len(labels)
-                stats.samples += len(labels)
-                bar.update(len(labels))
-                cursor = start_cursor + step + 1
-                if (
-                    config.checkpoint_steps
-                    and cursor % config.checkpoint_steps == 0
-                    and cursor < len(plan)
-                ):
-                    stats.seconds += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
+    first_epoch = plan.epoch
+    for epoch in range(plan.epoch, config.epochs):
+        if plan.epoch != epoch:
+            plan.set_epoch(epoch)
+        steps = equal_steps(plan)  # the same on every rank: collectives stay in step
+        rows = ddp.RowCount(plan, steps)
+        start_cursor = plan.cursor
+        stats, partial = partial, _EpochStats()
+        bar = Progress(
+            rows.total,
+            f"epoch {epoch + 1}/{config.epochs}",
+            enabled=progress and ranks.main,
+            initial=rows.before(start_cursor),
+        )
+        t_epoch = time.perf_counter()
+        t_ready = t_epoch
+        model.train()
+        stride = _hash_stride(config, first_epoch=epoch == first_epoch)
+        batches = _batches(config, dataset, aligned, plan, steps, cuda, stride)
+        for step, (inputs, labels, soft) in enumerate(batches):
+            stats.wait += time.perf_counter() - t_ready
+            inputs = inputs.to(device, non_blocking=cuda)
+            labels = labels.to(device, non_blocking=cuda)
+            with _autocast(device, config.amp):
+                logits = model(inputs)
+                loss = _loss(config, logits, labels, soft, teacher, inputs, store, device)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            loss_value = float(loss.detach())  # syncs the device: the step is done here
+            if metrics["first_step_loss"] is None:
+                metrics["first_step_loss"] = ddp.global_mean(loss_value, len(labels), ranks, device)
+            stats.loss_sum += loss_value * len(labels)
+            stats.samples += len(labels)
+            cursor = start_cursor + step + 1
+            bar.update(rows.at(cursor - 1))
+            if config.checkpoint_steps and cursor % config.checkpoint_steps == 0 and cursor < steps:
+                stats.seconds += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                so_far = _global_stats(stats, ranks, device)  # a collective: on every rank
+                if ranks.main:
                     at = dict(plan.state_dict(), cursor=cursor)
                     _save_checkpoint(
-                        output, student, optimizer, schedule, scaler, at, metrics, stats
+                        output, student, optimizer, schedule, scaler, at, metrics, so_far
                     )
-                t_ready = time.perf_counter()
-            bar.close()
-            stats.seconds += time.perf_counter() - t_epoch
-            eval_accuracy, agreement = evaluator(student)
-            _record_epoch(metrics, stats, eval_accuracy, agreement)
-            plan.set_epoch(epoch + 1)
+            t_ready = time.perf_counter()
+        bar.close()
+        stats.seconds += time.perf_counter() - t_epoch
+        epoch_stats = _global_stats(stats, ranks, device)
+        # Rank 0 evaluates and writes while the others go on to the next epoch's first
+        # all-reduce, where they wait for it (within the process group's timeout).
+        eval_accuracy, agreement = evaluator(student) if evaluator else (None, None)
+        _record_epoch(metrics, epoch_stats, eval_accuracy, agreement)
+        plan.set_epoch(epoch + 1)
+        if ranks.main:
             _save_checkpoint(
                 output,
                 student,
@@ -189,8 +240,15 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
                 _EpochStats(),
             )
             _write_json(output / METRICS, metrics)
+    if ranks.main:
         _write_json(output / METRICS, metrics)
-    return TrainResult(metrics=metrics, output=output, student=student)
+    return TrainResult(
+        metrics=metrics,
+        output=output,
+        student=student,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
 
 
 # ---- the step ----------------------------------------------------------------------------------
@@ -201,10 +259,13 @@ def _batches(
     dataset: Any,
     aligned: AlignedBatches | None,
     plan: EpochPlan,
+    steps: int,
     cuda: bool,
     hash_stride: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """The epoch's batches from the plan's cursor up to batch `steps`."""
     if aligned is not None:
+        assert aligned.steps(plan) == steps
         then = None
         if plan.epoch + 1 < config.epochs:
             then = plan_from_state(dict(plan.state_dict(), cursor=0))
@@ -213,7 +274,7 @@ def _batches(
         return
     loader = DataLoader(
         dataset,
-        batch_sampler=plan_from_state(plan.state_dict()),  # type: ignore[arg-type]  # int64 arrays index like lists
+        batch_sampler=PlanSampler(plan, steps),  # type: ignore[arg-type]  # int64 arrays index like lists
         collate_fn=collate_pairs,
         num_workers=config.num_workers,
         pin_memory=cuda,
@@ -338,9 +399,10 @@ class _EpochStats:
     seconds: float = 0.0
 
 
-def _new_metrics(config: TrainConfig, store: LogitStore | None) -> dict[str, Any]:
+def _new_metrics(config: TrainConfig, store: LogitStore | None, ranks: ddp.Ranks) -> dict[str, Any]:
     return {
         "mode": config.mode,
+        "world_size": ranks.world_size,
         "epoch": [],
         "train_loss": [],
         "eval_accuracy": [],
@@ -368,6 +430,14 @@ def _record_epoch(
     metrics["data_wait_fraction"].append(stats.wait / stats.seconds if stats.seconds else None)
 
 
+def _global_stats(stats: _EpochStats, ranks: ddp.Ranks, device: torch.device) -> _EpochStats:
+    """Loss and sample sums over all ranks (a collective); times are this rank's."""
+    if ranks.world_size == 1:
+        return _EpochStats(**vars(stats))
+    loss_sum, samples = ddp.all_sum([stats.loss_sum, stats.samples], device)
+    return _EpochStats(loss_sum, round(samples), stats.wait, stats.seconds)
+
+
 def _save_checkpoint(
     output: Path,
     student: nn.Module,
@@ -379,11 +449,12 @@ def _save_checkpoint(
     stats: _EpochStats,
 ) -> None:
     state = {
-        "student": student.state_dict(),
+        "student": student.state_dict(),  # the bare student, never the DDP wrapper
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "scaler": scaler.state_dict(),
-        "plan": plan_state,
+        # Rank-independent: every rank resumes at the same cursor with its own rank.
+        "plan": {k: v for k, v in plan_state.items() if k != "rank"},
         "torch_rng": torch.get_rng_state(),
         "metrics": metrics,
         "partial": vars(stats).copy(),
@@ -393,11 +464,23 @@ def _save_checkpoint(
     os.replace(tmp, output / CHECKPOINT)  # atomic: a kill never leaves half a checkpoint
 
 
-def _load_checkpoint(output: Path, config: TrainConfig) -> dict[str, Any]:
+def _load_checkpoint(output: Path, config: TrainConfig, ranks: ddp.Ranks) -> dict[str, Any]:
     path = output / CHECKPOINT
     if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+        where = "" if ranks.world_size == 1 else f" (as seen by rank {ranks.rank})"
+        raise ConfigError(
+            f"--resume: no checkpoint at {path}{where}; drop --resume to start a new run"
+            + ("" if ranks.world_size == 1 else ", or put --output where every rank can read it")
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)
+    saved_world = state["plan"].get("world_size", 1)
+    if saved_world != ranks.world_size:
+        raise ConfigError(
+            f"--resume: the checkpoint in {output} was written by a run of {saved_world} "
+            f"process(es) but this run has {ranks.world_size}; the epoch plan splits the data "
+            f"between processes, so resume with {saved_world} (torchrun --nproc_per_node, "
+            "times nodes) or choose another --output"
+        )
     saved = state["metrics"]["config"]
     now = config.to_dict()
     diffs = [
@@ -450,12 +533,3 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
-
-
-def _connect(address: str) -> Any:
-    from distributed import Client
-
-    try:
-        return Client(address, timeout="10s")
-    except OSError as exc:
-        raise ConfigError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
