@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,7 +54,14 @@ from softcache.hashing import check_item, collate_with_hashes, fingerprint
 from softcache.location import is_empty, is_local, local_path, open_location
 from softcache.progress import Progress
 from softcache.specs import instantiate
-from softcache.store import SAMPLE_HASH, SHARD_DONE, LogitStore, StoreMeta, holds_group
+from softcache.store import (
+    SAMPLE_HASH,
+    SHARD_DONE,
+    VIEW_PARAMS,
+    LogitStore,
+    StoreMeta,
+    holds_group,
+)
 from softcache.writer import ShardWriter
 
 # Build settings that change the bytes a store holds; a partial store is resumed only if they match.
@@ -110,8 +118,7 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
             which and what to do. Shards written before the error stay written.
     """
     device = resolve_device(config.device)
-    dataset = instantiate(config.dataset, "dataset")
-    num_samples = _check_dataset(dataset, config.dataset)
+    dataset, num_samples, augmentation = teacher_inputs(config)
     teacher = _load_teacher(config.teacher, device)
     num_classes = _probe_classes(teacher, dataset, device, config)
     if config.encoding == "topk" and config.top_k > num_classes:
@@ -136,6 +143,8 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
         dataset={"spec": config.dataset, "num_samples": num_samples, "fingerprint": None},
         build_config={k: v for k, v in config.to_dict().items() if k != "overwrite"},
         softcache_version=__version__,
+        views=config.views,
+        augmentation=augmentation,
     )
     store = open_output(
         config.output,
@@ -151,7 +160,7 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
     )
 
     t0 = time.perf_counter()
-    bar = Progress(num_samples, "build", enabled=progress, initial=rows_done)
+    bar = Progress(meta.num_rows, "build", enabled=progress, initial=rows_done)
     if client is not None or config.distributed:
         del teacher  # the workers load their own
         with contextlib.ExitStack() as stack:
@@ -180,7 +189,7 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
         shards_skipped=meta.num_shards - len(todo),
         bytes_stored=store.nbytes_stored(),
         seconds=seconds,
-        samples_computed=num_samples - rows_done,
+        samples_computed=meta.num_rows - rows_done,
     )
 
 
@@ -293,15 +302,16 @@ def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str)
                 f"(state dict sha256 {sha[:12]}...) than where the build started "
                 f"({teacher_sha256[:12]}...); give every worker the same checkpoint"
             )
-        _WORKER_CACHE[key] = (teacher, instantiate(config.dataset, "dataset"))
+        _WORKER_CACHE[key] = (teacher, teacher_inputs(config)[0])
     teacher, dataset = _WORKER_CACHE[key]
     store = LogitStore.open(
         config.output, mode="r+", require_complete=False, storage_options=config.storage_options
     )
-    if len(dataset) != store.meta.num_samples:
+    if len(dataset) != store.meta.num_rows:
         raise DatasetFormatError(
-            f"dataset {config.dataset!r} has {len(dataset)} samples on a Dask worker but "
-            f"{store.meta.num_samples} where the build started; give every worker the same data"
+            f"dataset {config.dataset!r} has {len(dataset) // store.meta.views} samples on a Dask "
+            f"worker but {store.meta.num_samples} where the build started; give every worker the "
+            "same data"
         )
     # A rerun task (its first worker died) skips what that worker had already recorded.
     todo = [s for s in shards if not store.read(SHARD_DONE, slice(s, s + 1))[0]]
@@ -361,6 +371,8 @@ def _run_teacher(
         n = len(p.indices)
         copy_encoded(p.host, buf, p.offset)
         buf[SAMPLE_HASH][p.offset : p.offset + n] = p.hashes
+        if VIEW_PARAMS in buf:
+            buf[VIEW_PARAMS][p.offset : p.offset + n] = dataset.params(p.indices)
         filled[p.shard] = filled.get(p.shard, 0) + n
         start, stop = store.shard_bounds(p.shard)
         if filled[p.shard] == stop - start:
@@ -447,6 +459,35 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
 
 
 # ---- setup -------------------------------------------------------------------------------------
+
+
+def teacher_inputs(config: BuildConfig) -> tuple[Any, int, dict[str, Any] | None]:
+    """What the teacher runs over: the dataset, or its augmented views.
+
+    Returns:
+        The dataset of store rows (a `ViewDataset` when `config.augment` is set), the number of
+        samples, and the augmentation's metadata for the store (None without one).
+    """
+    dataset = instantiate(config.dataset, "dataset")
+    num_samples = _check_dataset(dataset, config.dataset)
+    if not config.augment:
+        return dataset, num_samples, None
+    from softcache.augment import describe, parse_augment
+    from softcache.views import ViewDataset
+
+    augmentation = parse_augment(config.augment)
+    rows = ViewDataset(dataset, augmentation, config.views, config.augment_seed)
+    meta = {
+        "spec": describe(augmentation)["spec"],
+        "param_names": list(augmentation.param_names),
+        "seed": config.augment_seed,
+    }
+    return rows, num_samples, meta
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples as lists), so metadata read back compares equal."""
+    return json.loads(json.dumps(value))
 
 
 def _check_dataset(dataset: Any, spec: str) -> int:
@@ -587,8 +628,10 @@ def _layout_diff(old: StoreMeta, new: StoreMeta) -> list[str]:
             "temperatures",
             "shard_rows",
             "chunk_rows",
+            "views",
         )
     ]
+    pairs.append(("augmentation", _plain(old.augmentation), _plain(new.augmentation)))
     pairs.append(("teacher", dict(old.teacher), dict(new.teacher)))
     pairs.append(("dataset", old.dataset.get("spec"), new.dataset.get("spec")))
     pairs.extend(

@@ -126,6 +126,23 @@ def main() -> None:
     "--overwrite", is_flag=True, default=None, help="Replace an existing store at --output."
 )
 @click.option(
+    "--views",
+    type=int,
+    help="Augmented views stored per sample, each with the parameters that recreate it (needs "
+    "--augment).  [default: 1]",
+)
+@click.option(
+    "--augment",
+    metavar="SPEC",
+    help='The augmentation making each view: e.g. "crop(size=32,scale=0.35:1);flip", or a '
+    "module:callable spec (see softcache.augment).  [default: none]",
+)
+@click.option(
+    "--augment-seed",
+    type=int,
+    help="Seeds the views' parameters, drawn from (seed, sample, view).  [default: 0]",
+)
+@click.option(
     "--workers",
     type=int,
     help="Run on a Dask cluster of N worker processes on this machine (one per GPU on a GPU node; "
@@ -265,6 +282,19 @@ def build(
 @click.option(
     "--resume", is_flag=True, default=None, help="Continue from the checkpoint in --output."
 )
+@click.option(
+    "--view-policy",
+    type=click.Choice(["cycle", "random"]),
+    help="With a store of several views per sample: each epoch's view of a sample, cycling "
+    "through them or drawn by (seed, epoch).  [default: cycle]",
+)
+@click.option(
+    "--augment",
+    metavar="SPEC",
+    help="Draw a new augmented view of every sample each epoch (hard, online, or a store "
+    "without views); same SPEC as build --augment.  [default: none]",
+)
+@click.option("--augment-seed", type=int, help="Seeds the views --augment draws.  [default: 0]")
 @click.option(
     "--ddp-timeout",
     type=float,

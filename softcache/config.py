@@ -57,6 +57,11 @@ class BuildConfig:
             workers must import softcache, the specs and reach `output`.
         shards_per_task: shards one Dask task computes (0: chosen from the number of shards and
             workers); a worker that dies loses at most this much work.
+        views: augmented views stored per sample (needs `augment`; `shard_rows` must be a
+            multiple, so a shard holds whole samples).
+        augment: the augmentation that makes each view (`softcache.augment.parse_augment`
+            grammar, e.g. "crop(size=32,scale=0.35:1);flip", or a `module:callable` spec).
+        augment_seed: seeds every view's parameters, drawn from (augment_seed, sample, view).
     """
 
     teacher: str
@@ -80,9 +85,25 @@ class BuildConfig:
     dask_scheduler: str | None = None
     ddp_timeout: float = 600.0
     shards_per_task: int = 0
+    views: int = 1
+    augment: str | None = None
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("encoding", self.encoding, ENCODINGS)
+        _check_positive("views", self.views)
+        if self.views > 1 and not self.augment:
+            raise ConfigError(
+                f"views={self.views} needs an augmentation to make them: pass --augment "
+                '(e.g. --augment "crop(size=32,scale=0.35:1);flip")'
+            )
+        if self.shard_rows % self.views:
+            raise ConfigError(
+                f"shard_rows ({self.shard_rows}) must be a multiple of views ({self.views}): a "
+                "shard holds every view of its samples"
+            )
+        if self.augment_seed < 0:
+            raise ConfigError(f"augment_seed must be >= 0, got {self.augment_seed}")
         if self.workers < 0 or self.shards_per_task < 0:
             raise ConfigError(
                 f"workers and shards_per_task must be >= 0, got {self.workers} and "
@@ -138,6 +159,7 @@ TRAIN_MODES = ("offline", "online", "hard")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 HASH_CHECKS = ("all", "first-epoch", "off")
+VIEW_POLICIES = ("cycle", "random")
 
 
 @dataclass(frozen=True)
@@ -181,6 +203,13 @@ class TrainConfig:
             to epoch as the plan reshuffles). `off`: no check (the sample count is still checked).
         hash_stride: rows between hashed rows after the first epoch, with `first-epoch`.
         storage_options: fsspec options for URL stores (never recorded: may hold credentials).
+        view_policy: with a store holding several views per sample, which one each sample gets
+            each epoch: `cycle` (every view once in any `views` consecutive epochs) or `random`
+            (drawn from (seed, epoch, sample)).
+        augment: draw a new augmented view of every sample each epoch (hard and online modes,
+            or offline from a store without views: the teacher's labels are then of the
+            unaugmented input). Same grammar as `softcache build --augment`.
+        augment_seed: seeds the views `augment` draws.
     """
 
     student: str
@@ -213,9 +242,13 @@ class TrainConfig:
     hash_check: str = "first-epoch"
     hash_stride: int = 16
     storage_options: dict[str, Any] | None = None
+    view_policy: str = "cycle"
+    augment: str | None = None
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, TRAIN_MODES)
+        _check_choice("view_policy", self.view_policy, VIEW_POLICIES)
         _check_choice("hash_check", self.hash_check, HASH_CHECKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)

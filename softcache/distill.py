@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,10 +51,14 @@ from torch.utils.data import DataLoader
 
 from softcache import losses
 from softcache.errors import DatasetMismatchError
-from softcache.hashing import sampled_collate
+from softcache.hashing import collate_pairs, hash_rows, sampled_collate
 from softcache.plan import EpochPlan
 from softcache.store import LogitStore
 from softcache.stream import PlanSampler, SoftLabels, SoftLabelStream
+from softcache.views import replay
+
+if TYPE_CHECKING:
+    from softcache.augment import Augmentation
 
 log = logging.getLogger("softcache")
 _warned_temperatures: set[float] = set()
@@ -125,6 +129,11 @@ class AlignedBatches:
         equal_steps: end each epoch after `steps(plan)` batches, the same on every DDP rank
             (False: all of this rank's batches, which differ between ranks). No difference with
             one rank.
+        view_policy: for a store with views, which view each sample gets in an epoch (`cycle`
+            or `random`, see `softcache.augment.choose_views`). The inputs are replayed with
+            the view's stored parameters, and their hashes checked against the view's.
+
+    The plan runs over samples: `block_rows = store.meta.shard_samples`.
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class AlignedBatches:
         client: Any | None = None,
         hash_stride: int = 1,
         equal_steps: bool = True,
+        view_policy: str = "cycle",
     ) -> None:
         if len(dataset) != store.meta.num_samples:
             raise DatasetMismatchError(
@@ -149,9 +159,14 @@ class AlignedBatches:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.stream = SoftLabelStream(
-            store, prefetch_blocks=prefetch_blocks, client=client, equal_steps=equal_steps
+            store,
+            prefetch_blocks=prefetch_blocks,
+            client=client,
+            equal_steps=equal_steps,
+            view_policy=view_policy,
         )
         self.hash_stride = hash_stride
+        self.augmentation = store_augmentation(store)
 
     def steps(self, plan: EpochPlan) -> int:
         """Batches `epoch` yields for the plan's epoch, counted from its start."""
@@ -173,19 +188,36 @@ class AlignedBatches:
         The epoch ends after `steps(plan)` batches.
 
         Yields:
-            inputs (B, ...), labels (B,) int64 (-1: none), and the batch's `SoftLabels`.
+            inputs (B, ...) (the stored views, replayed, for a store with views), labels (B,)
+            int64 (-1: none), and the batch's `SoftLabels`.
         """
         stride = self.hash_stride if hash_stride is None else hash_stride
+        augmentation = self.augmentation
         loader = DataLoader(
             self.dataset,
             batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists
-            collate_fn=sampled_collate(stride),
+            # With views, what the teacher saw is the replayed view: hash after replaying it.
+            collate_fn=collate_pairs if augmentation else sampled_collate(stride),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
         for (inputs, labels, hashes), soft in zip(
             loader, self.stream.batches(plan, then=then), strict=True
         ):
+            if augmentation is not None:
+                assert soft.view_params is not None
+                inputs = replay(augmentation, inputs, soft.view_params)
+                hashes = hash_rows(inputs[::stride]) if stride else None
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
             yield inputs, labels, soft
+
+
+def store_augmentation(store: LogitStore) -> Augmentation | None:
+    """The augmentation a store's views were made with (None for a store without views)."""
+    if not store.meta.augmentation:
+        return None
+    from softcache.augment import from_description
+
+    # Also checks that a user augmentation still has the parameters the store recorded.
+    return from_description(store.meta.augmentation)

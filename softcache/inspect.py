@@ -35,7 +35,8 @@ def store_info(
         "value_dtype": meta.value_dtype,
         "temperatures": list(meta.temperatures),
         "num_samples": meta.num_samples,
-        "views": 1,
+        "views": meta.views,
+        "augmentation": dict(meta.augmentation) if meta.augmentation else None,
         "shard_rows": meta.shard_rows,
         "teacher": dict(meta.teacher),
         "dataset": dict(meta.dataset),
@@ -69,6 +70,12 @@ def info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
         (
             "samples",
             f"{info['num_samples']:,} x {info['views']} view(s), shards of {info['shard_rows']:,} rows",
+        ),
+        (
+            "augmentation",
+            f"{aug['spec']} (seed {aug['seed']}; params {', '.join(aug['param_names'])})"
+            if (aug := info.get("augmentation"))
+            else "- (one unaugmented view per sample)",
         ),
         ("bytes on disk", f"{info['bytes_stored']:,} ({info['bytes_per_sample']:,.1f} B/sample)"),
         ("compression", f"{info['compression_ratio']:.2f}x"),

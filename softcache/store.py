@@ -9,6 +9,9 @@ A softcache store is a Zarr v3 group (specified in docs/FORMAT.md, the contract 
   read error rather than a wrong soft label:
   `logits` (N, C) for `dense`; `topk_values` (N, k), `topk_indices` (N, k), `lse` (N, len(T)) for
   `topk`; and `sample_hash` (N,) uint64 for every encoding;
+- with stored augmentation views (format_version 2): every sample has `views` consecutive rows (row
+  `i * views + v` is view v of sample i, so N above counts rows) and `view_params` (N, P) float64
+  holds the parameters that recreate each view's input; `sample_hash` is the hash of that input;
 - `shard_done` (num_shards,) uint8, one element per chunk: the resume record. Each shard's writer
   sets only its own element, after its data is written. With `write_empty_chunks=False` an all-zero
   shard and a never-written shard look alike, so completion is read from here, never from the data.
@@ -41,6 +44,10 @@ from softcache.errors import (
 from softcache.location import exists, is_local, local_path, object_size, open_location
 
 FORMAT_VERSION = 1
+# Stores with stored augmentation views (`view_params`): readers of version 1 would misread their rows
+# as samples, so they carry version 2; a store without views stays version 1, readable by all.
+VIEWS_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION)
 ATTR_KEY = "softcache"
 LOGITS = "logits"
 TOPK_VALUES = "topk_values"
@@ -48,6 +55,7 @@ TOPK_INDICES = "topk_indices"
 LSE = "lse"
 SAMPLE_HASH = "sample_hash"
 SHARD_DONE = "shard_done"
+VIEW_PARAMS = "view_params"
 DENSE_ARRAYS = (LOGITS,)
 TOPK_ARRAYS = (TOPK_VALUES, TOPK_INDICES, LSE)
 
@@ -63,7 +71,7 @@ class StoreMeta:
         encoding: `dense` or `topk`.
         num_classes: C, the width of the teacher's output.
         k: kept entries per row for `topk`; None for `dense`.
-        num_samples: N, rows in the store (one per dataset item).
+        num_samples: dataset items; the store holds `num_rows = num_samples * views` rows.
         value_dtype: float16, bfloat16 or float32.
         temperatures: temperatures whose normalisers `lse` holds (empty for `dense`).
         shard_rows: rows per shard (the unit of writing, resume and streaming).
@@ -75,6 +83,9 @@ class StoreMeta:
         softcache_version: the version that wrote the store.
         created: ISO-8601 UTC creation time.
         complete: true once every shard is written and the fingerprint recorded.
+        views: stored views per sample (1 without augmentation).
+        augmentation: None, or {"spec", "param_names", "seed"}: the augmentation whose parameters
+            `view_params` holds (`softcache.augment.parse_augment(spec)` rebuilds it).
     """
 
     encoding: str
@@ -92,10 +103,27 @@ class StoreMeta:
     softcache_version: str = __version__
     created: str = ""
     complete: bool = False
+    views: int = 1
+    augmentation: Mapping[str, Any] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of every per-row array: one per (sample, view)."""
+        return self.num_samples * self.views
 
     @property
     def num_shards(self) -> int:
-        return -(-self.num_samples // self.shard_rows)
+        return -(-self.num_rows // self.shard_rows)
+
+    @property
+    def shard_samples(self) -> int:
+        """Samples per shard (a shard holds all `views` rows of each of its samples)."""
+        return self.shard_rows // self.views
+
+    @property
+    def num_params(self) -> int:
+        """P, the width of `view_params` (0 without augmentation)."""
+        return len(self.augmentation["param_names"]) if self.augmentation else 0
 
     @property
     def index_dtype(self) -> np.dtype:
@@ -111,12 +139,12 @@ class StoreMeta:
     def from_dict(cls, data: Mapping[str, Any], *, where: str) -> StoreMeta:
         """Parse the attribute, refusing format versions this reader does not know."""
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            if isinstance(version, int) and version > FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
+            if isinstance(version, int) and version > max(READABLE_VERSIONS):
                 raise UnsupportedVersionError(
                     f"{where} uses store format_version {version}, but softcache {__version__} "
-                    f"reads only version {FORMAT_VERSION}; upgrade softcache to a release that "
-                    f"supports format_version {version}"
+                    f"reads only versions {', '.join(map(str, READABLE_VERSIONS))}; upgrade "
+                    f"softcache to a release that supports format_version {version}"
                 )
             raise UnsupportedVersionError(f"{where} has unknown store format_version {version!r}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -163,12 +191,13 @@ class LogitStore:
             meta,
             complete=False,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            format_version=VIEWS_FORMAT_VERSION if meta.augmentation else FORMAT_VERSION,
         )
         backend = open_location(str(path), read_only=False, storage_options=storage_options)
         # The attribute is written with the group itself, so no instant exists at which the
         # location holds a group that is not recognisably a (partial) softcache store.
         group = zarr.open_group(backend, mode="w", attributes={ATTR_KEY: meta.to_dict()})
-        n, rows, chunk = meta.num_samples, meta.shard_rows, meta.chunk_rows
+        n, rows, chunk = meta.num_rows, meta.shard_rows, meta.chunk_rows
         compressors = [ZstdCodec(level=compression_level), Crc32cCodec()]
         for name, (row_shape, dtype) in row_layout(meta).items():
             shape = (n, *row_shape)
@@ -256,8 +285,14 @@ class LogitStore:
         return DENSE_ARRAYS if self.meta.encoding == "dense" else TOPK_ARRAYS
 
     @property
+    def row_array_names(self) -> tuple[str, ...]:
+        """Every per-row array: the soft labels, `view_params` when views are stored, the hashes."""
+        params = (VIEW_PARAMS,) if self.meta.augmentation else ()
+        return (*self.data_array_names, *params, SAMPLE_HASH)
+
+    @property
     def array_names(self) -> tuple[str, ...]:
-        return (*self.data_array_names, SAMPLE_HASH, SHARD_DONE)
+        return (*self.row_array_names, SHARD_DONE)
 
     def array(self, name: str) -> zarr.Array:
         """The Zarr array called `name` (one of `array_names`)."""
@@ -275,7 +310,7 @@ class LogitStore:
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         """Rows [start, stop) of a shard."""
         start = shard * self.meta.shard_rows
-        return start, min(start + self.meta.shard_rows, self.meta.num_samples)
+        return start, min(start + self.meta.shard_rows, self.meta.num_rows)
 
     def row_layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and storage dtype of every data array and `sample_hash`."""
@@ -304,11 +339,11 @@ class LogitStore:
 
         Args:
             shard: the shard number.
-            arrays: one entry per name in `data_array_names` plus `sample_hash`, each holding the
-                shard's rows in storage dtype (bfloat16 as uint16 bits).
+            arrays: one entry per name in `row_array_names`, each holding the shard's rows in
+                storage dtype (bfloat16 as uint16 bits).
         """
         start, stop = self.shard_bounds(shard)
-        for name in (*self.data_array_names, SAMPLE_HASH):
+        for name in self.row_array_names:
             data = arrays[name]
             if data.shape[0] != stop - start:
                 raise ValueError(
@@ -326,15 +361,12 @@ class LogitStore:
     # ---- reading -------------------------------------------------------------------------------
 
     def sample_hashes(self) -> np.ndarray:
-        """(N,) uint64: every row's input hash."""
+        """(num_rows,) uint64: every row's input hash (of the view, when views are stored)."""
         return self.read(SAMPLE_HASH)
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of every data array and `sample_hash`, in storage dtype."""
-        return {
-            name: self.read(name, slice(start, stop))
-            for name in (*self.data_array_names, SAMPLE_HASH)
-        }
+        """Rows [start, stop) of every per-row array (`row_array_names`), in storage dtype."""
+        return {name: self.read(name, slice(start, stop)) for name in self.row_array_names}
 
     def top1(self) -> np.ndarray:
         """(N,) int64: the teacher's top-1 class for every row."""
@@ -364,7 +396,7 @@ class LogitStore:
 
     def nbytes_logical(self) -> int:
         """Uncompressed bytes of the per-row arrays (what a raw dump would take)."""
-        return sum(self.array(name).nbytes for name in (*self.data_array_names, SAMPLE_HASH))
+        return sum(self.array(name).nbytes for name in self.row_array_names)
 
     def nbytes_stored(self) -> int:
         """Bytes the store occupies (compressed), summed over every array."""
@@ -377,7 +409,7 @@ def holds_group(backend: Any) -> bool:
 
 
 def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-row shape and storage dtype of every data array and `sample_hash` for a store's meta."""
+    """Per-row shape and storage dtype of every per-row array for a store's meta."""
     vdt = storage_dtype(meta.value_dtype)
     layout: dict[str, tuple[tuple[int, ...], np.dtype]]
     if meta.encoding == "dense":
@@ -389,6 +421,8 @@ def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             TOPK_INDICES: ((meta.k,), meta.index_dtype),
             LSE: ((len(meta.temperatures),), np.dtype(np.float32)),
         }
+    if meta.augmentation:
+        layout[VIEW_PARAMS] = ((meta.num_params,), np.dtype(np.float64))
     layout[SAMPLE_HASH] = ((), np.dtype(np.uint64))
     return layout
 

@@ -35,7 +35,15 @@ import torch
 
 from softcache.errors import DatasetMismatchError
 from softcache.plan import EpochPlan
-from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
+from softcache.store import (
+    LOGITS,
+    LSE,
+    SAMPLE_HASH,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    VIEW_PARAMS,
+    LogitStore,
+)
 
 
 @dataclass
@@ -49,6 +57,10 @@ class SoftLabels:
         topk_values: (B, k) float32 kept teacher logits, descending (`topk` stores), else None.
         topk_indices: (B, k) int64 class ids of `topk_values`, else None.
         lse: (B, len(temperatures)) float32 full-row log-sum-exp per stored temperature, else None.
+        views: (B,) int64 view of each sample these labels belong to (stores with views), else
+            None.
+        view_params: (B, P) float64 parameters that recreate each row's view from the sample
+            (stores with views), else None: apply them to the inputs before the student sees them.
     """
 
     indices: np.ndarray
@@ -57,6 +69,8 @@ class SoftLabels:
     topk_values: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     lse: torch.Tensor | None = None
+    views: np.ndarray | None = None
+    view_params: np.ndarray | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
         """A copy with the tensors on `device`."""
@@ -71,6 +85,8 @@ class SoftLabels:
             move(self.topk_values),
             move(self.topk_indices),
             move(self.lse),
+            self.views,
+            self.view_params,
         )
 
     def check_alignment(self, input_hashes: np.ndarray, stride: int = 1) -> None:
@@ -136,6 +152,11 @@ class SoftLabelStream:
         client: a `distributed.Client` to read through; None uses Dask's threaded scheduler.
         equal_steps: stop each epoch after `equal_steps(plan)` batches, the same count on every
             DDP rank (False: all of this rank's batches). No difference with one rank.
+        view_policy: for stores with views, which view of each sample an epoch uses: `cycle` or
+            `random` (see `softcache.augment.choose_views`).
+
+    With stored views the plan runs over samples (`block_rows = shard_rows // views`): a shard
+    holds whole samples, all their views, and each batch row is the chosen view's row.
     """
 
     def __init__(
@@ -145,6 +166,7 @@ class SoftLabelStream:
         prefetch_blocks: int = 4,
         client: Any | None = None,
         equal_steps: bool = True,
+        view_policy: str = "cycle",
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
@@ -152,9 +174,13 @@ class SoftLabelStream:
         self.prefetch_blocks = prefetch_blocks
         self.client = client
         self.equal_steps = equal_steps
+        self.view_policy = view_policy
+        self.views = store.meta.views
+        # Samples per block: the plan's unit (a shard holds `views` rows per sample).
+        self.block_samples = store.meta.shard_samples
         # (plan key, reader, rows left per block) of an epoch read ahead of its `batches` call.
         self._ahead: tuple[tuple[Any, ...], _BlockReader, dict[int, int]] | None = None
-        names = (*store.data_array_names, SAMPLE_HASH)
+        names = store.row_array_names
         # Dask chunks = shards: one task per (array, shard), never per row or per batch.
         self._arrays = {
             name: da.from_zarr(store.array(name), chunks=store.array(name).shards) for name in names
@@ -162,10 +188,11 @@ class SoftLabelStream:
 
     def _check_plan(self, plan: EpochPlan) -> None:
         store = self.store
-        if plan.block_rows != store.meta.shard_rows:
+        if plan.block_rows != self.block_samples:
+            per_view = f" / {self.views} views" if self.views > 1 else ""
             raise ValueError(
                 f"the plan's block_rows ({plan.block_rows}) must equal the store's shard_rows "
-                f"({store.meta.shard_rows}): the stream reads whole shards"
+                f"({store.meta.shard_rows}{per_view}): the stream reads whole shards"
             )
         if plan.num_samples != store.meta.num_samples:
             raise DatasetMismatchError(
@@ -193,7 +220,9 @@ class SoftLabelStream:
         """
         self._check_plan(plan)
         reader, remaining = self._take_or_start(plan)
-        iterator = self._iterate(PlanSampler(plan, self.stop(plan)), reader, remaining, then)
+        iterator = self._iterate(
+            PlanSampler(plan, self.stop(plan)), (plan.seed, plan.epoch), reader, remaining, then
+        )
         weakref.finalize(iterator, reader.close)  # also stops a reader whose batches go unread
         return iterator
 
@@ -210,11 +239,12 @@ class SoftLabelStream:
     def _iterate(
         self,
         batches: PlanSampler,
+        seed_epoch: tuple[int, int],
         reader: _BlockReader,
         remaining: dict[int, int],
         then: EpochPlan | None,
     ) -> Iterator[SoftLabels]:
-        rows = self.store.meta.shard_rows
+        rows = self.block_samples
         cache: dict[int, dict[str, np.ndarray]] = {}
         try:
             for batch in batches:
@@ -226,7 +256,7 @@ class SoftLabelStream:
                         if then is not None and reader.delivered_all:
                             self._ahead = (_plan_key(then), *self._start(then))
                             then = None
-                yield self._gather(batch, block_ids, cache, rows)
+                yield self._gather(batch, block_ids, cache, rows, seed_epoch)
                 for b, n in zip(*np.unique(block_ids, return_counts=True), strict=True):
                     remaining[int(b)] -= int(n)
                     if remaining[int(b)] == 0:
@@ -239,7 +269,7 @@ class SoftLabelStream:
         # Rows of each block still to be consumed this epoch: a block leaves memory at zero, and
         # one with none (already consumed, or only rows past the stop) is never read.
         batches = PlanSampler(plan, self.stop(plan))
-        remaining = _rows_left(batches, blocks, self.store.meta.shard_rows)
+        remaining = _rows_left(batches, blocks, self.block_samples)
         return _BlockReader(self, [b for b in blocks if remaining[b] > 0]), remaining
 
     def _gather(
@@ -248,8 +278,15 @@ class SoftLabelStream:
         block_ids: np.ndarray,
         cache: dict[int, dict[str, np.ndarray]],
         rows: int,
+        seed_epoch: tuple[int, int],
     ) -> SoftLabels:
         offsets = batch - block_ids * rows
+        views = None
+        if self.store.meta.augmentation:
+            from softcache.augment import choose_views
+
+            views = choose_views(self.view_policy, self.views, batch, *seed_epoch)
+            offsets = offsets * self.views + views  # the chosen view's row inside the shard
         unique = np.unique(block_ids)
         cols: dict[str, np.ndarray] = {}
         for name in self._arrays:
@@ -263,7 +300,9 @@ class SoftLabelStream:
                 col[mask] = cache[int(b)][name][offsets[mask]]
             cols[name] = col
         meta = self.store.meta
-        out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH])
+        out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
+        if VIEW_PARAMS in cols:
+            out.view_params = cols[VIEW_PARAMS]
         if meta.encoding == "dense":
             out.logits = torch.from_numpy(cols[LOGITS])
         else:

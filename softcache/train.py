@@ -57,6 +57,7 @@ METRICS = "metrics.json"
 _RESUME_KEYS = (
     "student", "dataset", "store", "mode", "teacher", "epochs", "batch_size", "lr", "optimizer",
     "weight_decay", "schedule", "temperature", "alpha", "seed", "block_rows", "window_blocks",
+    "view_policy", "augment", "augment_seed",
 )  # fmt: skip
 
 
@@ -122,7 +123,7 @@ def _train(
     teacher = _module(config.teacher, "teacher").eval().to(device) if config.teacher else None
     plan = EpochPlan(
         num_samples=len(dataset),
-        block_rows=store.meta.shard_rows if store else config.block_rows,
+        block_rows=store.meta.shard_samples if store else config.block_rows,
         batch_size=config.batch_size,
         seed=config.seed,
         window_blocks=config.window_blocks,
@@ -170,7 +171,9 @@ def _train(
             pin_memory=cuda,
             prefetch_blocks=config.prefetch_blocks,
             client=client,
+            view_policy=config.view_policy,
         )
+    fresh = _fresh_augmentation(config, store, dataset)
 
     first_epoch = plan.epoch
     for epoch in range(plan.epoch, config.epochs):
@@ -191,7 +194,9 @@ def _train(
         model.train()
         stride = _hash_stride(config, first_epoch=epoch == first_epoch)
         batches = _batches(config, dataset, aligned, plan, steps, cuda, stride)
-        for step, (inputs, labels, soft) in enumerate(batches):
+        for step, (inputs, labels, soft, indices) in enumerate(batches):
+            if fresh is not None:  # a new random view of every sample, every epoch
+                inputs = fresh.views(inputs, indices, epoch)
             stats.wait += time.perf_counter() - t_ready
             inputs = inputs.to(device, non_blocking=cuda)
             labels = labels.to(device, non_blocking=cuda)
@@ -262,15 +267,17 @@ def _batches(
     steps: int,
     cuda: bool,
     hash_stride: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
-    """The epoch's batches from the plan's cursor up to batch `steps`."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any, np.ndarray]]:
+    """The epoch's batches from the plan's cursor up to batch `steps`: inputs, labels, soft
+    labels (None without a store) and the batch's dataset indices."""
     if aligned is not None:
         assert aligned.steps(plan) == steps
         then = None
         if plan.epoch + 1 < config.epochs:
             then = plan_from_state(dict(plan.state_dict(), cursor=0))
             then.set_epoch(plan.epoch + 1)
-        yield from aligned.epoch(plan, hash_stride=hash_stride, then=then)
+        for inputs, labels, soft in aligned.epoch(plan, hash_stride=hash_stride, then=then):
+            yield inputs, labels, soft, soft.indices
         return
     loader = DataLoader(
         dataset,
@@ -279,8 +286,27 @@ def _batches(
         num_workers=config.num_workers,
         pin_memory=cuda,
     )
-    for inputs, labels, _ in loader:
-        yield inputs, labels, None
+    # A second, independent copy of the plan names each batch's rows (a sampler's own cursor
+    # is shared by its iterators).
+    for indices, (inputs, labels, _) in zip(PlanSampler(plan, steps), loader, strict=True):
+        yield inputs, labels, None, indices
+
+
+def _fresh_augmentation(config: TrainConfig, store: LogitStore | None, dataset: Any) -> Any:
+    """`--augment` for runs that draw new views each epoch (hard, online, or a store without
+    views); None otherwise. A store with views replays its own augmentation instead."""
+    if not config.augment:
+        return None
+    if config.mode == "offline" and store is not None and store.meta.augmentation:
+        raise ConfigError(
+            f"store {store.location} holds {store.meta.views} view(s) per sample made with "
+            f"{store.meta.augmentation['spec']!r} and replays them; drop --augment (it is for "
+            "hard, online and view-less offline runs, which draw new views every epoch)"
+        )
+    from softcache.augment import parse_augment
+    from softcache.views import FreshViews
+
+    return FreshViews(parse_augment(config.augment), config.augment_seed)
 
 
 def _hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:

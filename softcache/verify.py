@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
+from softcache.distill import store_augmentation
 from softcache.errors import SoftcacheError
-from softcache.hashing import collate_with_hashes, fingerprint
+from softcache.hashing import collate_with_hashes, fingerprint, hash_rows
 from softcache.progress import Progress
 from softcache.specs import instantiate
-from softcache.store import SAMPLE_HASH, SHARD_DONE, LogitStore
+from softcache.store import SAMPLE_HASH, SHARD_DONE, VIEW_PARAMS, LogitStore
+from softcache.views import replay
 
 MAX_LISTED = 10
 
@@ -87,14 +90,14 @@ def verify(
                 "were altered after the build"
             )
     if dataset is not None and hashes is not None:
-        _check_dataset(dataset, hashes, report, progress)
+        _check_dataset(dataset, hashes, store, report, progress)
     return report
 
 
 def _check_layout(store: LogitStore, report: VerifyReport) -> None:
     meta = store.meta
     expected = {
-        name: ((meta.num_samples, *shape), dtype)
+        name: ((meta.num_rows, *shape), dtype)
         for name, (shape, dtype) in store.row_layout().items()
     }
     expected[SHARD_DONE] = ((meta.num_shards,), np.dtype(np.uint8))
@@ -111,8 +114,8 @@ def _check_layout(store: LogitStore, report: VerifyReport) -> None:
 def _check_chunks(store: LogitStore, report: VerifyReport, progress: bool) -> np.ndarray | None:
     """Read every shard of every array; return the sample hashes if they all read."""
     meta = store.meta
-    names = (*store.data_array_names, SAMPLE_HASH)
-    hashes = np.zeros(meta.num_samples, dtype=np.uint64)
+    names = store.row_array_names
+    hashes = np.zeros(meta.num_rows, dtype=np.uint64)
     hashes_ok = True
     done = store.done_mask()
     bar = Progress(meta.num_shards * len(names), "verify", enabled=progress)
@@ -146,13 +149,35 @@ def _check_chunks(store: LogitStore, report: VerifyReport, progress: bool) -> np
     return hashes if hashes_ok else None
 
 
-def _check_dataset(spec: str, hashes: np.ndarray, report: VerifyReport, progress: bool) -> None:
+def _check_dataset(
+    spec: str, hashes: np.ndarray, store: LogitStore, report: VerifyReport, progress: bool
+) -> None:
     dataset = instantiate(spec, "dataset")
     n = len(dataset)
+    meta = store.meta
     report.checked["dataset"] = {"spec": spec, "num_samples": n}
-    if n != len(hashes):
-        report.problems.append(f"dataset {spec} has {n} samples but the store holds {len(hashes)}")
+    if n != meta.num_samples:
+        report.problems.append(
+            f"dataset {spec} has {n} samples but the store holds {meta.num_samples}"
+        )
         return
+    ours = (
+        _view_hashes(dataset, store, progress) if meta.augmentation else _hashes(dataset, progress)
+    )
+    bad = np.flatnonzero(ours != hashes)
+    if bad.size:
+        bad = np.unique(bad // meta.views)  # rows -> samples
+        listed = ", ".join(str(int(i)) for i in bad[:MAX_LISTED])
+        more = f" (and {bad.size - MAX_LISTED} more)" if bad.size > MAX_LISTED else ""
+        report.problems.append(
+            f"{bad.size} dataset sample(s) do not match the store: indices {listed}{more}; "
+            "the dataset was reordered or changed since the build"
+        )
+
+
+def _hashes(dataset: Any, progress: bool) -> np.ndarray:
+    """(N,) uint64: every sample's input hash, in dataset order."""
+    n = len(dataset)
     loader = DataLoader(dataset, batch_size=256, collate_fn=collate_with_hashes)
     ours = np.empty(n, dtype=np.uint64)
     bar = Progress(n, "hash dataset", enabled=progress)
@@ -162,11 +187,22 @@ def _check_dataset(spec: str, hashes: np.ndarray, report: VerifyReport, progress
         offset += len(batch_hashes)
         bar.update(len(batch_hashes))
     bar.close()
-    bad = np.flatnonzero(ours != hashes)
-    if bad.size:
-        listed = ", ".join(str(int(i)) for i in bad[:MAX_LISTED])
-        more = f" (and {bad.size - MAX_LISTED} more)" if bad.size > MAX_LISTED else ""
-        report.problems.append(
-            f"{bad.size} dataset sample(s) do not match the store: indices {listed}{more}; "
-            "the dataset was reordered or changed since the build"
-        )
+    return ours
+
+
+def _view_hashes(dataset: Any, store: LogitStore, progress: bool) -> np.ndarray:
+    """(N * V,) uint64: the hash of every stored view, replayed from the stored parameters."""
+    meta = store.meta
+    augmentation = store_augmentation(store)
+    assert augmentation is not None
+    ours = np.empty(meta.num_rows, dtype=np.uint64)
+    bar = Progress(meta.num_rows, "replay views", enabled=progress)
+    for shard in range(meta.num_shards):
+        start, stop = store.shard_bounds(shard)
+        params = store.read(VIEW_PARAMS, slice(start, stop))
+        samples = np.arange(start, stop) // meta.views
+        inputs = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in samples])
+        ours[start:stop] = hash_rows(replay(augmentation, inputs, params))
+        bar.update(stop - start)
+    bar.close()
+    return ours

@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from softcache.store import READABLE_VERSIONS
+
 ROOT = Path(__file__).resolve().parents[2]
+NEWER = max(READABLE_VERSIONS) + 1  # a store format version no reader here knows
+READABLE = ", ".join(map(str, READABLE_VERSIONS))  # as error messages list them
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

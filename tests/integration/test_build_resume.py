@@ -26,7 +26,6 @@ SPECS = "tests.helpers.specs"
 N = 400
 SHARD_ROWS = 16
 BATCH = 8
-SHARDS = N // SHARD_ROWS  # 25
 TIMEOUT = 120.0
 
 
@@ -46,6 +45,12 @@ VARIANTS = {
         {"encoding": "topk", "top_k": 5, "dtype": "bfloat16", "temperatures": (1.0, 3.0)},
         0.01,
         5,
+    ),
+    "views-midway": Variant(
+        "conv_teacher",
+        {"views": 4, "augment": "crop(size=8,scale=0.4:1);flip", "augment_seed": 3},
+        0.005,
+        12,
     ),
 }
 
@@ -67,6 +72,9 @@ def _cli_args(config: BuildConfig) -> list[str]:
     args += ["--output", config.output, "--encoding", config.encoding, "--dtype", config.dtype]
     args += ["--top-k", str(config.top_k), "--shard-rows", str(config.shard_rows)]
     args += ["--batch-size", str(config.batch_size), "--device", config.device, "-q"]
+    if config.augment:
+        args += ["--views", str(config.views), "--augment", config.augment]
+        args += ["--augment-seed", str(config.augment_seed)]
     return [*args, "--temperatures", ",".join(str(t) for t in config.temperatures)]
 
 
@@ -107,6 +115,7 @@ def test_killed_build_resumes_to_the_identical_store(
     env = {"SOFTCACHE_TEST_N": str(N), "SOFTCACHE_TEST_SLEEP": str(variant.sleep)}
     killed = tmp_path / "killed.zarr"
     config = _config(killed, variant)
+    shards = N * config.views // SHARD_ROWS  # 25, or 100 with 4 views
 
     # 1. Start the build in a subprocess, wait until it is where we want it, SIGKILL it.
     log = tmp_path / "killed.log"
@@ -131,12 +140,12 @@ def test_killed_build_resumes_to_the_identical_store(
     done = LogitStore.open(killed, require_complete=False).done_mask()
     n_done = int(done.sum())
     if variant.kill_at:
-        assert variant.kill_at <= n_done < SHARDS, f"killed too late: {n_done} shards done"
+        assert variant.kill_at <= n_done < shards, f"killed too late: {n_done} shards done"
     else:
         assert n_done == 0, "the build got past its first shard before the kill"
     attrs = zarr.open_group(str(killed), mode="r").attrs[ATTR_KEY]
     assert attrs["complete"] is False and attrs["dataset"]["fingerprint"] is None
-    with pytest.raises(IncompleteStoreError, match=rf"\({n_done} of {SHARDS} shards written\)"):
+    with pytest.raises(IncompleteStoreError, match=rf"\({n_done} of {shards} shards written\)"):
         LogitStore.open(killed)
 
     # 3. Resume with the same command (fast now: sleeping changes no value).
@@ -144,7 +153,7 @@ def test_killed_build_resumes_to_the_identical_store(
     assert proc2.returncode == 0, proc2.stderr
     summary = json.loads(proc2.stdout)
     assert summary["shards_resumed"] == n_done
-    assert summary["shards_written"] == SHARDS - n_done
+    assert summary["shards_written"] == shards - n_done
 
     # 4. An uninterrupted build of the same configuration, here in the test process.
     monkeypatch.setenv("SOFTCACHE_TEST_N", str(N))

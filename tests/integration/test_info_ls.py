@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 from softcache.cli import main
 from softcache.store import ATTR_KEY, FORMAT_VERSION
 from tests.conftest import spec
-from tests.helpers import cli
+from tests.helpers import NEWER, READABLE, cli
 
 N, C, SHARDS = 300, 10, 5
 TEACHER_PARAMS = 64 * C + C  # specs:teacher is one Linear(64, 10)
@@ -64,7 +64,7 @@ def _make_partial(source: Path, dest: Path, done: int) -> Path:
 def _make_newer(source: Path, dest: Path) -> Path:
     shutil.copytree(source, dest)
     group = zarr.open_group(str(dest), mode="r+")
-    group.attrs[ATTR_KEY] = {**group.attrs[ATTR_KEY], "format_version": FORMAT_VERSION + 1}
+    group.attrs[ATTR_KEY] = {**group.attrs[ATTR_KEY], "format_version": NEWER}
     return dest
 
 
@@ -144,9 +144,9 @@ def test_info_refuses_a_newer_format_in_one_line(built_stores, tmp_path):
     result = _run("info", str(store))
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: store {store} uses store format_version {FORMAT_VERSION + 1}, but softcache "
-        f"{_version()} reads only version {FORMAT_VERSION}; upgrade softcache to a release that "
-        f"supports format_version {FORMAT_VERSION + 1}"
+        f"Error: store {store} uses store format_version {NEWER}, but softcache "
+        f"{_version()} reads only versions {READABLE}; upgrade softcache to a release that "
+        f"supports format_version {NEWER}"
     ]
 
 
@@ -208,7 +208,7 @@ def test_ls_lists_every_store_and_skips_the_rest(shelf):
     assert "  topk-5 float32  300 samples  " in by_name["topk.zarr"]
     assert "  partial 2/5  " in by_name["partial.zarr"]
     assert by_name["newer.zarr"].startswith(f"{shelf['newer']}  ERROR: ")
-    assert f"format_version {FORMAT_VERSION + 1}" in by_name["newer.zarr"]
+    assert f"format_version {NEWER}" in by_name["newer.zarr"]
     assert "  dense float16  300 samples  " in by_name["dense-copy.zip"]
     assert "  complete  " in by_name["dense-copy.zip"]
 
@@ -224,7 +224,7 @@ def test_ls_json(shelf):
     assert entries["partial.zarr"]["complete"] is False
     assert entries["partial.zarr"]["shards_done"] == 2
     assert set(entries["newer.zarr"]) == {"location", "error"}
-    assert f"format_version {FORMAT_VERSION + 1}" in entries["newer.zarr"]["error"]
+    assert f"format_version {NEWER}" in entries["newer.zarr"]["error"]
 
 
 def test_ls_lists_a_damaged_store_with_its_error(built_stores, tmp_path):
