@@ -39,6 +39,8 @@ class BuildWorkload:
         batch_size: teacher batch size (bare loop and build alike).
         shard_rows: rows per shard of the stores.
         top_k: k of the top-k store.
+        dtype: how logit values are stored (`BuildConfig.dtype`).
+        compression_level: zstd level (`BuildConfig.compression_level`).
         goal: the goal the ratios are held to, or None for informational figures.
         note: appended to the ratios' detail.
     """
@@ -49,6 +51,8 @@ class BuildWorkload:
     batch_size: int = 128
     shard_rows: int = 512
     top_k: int = 5
+    dtype: str = "float16"
+    compression_level: int = 3
     goal: float | None = BUILD_GOAL
     note: str = ""
 
@@ -59,6 +63,8 @@ class BuildWorkload:
             output=str(output),
             encoding=encoding,
             top_k=self.top_k,
+            dtype=self.dtype,
+            compression_level=self.compression_level,
             batch_size=self.batch_size,
             shard_rows=self.shard_rows,
             device="cpu",

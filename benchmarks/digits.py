@@ -35,7 +35,5 @@ def build_workload() -> BuildWorkload:
 
 
 def train_workload(epochs: int) -> TrainWorkload:
-    """The digits student, hard and offline (no online mode: the teacher is 25x, not 10x)."""
-    return TrainWorkload(
-        "digits", STUDENT, TEACHER, DATASET, epochs=epochs, online=False, goal=None
-    )
+    """The digits student, hard and offline."""
+    return TrainWorkload("digits", STUDENT, TEACHER, DATASET, epochs=epochs, goal=None)

@@ -29,9 +29,11 @@ class Figure:
         name: what is measured ("build / bare loop, dense").
         value: the figure (a ratio, or bytes for storage rows).
         unit: "x" for ratios, else printed after the value ("B/sample", "% of epoch").
-        goal: the largest acceptable value, or None for an informational figure.
+        goal: the largest acceptable value (the smallest with `higher_is_better`), or None for
+            an informational figure.
         detail: how to read it: the medians behind the ratio, the noise, the conditions.
         samples: the raw timings (seconds) or values behind the figure, per case.
+        higher_is_better: the goal is a floor (a throughput), not a ceiling (an overhead).
     """
 
     name: str
@@ -40,10 +42,21 @@ class Figure:
     goal: float | None = None
     detail: str = ""
     samples: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    higher_is_better: bool = False
 
     @property
     def ok(self) -> bool | None:
-        return None if self.goal is None else self.value <= self.goal
+        """Whether the value meets the goal; None without a goal."""
+        if self.goal is None:
+            return None
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+    @property
+    def goal_text(self) -> str:
+        """The goal as the table prints it: `<= 1.05`, `>= 0.7`, or `-`."""
+        if self.goal is None:
+            return "-"
+        return f"{'>=' if self.higher_is_better else '<='} {self.goal:g}"
 
 
 def interleave(
@@ -88,23 +101,43 @@ def ratio_figure(
     *,
     goal: float | None,
     note: str = "",
+    scale: float = 1.0,
+    higher_is_better: bool = False,
 ) -> Figure:
-    """median(samples[over]) / median(samples[under]), with the per-round spread in the detail."""
+    """scale * median(samples[over]) / median(samples[under]), with the per-round spread.
+
+    Args:
+        name: the figure's name.
+        samples: case -> per-round timings, from `interleave`.
+        over: the numerator's case.
+        under: the denominator's case.
+        goal: see `Figure.goal`.
+        note: appended to the detail.
+        scale: multiplies the ratio and every per-round ratio (for example 1 / cpu count, to
+            compare with a baseline run on one core of several).
+        higher_is_better: see `Figure.higher_is_better`.
+    """
     a, b = median(samples[over]), median(samples[under])
-    rounds = [x / y for x, y in zip(samples[over], samples[under], strict=False) if y > 0]
+    rounds = [scale * x / y for x, y in zip(samples[over], samples[under], strict=False) if y > 0]
     spread = f"rounds {min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
-    detail = f"{over} {_seconds(a)} / {under} {_seconds(b)}, median of {len(samples[over])}"
+    detail = (
+        f"{over} {format_seconds(a)} / {under} {format_seconds(b)}, median of {len(samples[over])}"
+    )
     detail = "; ".join(part for part in (detail, spread, note) if part)
     return Figure(
         name=name,
-        value=a / b,
+        value=scale * a / b,
         goal=goal,
         detail=detail,
         samples={over: list(samples[over]), under: list(samples[under])},
+        higher_is_better=higher_is_better,
     )
 
 
-def _seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
+    """A duration for the detail column: `12.3 µs`, `45.6 ms` or `7.89 s`."""
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
@@ -113,9 +146,8 @@ def table(figures: Sequence[Figure]) -> str:
     rows = [("figure", "value", "goal", "ok", "detail")]
     for f in figures:
         value = f"{f.value:.3f}x" if f.unit == "x" else f"{f.value:,.1f} {f.unit}"
-        goal = "-" if f.goal is None else f"<= {f.goal:g}"
         ok = {None: "", True: "yes", False: "NO"}[f.ok]
-        rows.append((f.name, value, goal, ok, f.detail))
+        rows.append((f.name, value, f.goal_text, ok, f.detail))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for i, row in enumerate(rows):

@@ -2,7 +2,7 @@
 
 Prints one table (each figure next to its goal) and writes the figures, the raw timings and the
 machine's load to JSON. `--quick` (under a minute) is a smoke run on small workloads; `--full`
-(the default, a few minutes) gives the figures to report. `--profile SECTION:CASE` runs one case
+(the default, about seven minutes) gives the figures to report. `--only` picks sections. `--profile SECTION:CASE` runs one case
 under cProfile instead, to see where its time goes. See benchmarks/README.md for how to read it.
 """
 
@@ -25,10 +25,13 @@ import torch
 from benchmarks import digits
 from benchmarks.build import BuildBench, BuildWorkload
 from benchmarks.harness import Figure, environment, interleave, table, write_json
+from benchmarks.scaling import ScalingBench
+from benchmarks.speedup import SpeedupBench
+from benchmarks.storage import StorageBench
 from benchmarks.stream import StreamBench
 from benchmarks.train import TrainBench, TrainWorkload
 
-SECTIONS = ("build", "train", "stream", "digits")
+SECTIONS = ("build", "train", "speedup", "stream", "storage", "scaling", "digits")
 DEFAULT_JSON = Path("data/bench/results.json")
 # A 1-minute load average above this (the benchmark itself keeps about one core busy) means that
 # other processes shared the machine.
@@ -36,6 +39,13 @@ BUSY_LOAD = 1.5
 TEACHER = "benchmarks.models:teacher_cnn"
 STUDENT = "benchmarks.models:student_cnn"
 WIDE_TEACHER = "benchmarks.models:teacher_wide"
+PEAKED_TEACHER = "benchmarks.models:teacher_peaked"
+# The speed-up section's teachers by their target cost over the student's, cheapest first.
+ONLINE_TEACHERS = {
+    "3x": "benchmarks.models:teacher_small",
+    "10x": TEACHER,
+    "30x": "benchmarks.models:teacher_large",
+}
 
 
 @dataclass(frozen=True)
@@ -44,12 +54,18 @@ class Settings:
 
     mode: str
     images: str
+    online_images: str
     vectors: str
+    peaked: str
     build_rounds: int
     train_rounds: int
     train_epochs: int
+    speedup_rounds: int
     online_epochs: int
+    cost_rounds: int
     stream_rounds: int
+    scaling_sizes: tuple[int, ...]
+    scaling_phases: tuple[str, ...]
     digits_rounds: int
     digits_epochs: int
 
@@ -57,24 +73,36 @@ class Settings:
 QUICK = Settings(
     mode="quick",
     images="benchmarks.models:images_quick",
+    online_images="benchmarks.models:images_tiny",
     vectors="benchmarks.models:vectors_quick",
+    peaked="benchmarks.models:peaked_quick",
     build_rounds=2,
     train_rounds=3,
     train_epochs=3,
+    speedup_rounds=1,
     online_epochs=2,
+    cost_rounds=3,
     stream_rounds=3,
+    scaling_sizes=(1_000, 10_000),
+    scaling_phases=("build", "stream"),
     digits_rounds=2,
     digits_epochs=4,
 )
 FULL = Settings(
     mode="full",
     images="benchmarks.models:images_full",
+    online_images="benchmarks.models:images_full",
     vectors="benchmarks.models:vectors_full",
+    peaked="benchmarks.models:peaked_full",
     build_rounds=7,
     train_rounds=5,
     train_epochs=3,
+    speedup_rounds=3,
     online_epochs=2,
+    cost_rounds=7,
     stream_rounds=5,
+    scaling_sizes=(10_000, 100_000, 1_000_000),
+    scaling_phases=("build", "stream", "train"),
     digits_rounds=3,
     digits_epochs=6,
 )
@@ -94,12 +122,25 @@ def benches(section: str, settings: Settings, workdir: Path) -> list[tuple[Bench
     if section == "build":
         return [(BuildBench(BuildWorkload("", TEACHER, s.images), workdir), s.build_rounds)]
     if section == "train":
-        workload = TrainWorkload(
-            "", STUDENT, TEACHER, s.images, epochs=s.train_epochs, online_epochs=s.online_epochs
-        )
+        workload = TrainWorkload("", STUDENT, TEACHER, s.images, epochs=s.train_epochs)
         return [(TrainBench(workload, workdir), s.train_rounds)]
+    if section == "speedup":
+        cheapest = next(iter(ONLINE_TEACHERS.values()))
+        workload = TrainWorkload("", STUDENT, cheapest, s.online_images, epochs=s.train_epochs)
+        bench = SpeedupBench(
+            workload,
+            ONLINE_TEACHERS,
+            workdir,
+            online_epochs=s.online_epochs,
+            cost_rounds=s.cost_rounds,
+        )
+        return [(bench, s.speedup_rounds)]
     if section == "stream":
         return [(StreamBench(WIDE_TEACHER, s.vectors, workdir), s.stream_rounds)]
+    if section == "storage":
+        return [(StorageBench(PEAKED_TEACHER, s.peaked, workdir), 1)]
+    if section == "scaling":
+        return [(ScalingBench(s.scaling_sizes, s.scaling_phases, workdir), 1)]
     digits.ensure_teacher()
     return [
         (BuildBench(digits.build_workload(), workdir), s.digits_rounds),
@@ -162,16 +203,22 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         figures: list[Figure] = []
+        section_seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         for section in sections:
+            start = time.perf_counter()
+            print(f"[{start - t0:6.1f} s] {section}: setting up", file=sys.stderr)
             for bench, rounds in benches(section, settings, workdir):
-                names = ", ".join(bench.cases())
-                print(
-                    f"[{time.perf_counter() - t0:6.1f} s] {section}: {rounds} rounds of {names}",
-                    file=sys.stderr,
-                )
-                samples = interleave(bench.cases(), rounds, warmup=bench.warmup)
+                cases = bench.cases()
+                if cases:
+                    print(
+                        f"[{time.perf_counter() - t0:6.1f} s] {section}: {rounds} round(s) of "
+                        f"{', '.join(cases)}",
+                        file=sys.stderr,
+                    )
+                samples = interleave(cases, rounds, warmup=bench.warmup)
                 figures.extend(bench.figures(samples))
+            section_seconds[section] = round(time.perf_counter() - start, 1)
         print(f"[{time.perf_counter() - t0:6.1f} s] done", file=sys.stderr)
     load = (env["load_average"], os.getloadavg()[0])
     print(table(figures))
@@ -180,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         print(": other processes were running, expect noise (see each figure's 'rounds' range)")
     else:
         print()
+    print("section seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in section_seconds.items()))
     run = {"mode": settings.mode, "settings": asdict(settings), "environment": env}
-    write_json(args.json, {**run, "load_average_end": load[1]}, figures)
+    run |= {"load_average_end": load[1], "section_seconds": section_seconds}
+    write_json(args.json, run, figures)
     print(f"results: {args.json}")
 
 

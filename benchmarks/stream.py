@@ -1,31 +1,80 @@
-"""Stream throughput: `SoftLabelStream.batches(plan)` next to a raw `np.load` of the same bytes.
+"""Stream throughput: `SoftLabelStream.batches(plan)` next to two baselines over the same rows.
 
 The store is a dense fp16 store of 1,000 classes (a cheap linear teacher writes it), the width at
 which the stream's bandwidth starts to matter. The stream delivers float32 logits and uint64 sample
 hashes in plan order (shuffled blocks, shuffled rows inside a window), batch by batch, with no
-training attached; the baseline loads exactly those decoded arrays from .npy files in the page
-cache, which is the fastest any reader of these bytes can be. Both cases move the same bytes, so the
-ratio of their times is the ratio of their throughputs.
+training attached. Its baselines:
+
+- `np.load`: exactly those decoded arrays from .npy files in the page cache, the fastest any reader
+  of these bytes can be (no decompression at all);
+- `zstd`: `numcodecs.Zstd().decode` of the store's own compressed chunks (the zstd frames read out
+  of its shard files beforehand, crc32c stripped), one after another on one thread: the one cost a
+  reader of a compressed store cannot avoid. The stream decodes on all cores (Dask's threads), so
+  it is held to that decode spread ideally over `os.cpu_count()` cores.
+
+Every case covers the same rows, so the ratio of two times is the ratio of two throughputs.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from benchmarks.build import BuildWorkload, fresh_store
 from benchmarks.harness import Figure, median, ratio_figure, timed
+from softcache.location import local_path
 from softcache.plan import EpochPlan
 from softcache.store import LOGITS, SAMPLE_HASH, LogitStore
 from softcache.stream import SoftLabelStream
 
 BATCH_SIZE = 256
+# Stream throughput over single-thread zstd decode spread over every core.
+DECODE_GOAL = 0.70
+# A shard index entry (offset, nbytes) of a chunk never written.
+_MISSING = 2**64 - 1
+
+
+def stored_frames(store: LogitStore, name: str) -> list[bytes]:
+    """The zstd frames of every inner chunk of array `name`, as its shard files hold them.
+
+    Reads the shard files of a local store and splits them with their index (zarr v3 sharding:
+    `(offset, nbytes)` uint64 pairs and a crc32c at the end of the file), dropping each chunk's
+    trailing 4-byte crc32c. Only for the chunk codecs softcache writes: bytes, zstd, crc32c.
+
+    Returns:
+        One `bytes` per written chunk, in shard and chunk order.
+    """
+    arr = store.array(name)
+    codec = arr.metadata.codecs[0]
+    kinds = [type(c) for c in getattr(codec, "codecs", ())]
+    if not isinstance(codec, ShardingCodec) or kinds != [BytesCodec, ZstdCodec, Crc32cCodec]:
+        raise ValueError(f"{name}: expected sharded bytes/zstd/crc32c chunks, got {codec}")
+    if codec.index_location != ShardingCodecIndexLocation.end:
+        raise ValueError(f"{name}: expected the shard index at the end, got {codec.index_location}")
+    assert arr.shards is not None
+    per_shard = math.prod(s // c for s, c in zip(arr.shards, arr.chunks, strict=True))
+    index_bytes = 16 * per_shard + 4  # (offset, nbytes) per chunk, then the index's crc32c
+    frames = []
+    for shard in range(store.meta.num_shards):
+        data = (local_path(store.location) / store.shard_object_key(name, shard)).read_bytes()
+        index = np.frombuffer(data[-index_bytes:-4], dtype="<u8").reshape(per_shard, 2)
+        frames.extend(
+            data[int(offset) : int(offset + nbytes) - 4]
+            for offset, nbytes in index
+            if offset != _MISSING
+        )
+    return frames
 
 
 class StreamBench:
-    """Cases `stream` and `np.load` over one dense store."""
+    """Cases `stream`, `np.load` and `zstd` over one dense store."""
 
     warmup = True
 
@@ -47,6 +96,11 @@ class StreamBench:
             seed=0,
         )
         self.stream = SoftLabelStream(self.store)
+        self.zstd = Zstd()
+        self.frames = [f for name in (LOGITS, SAMPLE_HASH) for f in stored_frames(self.store, name)]
+        self.stored_bytes = sum(len(f) for f in self.frames)
+        self.decoded_bytes = sum(len(self.zstd.decode(f)) for f in self.frames)
+        self.cpus = os.cpu_count() or 1
 
     def _read_stream(self) -> None:
         delivered = 0
@@ -59,10 +113,15 @@ class StreamBench:
         for path in self.files.values():
             np.load(path)
 
+    def _decode(self) -> None:
+        for frame in self.frames:
+            self.zstd.decode(frame)
+
     def cases(self) -> dict[str, Callable[[], float]]:
         return {
             "stream": lambda: timed(self._read_stream),
             "np.load": lambda: timed(self._read_npy),
+            "zstd": lambda: timed(self._decode),
         }
 
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
@@ -73,8 +132,27 @@ class StreamBench:
             f"{mb / median(samples['np.load']):,.0f} MB/s; N={meta.num_samples}, C={meta.num_classes}, "
             f"{mb:.0f} MB decoded, shard {meta.shard_rows} rows, batch {BATCH_SIZE}"
         )
+        rows = meta.num_samples / 1e3
+        stream, zstd = median(samples["stream"]), median(samples["zstd"])
+        decode_note = (
+            f"stream {rows / stream:,.0f}k rows/s; zstd on 1 thread {rows / zstd:,.0f}k rows/s "
+            f"({self.decoded_bytes / 1e6 / zstd:,.0f} MB/s decoded from "
+            f"{self.stored_bytes / 1e6:.0f} MB of {len(self.frames)} frames), x {self.cpus} "
+            f"cores = {self.cpus * rows / zstd:,.0f}k rows/s; N={meta.num_samples}, "
+            f"C={meta.num_classes}, fp16"
+        )
         return [
             ratio_figure(
                 "stream / np.load throughput", samples, "np.load", "stream", goal=None, note=note
-            )
+            ),
+            ratio_figure(
+                "stream / zstd decode on all cores",
+                samples,
+                "zstd",
+                "stream",
+                goal=DECODE_GOAL,
+                higher_is_better=True,
+                scale=1 / self.cpus,
+                note=decode_note,
+            ),
         ]

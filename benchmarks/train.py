@@ -1,9 +1,10 @@
-"""Train overhead: offline-KD epochs next to hard-label and online-KD epochs of the same student.
+"""Train overhead: offline-KD epochs next to hard-label epochs of the same student.
 
 Every mode runs through `softcache.train.train` with the same student, data order (the plan comes
 from the store's shard layout in every mode), optimiser and batch size; only the loss's source
-differs. A run's epoch time is the median of its epochs after the first (the first pays imports,
-allocator growth and the first blocks' read), so these cases need no warm-up round.
+differs (online KD, the teacher in the loop, is measured by `benchmarks.speedup`). A run's epoch
+time is the median of its epochs after the first (the first pays imports, allocator growth and the
+first blocks' read), so these cases need no warm-up round.
 
 Timed in the same rounds, to say where an offline epoch's extra time goes:
 
@@ -12,7 +13,8 @@ Timed in the same rounds, to say where an offline epoch's extra time goes:
 - `hash`: hashing every input of an epoch (`softcache.hashing.hash_rows`, batch by batch): the
   alignment check, which offline training runs on the training thread when `num_workers` is 0.
 
-And the teacher's and student's passes on one batch, so the online figure states its teacher.
+`model_costs` times a teacher's and the student's passes on one batch, so an online figure can
+state its teacher's cost.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,13 +50,11 @@ class TrainWorkload:
     Attributes:
         label: prefixes the figure names.
         student: student spec.
-        teacher: teacher spec (builds the stores and runs in the online mode).
+        teacher: teacher spec (builds the stores; runs in the loop in the online mode).
         dataset: dataset spec.
         epochs: epochs per run (the first is warm-up).
-        online_epochs: epochs per online run (the first is warm-up; online epochs are long).
         batch_size: student batch size.
         shard_rows: the stores' shard height (the plan's block).
-        online: include the online-KD mode.
         goal: the goal of the offline / hard ratios, or None for informational figures.
     """
 
@@ -62,15 +63,51 @@ class TrainWorkload:
     teacher: str
     dataset: str
     epochs: int = 4
-    online_epochs: int = 2
     batch_size: int = 64
     shard_rows: int = 512
-    online: bool = True
     goal: float | None = TRAIN_GOAL
 
 
+def run_training(
+    workload: TrainWorkload,
+    store: Path,
+    mode: str,
+    output: Path,
+    *,
+    teacher: str | None = None,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train the workload's student once with `softcache.train.train`; return its metrics.
+
+    Args:
+        workload: student, dataset and batch size.
+        store: the store (soft labels for `offline`; the plan's block layout in every mode).
+        mode: `hard`, `offline` or `online`.
+        output: the run's directory, removed afterwards.
+        teacher: the teacher in the loop (`online` only; default: the workload's).
+        epochs: epochs to run (default: the workload's).
+
+    Returns:
+        `TrainResult.metrics`: per-epoch lists such as `epoch_seconds` and `data_wait_fraction`.
+    """
+    config = TrainConfig(
+        student=workload.student,
+        dataset=workload.dataset,
+        store=str(store),
+        mode=mode,
+        teacher=(teacher or workload.teacher) if mode == "online" else None,
+        epochs=workload.epochs if epochs is None else epochs,
+        batch_size=workload.batch_size,
+        device="cpu",
+        output=str(output),
+    )
+    result = train(config, progress=False)
+    shutil.rmtree(result.output)
+    return result.metrics
+
+
 class TrainBench:
-    """Cases `hard`, `offline`, `offline-topk`, `online` (optional), `stream` and `hash`."""
+    """Cases `hard`, `offline`, `offline-topk`, `stream` and `hash`."""
 
     warmup = False
 
@@ -101,21 +138,8 @@ class TrainBench:
         )
 
     def _train(self, mode: str, store: str) -> float:
-        w = self.workload
-        config = TrainConfig(
-            student=w.student,
-            dataset=w.dataset,
-            store=str(self.stores[store]),
-            mode=mode,
-            teacher=w.teacher if mode == "online" else None,
-            epochs=w.online_epochs if mode == "online" else w.epochs,
-            batch_size=w.batch_size,
-            device="cpu",
-            output=str(self.workdir / "runs" / f"{mode}-{next(self._count)}"),
-        )
-        result = train(config, progress=False)
-        shutil.rmtree(result.output)
-        metrics = result.metrics
+        output = self.workdir / "runs" / f"{mode}-{next(self._count)}"
+        metrics = run_training(self.workload, self.stores[store], mode, output)
         name = mode if store == "dense" else f"{mode}-{store}"
         self.wait.setdefault(name, []).extend(metrics["data_wait_fraction"][1:])
         return median(metrics["epoch_seconds"][1:])
@@ -129,22 +153,18 @@ class TrainBench:
         return timed(lambda: [hash_rows(inputs) for inputs in self._inputs])
 
     def cases(self) -> dict[str, Callable[[], float]]:
-        cases: dict[str, Callable[[], float]] = {
+        return {
             "hard": lambda: self._train("hard", "dense"),
             "offline": lambda: self._train("offline", "dense"),
             "offline-topk": lambda: self._train("offline", "topk"),
             "stream": self._stream,
             "hash": self._hash,
         }
-        if self.workload.online:
-            cases["online"] = lambda: self._train("online", "dense")
-        return cases
 
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
         w = self.workload
         prefix = f"{w.label} " if w.label else ""
         note = f"N={self.num_samples}, batch {w.batch_size}, {w.epochs - 1} timed epochs/run"
-        online_note = f"online runs: {w.online_epochs - 1} timed epoch(s) each"
         figures = [
             ratio_figure(
                 f"{prefix}offline KD / hard epoch, dense",
@@ -163,23 +183,6 @@ class TrainBench:
                 note=note,
             ),
         ]
-        if "online" in samples:
-            cost = model_costs(w, self.workload.batch_size)
-            figures.append(
-                ratio_figure(
-                    f"{prefix}online KD / offline KD epoch",
-                    samples,
-                    "online",
-                    "offline",
-                    goal=None,
-                    note=(
-                        f"teacher fwd+bwd = {cost.fwd_bwd_ratio:.1f}x student's; expected "
-                        f"~ 1 + teacher fwd / student step = {cost.expected_online:.2f}; "
-                        f"{online_note}"
-                    ),
-                )
-            )
-            figures.append(cost.figure(prefix))
         figures.append(
             ratio_figure(
                 f"{prefix}share: stream alone / hard epoch",
@@ -232,9 +235,10 @@ class ModelCosts:
         """Online / offline epoch if the only difference were the teacher's forward."""
         return 1 + self.teacher_fwd / self.student_step
 
-    def figure(self, prefix: str) -> Figure:
+    def figure(self, name: str) -> Figure:
+        """The fwd+bwd cost ratio as a figure, with every pass's time in the detail."""
         return Figure(
-            name=f"{prefix}teacher / student cost (fwd+bwd)",
+            name=name,
             value=self.fwd_bwd_ratio,
             detail=(
                 f"per batch: teacher fwd+bwd {self.teacher_fwd_bwd * 1e3:.1f} ms, student "
