@@ -132,6 +132,8 @@ class AlignedBatches:
         view_policy: for a store with views, which view each sample gets in an epoch (`cycle`
             or `random`, see `softcache.augment.choose_views`). The inputs are replayed with
             the view's stored parameters, and their hashes checked against the view's.
+        values: what the stream delivers, `float32` or `stored` (see `SoftLabelStream`):
+            `stored` for a GPU student, whose `soft.to(device)` then widens on the device.
 
     The plan runs over samples: `block_rows = store.meta.shard_samples`.
     """
@@ -148,6 +150,7 @@ class AlignedBatches:
         hash_stride: int = 1,
         equal_steps: bool = True,
         view_policy: str = "cycle",
+        values: str = "float32",
     ) -> None:
         if len(dataset) != store.meta.num_samples:
             raise DatasetMismatchError(
@@ -164,6 +167,7 @@ class AlignedBatches:
             client=client,
             equal_steps=equal_steps,
             view_policy=view_policy,
+            values=values,
         )
         self.hash_stride = hash_stride
         self.augmentation = store_augmentation(store)

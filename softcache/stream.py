@@ -5,7 +5,14 @@ per batch pays scheduling overhead per batch. Both are orders of magnitude slowe
 student needs. So the stream reads whole storage blocks (shards) in `EpochPlan.block_order`, a few
 blocks per `dask.compute`, on a background thread that stays at most `prefetch_blocks` blocks ahead
 of the training loop; decoding (float16 -> float32, uint16 -> int64) happens there too. The training
-thread only gathers its batch's rows from blocks already in memory. Memory is bounded by the
+thread only gathers its batch's rows from blocks already in memory.
+
+Where the decode happens is a choice (`values`). For a CPU student the reader thread decodes
+(`float32`, the default), off the training thread. For a GPU student the stream hands over the
+stored dtypes (`stored`: float16/bfloat16 values, uint16 class ids) and `SoftLabels.to(device)`
+widens them after the copy: half the bytes cross to the device and the widening is free there,
+where on this machine's CPU it costs as much as the zstd decode itself (65 MB of fp16 -> fp32 in
+~60 ms, against ~50 ms to decompress them; see benchmarks/README.md, stream section). Memory is bounded by the
 prefetch window plus the plan's shuffle window, whatever N is.
 
 The threaded scheduler is the default; pass a `distributed.Client` (or a scheduler address to the
@@ -45,6 +52,9 @@ from softcache.store import (
     LogitStore,
 )
 
+# What `SoftLabelStream` delivers: decoded float32 / int64, or the store's own dtypes.
+VALUE_MODES = ("float32", "stored")
+
 
 @dataclass
 class SoftLabels:
@@ -56,6 +66,8 @@ class SoftLabels:
         logits: (B, C) float32 teacher logits (`dense` stores), else None.
         topk_values: (B, k) float32 kept teacher logits, descending (`topk` stores), else None.
         topk_indices: (B, k) int64 class ids of `topk_values`, else None.
+            (From a stream with `values="stored"` these three hold the store's dtypes until
+            `to(device)` widens them.)
         lse: (B, len(temperatures)) float32 full-row log-sum-exp per stored temperature, else None.
         views: (B,) int64 view of each sample these labels belong to (stores with views), else
             None.
@@ -73,18 +85,25 @@ class SoftLabels:
     view_params: np.ndarray | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
-        """A copy with the tensors on `device`."""
+        """A copy with the tensors on `device`, as the losses take them.
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+        Values and `lse` become float32 and class ids int64 on the device, whatever dtype the
+        stream delivered (see `SoftLabelStream`'s `values`): a stored-dtype batch is copied in
+        its small dtype and widened where it lands.
+        """
+
+        def move(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device, non_blocking=non_blocking).to(dtype)
 
         return SoftLabels(
             self.indices,
             self.sample_hash,
-            move(self.logits),
-            move(self.topk_values),
-            move(self.topk_indices),
-            move(self.lse),
+            move(self.logits, torch.float32),
+            move(self.topk_values, torch.float32),
+            move(self.topk_indices, torch.int64),
+            move(self.lse, torch.float32),
             self.views,
             self.view_params,
         )
@@ -154,6 +173,9 @@ class SoftLabelStream:
             DDP rank (False: all of this rank's batches). No difference with one rank.
         view_policy: for stores with views, which view of each sample an epoch uses: `cycle` or
             `random` (see `softcache.augment.choose_views`).
+        values: `float32` (values float32, class ids int64, decoded on the reader thread) or
+            `stored` (the store's dtypes: float16 / bfloat16 values, uint16 / int32 ids, for
+            `SoftLabels.to(device)` to widen on the device).
 
     With stored views the plan runs over samples (`block_rows = shard_rows // views`): a shard
     holds whole samples, all their views, and each batch row is the chosen view's row.
@@ -167,9 +189,13 @@ class SoftLabelStream:
         client: Any | None = None,
         equal_steps: bool = True,
         view_policy: str = "cycle",
+        values: str = "float32",
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
+        if values not in VALUE_MODES:
+            raise ValueError(f"values must be one of {', '.join(VALUE_MODES)}, got {values!r}")
+        self.values = values
         self.store = store
         self.prefetch_blocks = prefetch_blocks
         self.client = client
@@ -304,21 +330,33 @@ class SoftLabelStream:
         if VIEW_PARAMS in cols:
             out.view_params = cols[VIEW_PARAMS]
         if meta.encoding == "dense":
-            out.logits = torch.from_numpy(cols[LOGITS])
+            out.logits = self._values(cols[LOGITS])
         else:
-            out.topk_values = torch.from_numpy(cols[TOPK_VALUES])
+            out.topk_values = self._values(cols[TOPK_VALUES])
             out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
             out.lse = torch.from_numpy(cols[LSE])
         return out
 
     def _decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Storage dtypes -> what the losses take (runs on the reader thread)."""
+        """Storage dtypes -> what `_gather` wraps as tensors (runs on the reader thread)."""
+        if self.values == "stored":
+            if self.store.meta.value_dtype == "bfloat16":  # uint16 bits, as torch's bfloat16
+                for name in (LOGITS, TOPK_VALUES):
+                    if name in data:
+                        data[name] = data[name].view(np.int16)
+            return data
         for name in (LOGITS, TOPK_VALUES):
             if name in data:
                 data[name] = self.store.decode_values(data[name])
         if TOPK_INDICES in data:
             data[TOPK_INDICES] = data[TOPK_INDICES].astype(np.int64)
         return data
+
+    def _values(self, col: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(col)
+        if self.values == "stored" and self.store.meta.value_dtype == "bfloat16":
+            return tensor.view(torch.bfloat16)
+        return tensor
 
     def _compute(self, blocks: list[int]) -> list[dict[str, np.ndarray]]:
         graph = [{name: arr.blocks[b] for name, arr in self._arrays.items()} for b in blocks]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from softcache.errors import DatasetMismatchError
 from softcache.plan import EpochPlan
@@ -116,3 +117,34 @@ def test_stream_through_a_dask_local_cluster(make_store, processes):
     for soft, rows in zip(got, _plan(store).batches(), strict=True):
         assert np.array_equal(soft.indices, rows)
         _check_rows(store, soft, full)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "dtype"),
+    [("dense", "float16"), ("dense", "bfloat16"), ("topk", "float16"), ("topk", "bfloat16")],
+)
+def test_stored_dtypes_widen_to_the_float32_rows_on_to(make_store, encoding, dtype):
+    # The GPU path: the stream hands over the store's dtypes, `to(device)` widens them; the result
+    # must be bit for bit what the float32 path delivers.
+    path, _ = make_store(encoding=encoding, top_k=3, dtype=dtype)
+    store = LogitStore.open(path)
+    full = store.read_rows(0, store.meta.num_samples)
+    small = list(SoftLabelStream(store, values="stored").batches(_plan(store)))
+    wide = list(SoftLabelStream(store).batches(_plan(store)))
+    assert len(small) == len(wide)
+    values = small[0].logits if encoding == "dense" else small[0].topk_values
+    assert values.dtype == getattr(torch, dtype)
+    for soft, reference in zip(small, wide, strict=True):
+        moved = soft.to("cpu")
+        _check_rows(store, moved, full)
+        for name in ("logits", "topk_values", "topk_indices", "lse"):
+            a, b = getattr(moved, name), getattr(reference, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_stream_rejects_an_unknown_value_mode(make_store):
+    path, _ = make_store()
+    with pytest.raises(ValueError, match="values must be one of float32, stored"):
+        SoftLabelStream(LogitStore.open(path), values="float64")
