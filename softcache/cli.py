@@ -217,7 +217,11 @@ def build(
             f"{result.shards_total} ({result.shards_written} written, {result.shards_skipped} resumed)",
         ),
         ("bytes on disk", f"{result.bytes_stored:,} ({result.bytes_per_sample:,.1f} B/sample)"),
-        ("time", f"{result.seconds:.2f} s ({result.samples_per_second:,.0f} samples/s)"),
+        (
+            "time",
+            f"{result.seconds:.2f} s ({result.samples_per_second:,.0f} "
+            + ("samples/s)" if config.views == 1 else "views/s, teacher rows)"),
+        ),
     ]
     click.echo(format_table(rows))
 
