@@ -30,8 +30,9 @@ from benchmarks.speedup import SpeedupBench
 from benchmarks.storage import StorageBench
 from benchmarks.stream import StreamBench
 from benchmarks.train import TrainBench, TrainWorkload
+from benchmarks.views import ViewsBench
 
-SECTIONS = ("build", "train", "speedup", "stream", "storage", "scaling", "digits")
+SECTIONS = ("build", "views", "train", "speedup", "stream", "storage", "scaling", "digits")
 DEFAULT_JSON = Path("data/bench/results.json")
 # A 1-minute load average above this (the benchmark itself keeps about one core busy) means that
 # other processes shared the machine.
@@ -58,6 +59,7 @@ class Settings:
     vectors: str
     peaked: str
     build_rounds: int
+    views_rounds: int
     train_rounds: int
     train_epochs: int
     speedup_rounds: int
@@ -77,6 +79,7 @@ QUICK = Settings(
     vectors="benchmarks.models:vectors_quick",
     peaked="benchmarks.models:peaked_quick",
     build_rounds=2,
+    views_rounds=1,
     train_rounds=3,
     train_epochs=3,
     speedup_rounds=1,
@@ -95,6 +98,7 @@ FULL = Settings(
     vectors="benchmarks.models:vectors_full",
     peaked="benchmarks.models:peaked_full",
     build_rounds=7,
+    views_rounds=3,
     train_rounds=5,
     train_epochs=3,
     speedup_rounds=3,
@@ -121,6 +125,10 @@ def benches(section: str, settings: Settings, workdir: Path) -> list[tuple[Bench
     s = settings
     if section == "build":
         return [(BuildBench(BuildWorkload("", TEACHER, s.images), workdir), s.build_rounds)]
+    if section == "views":
+        # 1,024 samples x 4 views: as many teacher rows as the build section's full N.
+        workload = BuildWorkload("", TEACHER, "benchmarks.models:images_quick")
+        return [(ViewsBench(workload, 4, workdir), s.views_rounds)]
     if section == "train":
         workload = TrainWorkload("", STUDENT, TEACHER, s.images, epochs=s.train_epochs)
         return [(TrainBench(workload, workdir), s.train_rounds)]
