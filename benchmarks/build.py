@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -43,6 +44,7 @@ class BuildWorkload:
         compression_level: zstd level (`BuildConfig.compression_level`).
         goal: the goal the ratios are held to, or None for informational figures.
         note: appended to the ratios' detail.
+        device: where the teacher runs, in the build and the bare loop alike.
     """
 
     label: str
@@ -55,6 +57,7 @@ class BuildWorkload:
     compression_level: int = 3
     goal: float | None = BUILD_GOAL
     note: str = ""
+    device: str = "cpu"
 
     def config(self, encoding: str, output: Path) -> BuildConfig:
         return BuildConfig(
@@ -67,17 +70,28 @@ class BuildWorkload:
             compression_level=self.compression_level,
             batch_size=self.batch_size,
             shard_rows=self.shard_rows,
-            device="cpu",
+            device=self.device,
         )
 
 
-def bare_loop(teacher_spec: str, dataset_spec: str, batch_size: int) -> None:
+def bare_loop(teacher_spec: str, dataset_spec: str, batch_size: int, device: str = "cpu") -> None:
     """The baseline: instantiate the teacher and dataset, run every batch forward, keep nothing."""
-    teacher = instantiate(teacher_spec, "teacher").eval()
-    loader = DataLoader(instantiate(dataset_spec, "dataset"), batch_size=batch_size)
+    forward_only(
+        instantiate(teacher_spec, "teacher"),
+        instantiate(dataset_spec, "dataset"),
+        batch_size,
+        device,
+    )
+
+
+def forward_only(teacher: torch.nn.Module, dataset: Any, batch_size: int, device: str) -> None:
+    """Every batch of `dataset` through `teacher` on `device` (pinned copies on CUDA), nothing kept."""
+    teacher = teacher.eval().to(device)
+    cuda = device.startswith("cuda")
+    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=cuda)
     with torch.inference_mode():
         for inputs, _ in loader:
-            teacher(inputs)
+            teacher(inputs.to(device, non_blocking=cuda))
 
 
 class BuildBench:
@@ -106,7 +120,7 @@ class BuildBench:
     def cases(self) -> dict[str, Callable[[], float]]:
         w = self.workload
         return {
-            "bare": lambda: timed(lambda: bare_loop(w.teacher, w.dataset, w.batch_size)),
+            "bare": lambda: timed(lambda: bare_loop(w.teacher, w.dataset, w.batch_size, w.device)),
             "dense": lambda: self._build("dense"),
             "topk": lambda: self._build("topk"),
         }

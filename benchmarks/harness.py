@@ -83,10 +83,22 @@ def interleave(
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of one call."""
+    """Wall seconds of one call (CUDA work it queued included: the device is synchronised)."""
+    _synchronize()
     t0 = time.perf_counter()
     fn()
+    _synchronize()
     return time.perf_counter() - t0
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def default_device() -> str:
+    """`cuda` where a GPU is present, else `cpu`: what `--device auto` means."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def median(values: Sequence[float]) -> float:

@@ -24,7 +24,14 @@ import torch
 
 from benchmarks import digits
 from benchmarks.build import BuildBench, BuildWorkload
-from benchmarks.harness import Figure, environment, interleave, table, write_json
+from benchmarks.harness import (
+    Figure,
+    default_device,
+    environment,
+    interleave,
+    table,
+    write_json,
+)
 from benchmarks.scaling import ScalingBench
 from benchmarks.speedup import SpeedupBench
 from benchmarks.storage import StorageBench
@@ -120,21 +127,33 @@ class Bench(Protocol):
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]: ...
 
 
-def benches(section: str, settings: Settings, workdir: Path) -> list[tuple[Bench, int]]:
-    """The benches of a section with their number of rounds (setup, such as store builds, runs here)."""
+def benches(
+    section: str, settings: Settings, workdir: Path, device: str = "cpu"
+) -> list[tuple[Bench, int]]:
+    """The benches of a section with their number of rounds (setup, such as store builds, runs here).
+
+    `device` is where the teacher and student run in the build, views, train and speedup sections;
+    stream, storage and scaling measure the host side (reading, bytes, memory) and digits the fixed
+    costs, all on the CPU.
+    """
     s = settings
     if section == "build":
-        return [(BuildBench(BuildWorkload("", TEACHER, s.images), workdir), s.build_rounds)]
+        workload = BuildWorkload("", TEACHER, s.images, device=device)
+        return [(BuildBench(workload, workdir), s.build_rounds)]
     if section == "views":
         # 1,024 samples x 4 views: as many teacher rows as the build section's full N.
-        workload = BuildWorkload("", TEACHER, "benchmarks.models:images_quick")
+        workload = BuildWorkload("", TEACHER, "benchmarks.models:images_quick", device=device)
         return [(ViewsBench(workload, 4, workdir), s.views_rounds)]
     if section == "train":
-        workload = TrainWorkload("", STUDENT, TEACHER, s.images, epochs=s.train_epochs)
+        workload = TrainWorkload(
+            "", STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
+        )
         return [(TrainBench(workload, workdir), s.train_rounds)]
     if section == "speedup":
         cheapest = next(iter(ONLINE_TEACHERS.values()))
-        workload = TrainWorkload("", STUDENT, cheapest, s.online_images, epochs=s.train_epochs)
+        workload = TrainWorkload(
+            "", STUDENT, cheapest, s.online_images, epochs=s.train_epochs, device=device
+        )
         bench = SpeedupBench(
             workload,
             ONLINE_TEACHERS,
@@ -156,12 +175,14 @@ def benches(section: str, settings: Settings, workdir: Path) -> list[tuple[Bench
     ]
 
 
-def profile(target: str, settings: Settings, workdir: Path, top: int = 30) -> None:
+def profile(
+    target: str, settings: Settings, workdir: Path, device: str = "cpu", top: int = 30
+) -> None:
     """Run one case (after a warm-up call) under cProfile and print its heaviest calls."""
     section, _, case = target.partition(":")
     if section not in SECTIONS:
         raise SystemExit(f"--profile: unknown section {section!r}; choose from {SECTIONS}")
-    for bench, _ in benches(section, settings, workdir):
+    for bench, _ in benches(section, settings, workdir, device):
         cases = bench.cases()
         if case in cases:
             cases[case]()
@@ -190,8 +211,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", metavar="SECTION:CASE", help="profile one case, e.g. train:offline"
     )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where teachers and students run in build, views, train and speedup (auto: cuda "
+        "when a GPU is present)",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    device = default_device() if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -201,11 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="softcache-bench-") as tmp:
         workdir = Path(tmp)
         if args.profile:
-            profile(args.profile, settings, workdir)
+            profile(args.profile, settings, workdir, device)
             return
         env = environment()
         print(
-            f"softcache benchmarks, {settings.mode} mode: torch {env['torch']}, "
+            f"softcache benchmarks, {settings.mode} mode on {device}: torch {env['torch']}, "
             f"{env['torch_threads']} thread(s), {env['cpu_count']} CPUs, "
             f"load average {env['load_average']:.2f}",
             file=sys.stderr,
@@ -216,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         for section in sections:
             start = time.perf_counter()
             print(f"[{start - t0:6.1f} s] {section}: setting up", file=sys.stderr)
-            for bench, rounds in benches(section, settings, workdir):
+            for bench, rounds in benches(section, settings, workdir, device):
                 cases = bench.cases()
                 if cases:
                     print(
@@ -237,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         print()
     print("section seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in section_seconds.items()))
     run = {"mode": settings.mode, "settings": asdict(settings), "environment": env}
+    run["device"] = device
+    if device == "cuda":
+        run["gpu"] = torch.cuda.get_device_name()
     run |= {"load_average_end": load[1], "section_seconds": section_seconds}
     write_json(args.json, run, figures)
     print(f"results: {args.json}")

@@ -54,7 +54,11 @@ class SpeedupBench:
         self.online_epochs = online_epochs
         self.cost_rounds = cost_rounds
         build = BuildWorkload(
-            "", workload.teacher, workload.dataset, shard_rows=workload.shard_rows
+            "",
+            workload.teacher,
+            workload.dataset,
+            shard_rows=workload.shard_rows,
+            device=workload.device,
         )
         self.store = fresh_store(build, "dense", workdir / "speedup-dense.zarr")
         self.num_samples = LogitStore.open(self.store).meta.num_samples

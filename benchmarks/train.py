@@ -66,6 +66,7 @@ class TrainWorkload:
     batch_size: int = 64
     shard_rows: int = 512
     goal: float | None = TRAIN_GOAL
+    device: str = "cpu"
 
 
 def run_training(
@@ -98,7 +99,7 @@ def run_training(
         teacher=(teacher or workload.teacher) if mode == "online" else None,
         epochs=workload.epochs if epochs is None else epochs,
         batch_size=workload.batch_size,
-        device="cpu",
+        device=workload.device,
         output=str(output),
     )
     result = train(config, progress=False)
@@ -115,7 +116,11 @@ class TrainBench:
         self.workload = workload
         self.workdir = workdir
         build = BuildWorkload(
-            "", workload.teacher, workload.dataset, shard_rows=workload.shard_rows
+            "",
+            workload.teacher,
+            workload.dataset,
+            shard_rows=workload.shard_rows,
+            device=workload.device,
         )
         self.stores = {
             "dense": fresh_store(build, "dense", workdir / "train-dense.zarr"),
@@ -252,10 +257,11 @@ class ModelCosts:
 def model_costs(workload: TrainWorkload, batch_size: int, rounds: int = 7) -> ModelCosts:
     """Time the teacher's and the student's passes on one batch of the dataset, interleaved."""
     dataset = instantiate(workload.dataset, "dataset")
-    inputs = torch.stack([dataset[i][0] for i in range(batch_size)])
-    labels = torch.tensor([dataset[i][1] for i in range(batch_size)])
-    teacher: nn.Module = instantiate(workload.teacher, "teacher")
-    student: nn.Module = instantiate(workload.student, "student")
+    device = workload.device
+    inputs = torch.stack([dataset[i][0] for i in range(batch_size)]).to(device)
+    labels = torch.tensor([dataset[i][1] for i in range(batch_size)]).to(device)
+    teacher: nn.Module = instantiate(workload.teacher, "teacher").to(device)
+    student: nn.Module = instantiate(workload.student, "student").to(device)
     optimizer = torch.optim.AdamW(student.parameters())
 
     def fwd_bwd(model: nn.Module) -> Callable[[], float]:

@@ -17,10 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
-from benchmarks.build import BUILD_GOAL, BuildWorkload
+from benchmarks.build import BUILD_GOAL, BuildWorkload, forward_only
 from benchmarks.harness import Figure, ratio_figure, timed
 from softcache.augment import parse_augment
 from softcache.build import BuildResult, build
@@ -45,12 +42,10 @@ class ViewsBench:
         self._count = itertools.count()
 
     def _forward(self, dataset: object, passes: int) -> None:
-        teacher = instantiate(self.workload.teacher, "teacher").eval()
-        loader = DataLoader(dataset, batch_size=self.workload.batch_size)  # type: ignore[arg-type]
-        with torch.inference_mode():
-            for _ in range(passes):
-                for inputs, _ in loader:
-                    teacher(inputs)
+        w = self.workload
+        teacher = instantiate(w.teacher, "teacher")
+        for _ in range(passes):
+            forward_only(teacher, dataset, w.batch_size, w.device)
 
     def _bare_views(self) -> None:
         data = instantiate(self.workload.dataset, "dataset")
