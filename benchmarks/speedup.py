@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.build import BuildWorkload, fresh_store
+from benchmarks.build import fresh_store
 from benchmarks.harness import Figure, median, ratio_figure
 from benchmarks.train import TrainWorkload, model_costs, run_training
 from softcache.store import LogitStore
@@ -53,13 +53,7 @@ class SpeedupBench:
         self.workdir = workdir
         self.online_epochs = online_epochs
         self.cost_rounds = cost_rounds
-        build = BuildWorkload(
-            "",
-            workload.teacher,
-            workload.dataset,
-            shard_rows=workload.shard_rows,
-            device=workload.device,
-        )
+        build = workload.build_workload()
         self.store = fresh_store(build, "dense", workdir / "speedup-dense.zarr")
         self.num_samples = LogitStore.open(self.store).meta.num_samples
         self._count = itertools.count()

@@ -56,6 +56,7 @@ class TrainWorkload:
         batch_size: student batch size.
         shard_rows: the stores' shard height (the plan's block).
         goal: the goal of the offline / hard ratios, or None for informational figures.
+        device: where the student (and the online teacher) run.
     """
 
     label: str
@@ -67,6 +68,12 @@ class TrainWorkload:
     shard_rows: int = 512
     goal: float | None = TRAIN_GOAL
     device: str = "cpu"
+
+    def build_workload(self) -> BuildWorkload:
+        """The build of this workload's stores: its teacher, dataset, shard height and device."""
+        return BuildWorkload(
+            "", self.teacher, self.dataset, shard_rows=self.shard_rows, device=self.device
+        )
 
 
 def run_training(
@@ -115,13 +122,7 @@ class TrainBench:
     def __init__(self, workload: TrainWorkload, workdir: Path) -> None:
         self.workload = workload
         self.workdir = workdir
-        build = BuildWorkload(
-            "",
-            workload.teacher,
-            workload.dataset,
-            shard_rows=workload.shard_rows,
-            device=workload.device,
-        )
+        build = workload.build_workload()
         self.stores = {
             "dense": fresh_store(build, "dense", workdir / "train-dense.zarr"),
             "topk": fresh_store(build, "topk", workdir / "train-topk.zarr"),
