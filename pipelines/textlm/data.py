@@ -10,10 +10,9 @@ The corpus is their bytes in that order, each followed by a NUL byte (`FILE_SEP`
 source contains). `manifest()` lists the files and the sha256 of the corpus bytes: a patch release
 may edit a file, so compare `fingerprint()` before reusing a cache built elsewhere.
 
-Each file goes to the test split when the first 8 bytes of sha256(`"split:" + relative path`),
-as an integer,
-are below `TEST_FRACTION` (10 %) of 2^64; a file's bytes are in one split only. Each split is a
-*stream*: its files' bytes in corpus order, each followed by `FILE_SEP`.
+Each file goes to the test split when the first 8 bytes of sha256(`"split:" + relative path`), as
+an integer, are below `TEST_FRACTION` (10 %) of 2^64; a file's bytes are in one split only. Each
+split is a *stream*: its files' bytes in corpus order, each followed by `FILE_SEP`.
 
 Alignment (the convention a per-token cache follows): an item is a span `[s, s + n)` of a split's
 stream; `input_ids = stream[s : s + n]` and `labels = stream[s + 1 : s + n + 1]`, so position `j`'s
