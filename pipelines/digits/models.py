@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.checkpoints import load_prepared
+
 NUM_CLASSES = 10
 DATA_DIR = Path(
     os.environ.get("SOFTCACHE_DIGITS_DIR", Path(__file__).resolve().parents[2] / "data" / "digits")
@@ -52,10 +54,4 @@ def untrained_teacher() -> nn.Module:
 
 def teacher() -> nn.Module:
     """The trained teacher, loaded from `data/digits/teacher.pt`."""
-    if not TEACHER_CHECKPOINT.is_file():
-        raise FileNotFoundError(
-            f"no teacher checkpoint at {TEACHER_CHECKPOINT}; run `python -m pipelines.digits.prepare`"
-        )
-    model = TeacherCNN()
-    model.load_state_dict(torch.load(TEACHER_CHECKPOINT, map_location="cpu", weights_only=True))
-    return model.eval()
+    return load_prepared(TeacherCNN(), TEACHER_CHECKPOINT, "pipelines.digits.prepare")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.checkpoints import load_prepared
+
 VOCAB = 256
 MAX_LEN = 512
 DATA_DIR = Path(
@@ -98,10 +100,4 @@ def untrained_teacher() -> nn.Module:
 
 def teacher() -> nn.Module:
     """The trained teacher, loaded from `data/textlm/teacher.pt`, in eval mode."""
-    if not TEACHER_CHECKPOINT.is_file():
-        raise FileNotFoundError(
-            f"no teacher checkpoint at {TEACHER_CHECKPOINT}; run `python -m pipelines.textlm.prepare`"
-        )
-    model = untrained_teacher()
-    model.load_state_dict(torch.load(TEACHER_CHECKPOINT, map_location="cpu", weights_only=True))
-    return model.eval()
+    return load_prepared(untrained_teacher(), TEACHER_CHECKPOINT, "pipelines.textlm.prepare")
