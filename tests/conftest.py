@@ -7,14 +7,23 @@ repository root.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from softcache.build import BuildResult, build
 from softcache.config import BuildConfig
+
+# CI (`CI=true bash .ci/run`) draws hypothesis examples from a fixed seed, so a landing never hangs
+# on a rare draw that no change made; local runs keep exploring new examples (and the seed that
+# fails is printed). Loaded here, before the test modules build their `settings(...)` objects.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = "tests.helpers.specs"
