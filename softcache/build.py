@@ -119,7 +119,7 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
     """
     device = resolve_device(config.device)
     dataset, num_samples, augmentation = teacher_inputs(config)
-    teacher = _load_teacher(config.teacher, device)
+    teacher = load_teacher(config.teacher, device)
     num_classes = _probe_classes(teacher, dataset, device, config)
     if config.encoding == "topk" and config.top_k > num_classes:
         raise ConfigError(
@@ -294,7 +294,7 @@ def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str)
     key = (config.teacher, teacher_sha256, config.dataset, str(device))
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()  # one teacher at a time: a worker's memory stays one model
-        teacher = _load_teacher(config.teacher, device)
+        teacher = load_teacher(config.teacher, device)
         sha = state_dict_sha256(teacher)
         if sha != teacher_sha256:
             raise SoftcacheError(
@@ -384,7 +384,7 @@ def _run_teacher(
             shard = indices[0] // meta.shard_rows
             offset = indices[0] - shard * meta.shard_rows
             x = inputs.to(device, non_blocking=cuda)
-            with _autocast(device, config.amp):
+            with autocast(device, config.amp):
                 try:
                     logits = teacher(x)
                 except Exception as exc:
@@ -452,7 +452,8 @@ def _check_output(logits: Any, batch: int, num_classes: int, first_index: int) -
         )
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    """fp16 autocast on CUDA when `amp`, else nothing (AMP is a no-op on CPU by design)."""
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
@@ -503,7 +504,8 @@ def _check_dataset(dataset: Any, spec: str) -> int:
     return n
 
 
-def _load_teacher(spec: str, device: torch.device) -> nn.Module:
+def load_teacher(spec: str, device: torch.device) -> nn.Module:
+    """Instantiate a teacher spec, in eval mode on `device`."""
     teacher = instantiate(spec, "teacher")
     if not isinstance(teacher, nn.Module):
         raise SpecError(
@@ -517,7 +519,7 @@ def _probe_classes(
 ) -> int:
     """Run one sample through the teacher to learn C (and fail early on a wrong output)."""
     inputs, _, _ = collate_with_hashes([dataset[0]])
-    with torch.inference_mode(), _autocast(device, config.amp):
+    with torch.inference_mode(), autocast(device, config.amp):
         try:
             out = teacher(inputs.to(device))
         except Exception as exc:
@@ -629,8 +631,11 @@ def _layout_diff(old: StoreMeta, new: StoreMeta) -> list[str]:
             "shard_rows",
             "chunk_rows",
             "views",
+            "layout",
+            "num_tokens",
         )
     ]
+    pairs.append(("token_codec", _plain(old.token_codec), _plain(new.token_codec)))
     pairs.append(("augmentation", _plain(old.augmentation), _plain(new.augmentation)))
     pairs.append(("teacher", dict(old.teacher), dict(new.teacher)))
     pairs.append(("dataset", old.dataset.get("spec"), new.dataset.get("spec")))

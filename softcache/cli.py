@@ -90,8 +90,10 @@ def main() -> None:
 @click.option("--output", "-o", help="Where to write the store (a directory).")
 @click.option(
     "--encoding",
-    type=click.Choice(["dense", "topk"]),
-    help="dense keeps all C logits; topk keeps the k largest plus normalisers.  [default: dense]",
+    type=click.Choice(["dense", "topk", "sampled"]),
+    help="dense keeps all C logits; topk keeps the k largest plus normalisers (with --lm: plus "
+    "the residual mass); sampled (--lm only) keeps --draws ids drawn from the teacher.  "
+    "[default: dense]",
 )
 @click.option(
     "--top-k", "top_k", type=int, help="Entries kept per row with --encoding topk.  [default: 5]"
@@ -143,6 +145,33 @@ def main() -> None:
     help="Seeds the views' parameters, drawn from (seed, sample, view).  [default: 0]",
 )
 @click.option(
+    "--lm",
+    is_flag=True,
+    default=None,
+    help="The teacher is a causal LM over token sequences: one row per real token (format 3, "
+    "see docs/FORMAT.md); --shard-rows counts tokens, --batch-size sequences.",
+)
+@click.option(
+    "--draws", type=int, help="Ids drawn per token for --encoding sampled.  [default: 32]"
+)
+@click.option(
+    "--value-bits",
+    type=int,
+    help="--lm topk: 0 stores float16 log-probabilities; 1..16 stores square-root codes of that "
+    "many bits (7 costs ~0.0004 nats/token).  [default: 0]",
+)
+@click.option(
+    "--id-coding",
+    type=click.Choice(["elias_fano", "plain"]),
+    help="--lm token ids: Elias-Fano (smallest) or plain integers.  [default: elias_fano]",
+)
+@click.option(
+    "--lm-temperature",
+    type=float,
+    help="Temperature of --lm log-probabilities and draws.  [default: 1]",
+)
+@click.option("--seed", type=int, help="Seeds --encoding sampled's draws.  [default: 0]")
+@click.option(
     "--workers",
     type=int,
     help="Run on a Dask cluster of N worker processes on this machine (one per GPU on a GPU node; "
@@ -184,9 +213,13 @@ def build(
     """
     from softcache.build import build as run_build
     from softcache.config import BuildConfig, load_config
+    from softcache.lm_build import build_tokens
 
     options["storage_options"] = _options_from(storage_option)
     config = load_config(BuildConfig, config_file, options, section="build")
+    if config.lm:
+        _report_lm_build(build_tokens(config, progress=not quiet), config, as_json)
+        return
     result = run_build(config, progress=not quiet)
     summary = {
         "store": result.store,
@@ -222,6 +255,51 @@ def build(
             f"{result.seconds:.2f} s ({result.samples_per_second:,.0f} "
             + ("samples/s)" if config.views == 1 else "views/s, teacher rows)"),
         ),
+    ]
+    click.echo(format_table(rows))
+
+
+def _report_lm_build(result: Any, config: Any, as_json: bool) -> None:
+    from softcache.store import LogitStore
+
+    meta = LogitStore.open(result.store, storage_options=config.storage_options).meta
+    codec = meta.codec
+    width = f"k={codec.width}" if codec.encoding == "topk" else f"{codec.width} draws"
+    values = f"{codec.value_bits}-bit sqrt codes" if codec.value_bits else "float16"
+    summary = {
+        "store": result.store,
+        "encoding": codec.encoding,
+        "width": codec.width,
+        "vocab_size": codec.vocab_size,
+        "samples": result.num_samples,
+        "tokens": meta.num_tokens,
+        "shards": result.shards_total,
+        "shards_written": result.shards_written,
+        "shards_resumed": result.shards_skipped,
+        "bytes_stored": result.bytes_stored,
+        "bytes_per_token": round(result.bytes_stored / meta.num_tokens, 2),
+        "seconds": round(result.seconds, 3),
+        "tokens_per_second": round(result.samples_per_second, 1),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    rows = [
+        ("store", result.store),
+        (
+            "encoding",
+            f"{codec.encoding} ({width}, {values}, ids {codec.ids})"
+            if codec.encoding == "topk"
+            else f"sampled ({width} at temperature {codec.temperature:g}, ids {codec.ids})",
+        ),
+        ("vocabulary", f"{codec.vocab_size:,}"),
+        ("samples", f"{result.num_samples:,} ({meta.num_tokens:,} tokens)"),
+        (
+            "shards",
+            f"{result.shards_total} ({result.shards_written} written, {result.shards_skipped} resumed)",
+        ),
+        ("bytes on disk", f"{result.bytes_stored:,} ({summary['bytes_per_token']:,.1f} B/token)"),
+        ("time", f"{result.seconds:.2f} s ({result.samples_per_second:,.0f} tokens/s)"),
     ]
     click.echo(format_table(rows))
 

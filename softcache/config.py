@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from softcache.errors import ConfigError
 
 SECTIONS = ("build", "train")
-ENCODINGS = ("dense", "topk")
+ENCODINGS = ("dense", "topk", "sampled")
+ID_CODINGS = ("elias_fano", "plain")
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
 C = TypeVar("C")
@@ -62,6 +63,15 @@ class BuildConfig:
         augment: the augmentation that makes each view (`softcache.augment.parse_augment`
             grammar, e.g. "crop(size=32,scale=0.35:1);flip", or a `module:callable` spec).
         augment_seed: seeds every view's parameters, drawn from (augment_seed, sample, view).
+        lm: the teacher is a causal LM over token sequences (`softcache.sequences`): the store
+            holds one row per real token (format_version 3); `shard_rows` counts tokens and
+            `batch_size` sequences. Encodings `topk` (with the residual mass) or `sampled`.
+        draws: ids drawn per token from the teacher for `sampled`.
+        value_bits: `topk` with `lm`: 0 stores float16 log-probabilities; 1..16 stores
+            square-root codes of that many bits (`softcache.tokens.quantize_logprobs`).
+        id_coding: `lm` token ids as `elias_fano` (smallest) or `plain` integers.
+        lm_temperature: temperature of an `lm` store's log-probabilities and draws.
+        seed: seeds the draws of `sampled` (per shard: a resumed shard draws the same ids).
     """
 
     teacher: str
@@ -88,9 +98,22 @@ class BuildConfig:
     views: int = 1
     augment: str | None = None
     augment_seed: int = 0
+    lm: bool = False
+    draws: int = 32
+    value_bits: int = 0
+    id_coding: str = "elias_fano"
+    lm_temperature: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("encoding", self.encoding, ENCODINGS)
+        _check_choice("id_coding", self.id_coding, ID_CODINGS)
+        if self.lm:
+            self._check_lm()
+        elif self.encoding == "sampled":
+            raise ConfigError(
+                "--encoding sampled is for language models: pass --lm (one row per token)"
+            )
         _check_positive("views", self.views)
         if self.views > 1 and not self.augment:
             raise ConfigError(
@@ -134,6 +157,24 @@ class BuildConfig:
             raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}")
         if not self.teacher or not self.dataset or not self.output:
             raise ConfigError("teacher, dataset and output are required")
+
+    def _check_lm(self) -> None:
+        if self.encoding == "dense":
+            raise ConfigError(
+                "--lm stores are sparse: pass --encoding topk (with --top-k) or --encoding "
+                "sampled (with --draws); dense rows of a large vocabulary do not fit"
+            )
+        if self.views > 1 or self.augment:
+            raise ConfigError("--lm stores have no augmentation views; drop --views/--augment")
+        if self.workers or self.dask_scheduler:
+            raise ConfigError(
+                "--lm builds run in one process for now; drop --workers/--dask-scheduler"
+            )
+        _check_positive("draws", self.draws)
+        if not 0 <= self.value_bits <= 16:
+            raise ConfigError(f"value_bits must be in 0..16 (0: float16), got {self.value_bits}")
+        if not self.lm_temperature > 0:
+            raise ConfigError(f"lm_temperature must be > 0, got {self.lm_temperature}")
 
     @property
     def distributed(self) -> bool:

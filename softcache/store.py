@@ -42,12 +42,17 @@ from softcache.errors import (
     UnsupportedVersionError,
 )
 from softcache.location import exists, is_local, local_path, object_size, open_location
+from softcache.token_codec import TokenCodec
 
 FORMAT_VERSION = 1
 # Stores with stored augmentation views (`view_params`): readers of version 1 would misread their rows
 # as samples, so they carry version 2; a store without views stays version 1, readable by all.
 VIEWS_FORMAT_VERSION = 2
-READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION)
+# Per-token stores of language models (`layout = "tokens"`): one row per token, CSR style. Their rows
+# are tokens, not samples, so readers of versions 1 and 2 must refuse them.
+TOKENS_FORMAT_VERSION = 3
+READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION, TOKENS_FORMAT_VERSION)
+LAYOUTS = ("rows", "tokens")
 ATTR_KEY = "softcache"
 LOGITS = "logits"
 TOPK_VALUES = "topk_values"
@@ -58,6 +63,17 @@ SHARD_DONE = "shard_done"
 VIEW_PARAMS = "view_params"
 DENSE_ARRAYS = (LOGITS,)
 TOPK_ARRAYS = (TOPK_VALUES, TOPK_INDICES, LSE)
+# The per-token layout (format_version 3).
+OFFSETS = "offsets"
+TOKEN_IDS = "token_ids"
+TOKEN_VALUES = "token_values"
+TOKEN_RESIDUAL = "token_residual"
+TOKEN_COUNTS = "token_counts"
+TOKEN_ENTROPY = "token_entropy"
+TOKEN_TOPK_ARRAYS = (TOKEN_IDS, TOKEN_VALUES, TOKEN_RESIDUAL)
+TOKEN_SAMPLED_ARRAYS = (TOKEN_IDS, TOKEN_COUNTS, TOKEN_ENTROPY)
+# Samples per chunk of the per-sample arrays of a tokens store (offsets, sample_hash).
+_SAMPLE_CHUNK = 65536
 
 # The numpy dtype each value_dtype is stored as.
 _STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -86,6 +102,11 @@ class StoreMeta:
         views: stored views per sample (1 without augmentation).
         augmentation: None, or {"spec", "param_names", "seed"}: the augmentation whose parameters
             `view_params` holds (`softcache.augment.parse_augment(spec)` rebuilds it).
+        layout: `rows` (one row per sample or view) or `tokens` (one row per token of a
+            sequence, format_version 3: `offsets` (N+1,) maps sample i to rows
+            `offsets[i]:offsets[i+1]`; `encoding` is then `topk` or `sampled`).
+        num_tokens: rows of a `tokens` store (T, the real tokens of all samples); 0 otherwise.
+        token_codec: how a `tokens` store codes its rows (`TokenCodec.to_dict`); None otherwise.
     """
 
     encoding: str
@@ -105,11 +126,26 @@ class StoreMeta:
     complete: bool = False
     views: int = 1
     augmentation: Mapping[str, Any] | None = None
+    layout: str = "rows"
+    num_tokens: int = 0
+    token_codec: Mapping[str, Any] | None = None
+
+    @property
+    def tokens(self) -> bool:
+        """Whether this is a per-token store (one row per token, `offsets` per sample)."""
+        return self.layout == "tokens"
+
+    @property
+    def codec(self) -> TokenCodec:
+        """The row coding of a `tokens` store."""
+        if self.token_codec is None:
+            raise StoreFormatError("this store has no per-token layout (token_codec is missing)")
+        return TokenCodec.from_dict(self.token_codec)
 
     @property
     def num_rows(self) -> int:
-        """Rows of every per-row array: one per (sample, view)."""
-        return self.num_samples * self.views
+        """Rows of every per-row array: one per (sample, view), or one per token."""
+        return self.num_tokens if self.tokens else self.num_samples * self.views
 
     @property
     def num_shards(self) -> int:
@@ -129,6 +165,13 @@ class StoreMeta:
     def index_dtype(self) -> np.dtype:
         """uint16 when every class id fits, else int32."""
         return np.dtype(np.uint16 if self.num_classes <= 65536 else np.int32)
+
+    @property
+    def required_version(self) -> int:
+        """The lowest format version that can describe this store."""
+        if self.tokens:
+            return TOKENS_FORMAT_VERSION
+        return VIEWS_FORMAT_VERSION if self.augmentation else FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -151,9 +194,17 @@ class StoreMeta:
         try:
             kwargs = {k: v for k, v in data.items() if k in names}
             kwargs["temperatures"] = tuple(float(t) for t in data.get("temperatures", ()))
-            return cls(**kwargs)
+            meta = cls(**kwargs)
         except TypeError as exc:
             raise StoreFormatError(f"{where} has malformed softcache metadata: {exc}") from exc
+        if meta.layout not in LAYOUTS or (meta.tokens and meta.token_codec is None):
+            raise StoreFormatError(
+                f"{where} has layout {meta.layout!r}; expected one of {LAYOUTS}, with a "
+                "token_codec for 'tokens'"
+            )
+        if meta.tokens:
+            meta.codec  # noqa: B018 - parses, raising StoreFormatError when malformed
+        return meta
 
 
 class LogitStore:
@@ -191,7 +242,7 @@ class LogitStore:
             meta,
             complete=False,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            format_version=VIEWS_FORMAT_VERSION if meta.augmentation else FORMAT_VERSION,
+            format_version=meta.required_version,
         )
         backend = open_location(str(path), read_only=False, storage_options=storage_options)
         # The attribute is written with the group itself, so no instant exists at which the
@@ -211,6 +262,21 @@ class LogitStore:
                 fill_value=0,
                 dimension_names=("sample", *(("entry",) if len(shape) > 1 else ())),
             )
+        if meta.tokens:
+            # Per-sample arrays, written once before any shard (`write_samples`).
+            for name, shape, dtype in (
+                (OFFSETS, (meta.num_samples + 1,), np.dtype(np.int64)),
+                (SAMPLE_HASH, (meta.num_samples,), np.dtype(np.uint64)),
+            ):
+                group.create_array(
+                    name,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=(min(_SAMPLE_CHUNK, max(shape[0], 1)),),
+                    compressors=compressors,
+                    fill_value=0,
+                    dimension_names=("sample",),
+                )
         # One element per chunk, so each shard's writer owns exactly one object in the store.
         group.create_array(
             SHARD_DONE,
@@ -282,17 +348,28 @@ class LogitStore:
     @property
     def data_array_names(self) -> tuple[str, ...]:
         """The per-row soft-label arrays of this encoding (without `sample_hash`)."""
-        return DENSE_ARRAYS if self.meta.encoding == "dense" else TOPK_ARRAYS
+        return data_array_names(self.meta)
 
     @property
     def row_array_names(self) -> tuple[str, ...]:
-        """Every per-row array: the soft labels, `view_params` when views are stored, the hashes."""
+        """Every array sharded by rows (written by `write_shard`).
+
+        Row stores: the soft labels, `view_params` when views are stored, the hashes. Token stores:
+        the per-token arrays only (their hashes are per sample).
+        """
+        if self.meta.tokens:
+            return self.data_array_names
         params = (VIEW_PARAMS,) if self.meta.augmentation else ()
         return (*self.data_array_names, *params, SAMPLE_HASH)
 
     @property
+    def sample_array_names(self) -> tuple[str, ...]:
+        """Per-sample arrays of a token store, written once by `write_samples` (else empty)."""
+        return (OFFSETS, SAMPLE_HASH) if self.meta.tokens else ()
+
+    @property
     def array_names(self) -> tuple[str, ...]:
-        return (*self.row_array_names, SHARD_DONE)
+        return (*self.row_array_names, *self.sample_array_names, SHARD_DONE)
 
     def array(self, name: str) -> zarr.Array:
         """The Zarr array called `name` (one of `array_names`)."""
@@ -352,6 +429,28 @@ class LogitStore:
             self.array(name)[start:stop] = data
         self.array(SHARD_DONE)[shard] = 1
 
+    def write_samples(self, offsets: np.ndarray, hashes: np.ndarray) -> None:
+        """Write a token store's per-sample arrays (before its shards).
+
+        Args:
+            offsets: ``(N + 1,)`` int64, non-decreasing from 0 to ``num_tokens``: sample ``i``'s
+                tokens are rows ``offsets[i]:offsets[i + 1]``.
+            hashes: ``(N,)`` uint64, each sample's input hash.
+        """
+        meta = self.meta
+        offsets = np.asarray(offsets, dtype=np.int64)
+        check_offsets(offsets, meta.num_samples, meta.num_tokens)
+        if hashes.shape != (meta.num_samples,):
+            raise ValueError(f"hashes must be ({meta.num_samples},), got {hashes.shape}")
+        self.array(OFFSETS)[:] = offsets
+        self.array(SAMPLE_HASH)[:] = hashes.astype(np.uint64)
+
+    def offsets(self) -> np.ndarray:
+        """``(N + 1,)`` int64 CSR offsets of a token store: sample i is rows ``[o[i], o[i+1])``."""
+        if not self.meta.tokens:
+            raise StoreFormatError(f"store {self.location} has one row per sample, no offsets")
+        return self.read(OFFSETS)
+
     def mark_complete(self, dataset_fingerprint: str) -> None:
         """Record the dataset fingerprint and set `complete`: the last write of a build."""
         dataset = {**self.meta.dataset, "fingerprint": dataset_fingerprint}
@@ -369,7 +468,10 @@ class LogitStore:
         return {name: self.read(name, slice(start, stop)) for name in self.row_array_names}
 
     def top1(self) -> np.ndarray:
-        """(N,) int64: the teacher's top-1 class for every row."""
+        """(N,) int64: the teacher's top-1 class for every row (every token of a token store)."""
+        if self.meta.tokens:
+            decoded = decode_token_rows(self.read_rows(0, self.meta.num_rows), self.meta)
+            return self.meta.codec.top1(decoded).numpy()
         if self.meta.encoding == "dense":
             return self.read(LOGITS).argmax(axis=1).astype(np.int64)
         return self.read(TOPK_INDICES)[:, 0].astype(np.int64)
@@ -408,8 +510,57 @@ def holds_group(backend: Any) -> bool:
     return exists(backend, "zarr.json")
 
 
+# Array name of each row field of a token store (`softcache.token_codec`).
+_TOKEN_FIELDS = {
+    "ids": TOKEN_IDS,
+    "values": TOKEN_VALUES,
+    "residual": TOKEN_RESIDUAL,
+    "counts": TOKEN_COUNTS,
+    "entropy": TOKEN_ENTROPY,
+}
+
+
+def data_array_names(meta: StoreMeta) -> tuple[str, ...]:
+    """The per-row soft-label arrays of a store's encoding and layout."""
+    if meta.tokens:
+        return TOKEN_SAMPLED_ARRAYS if meta.encoding == "sampled" else TOKEN_TOPK_ARRAYS
+    return DENSE_ARRAYS if meta.encoding == "dense" else TOPK_ARRAYS
+
+
+def token_arrays(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Row fields of a token store (`TokenCodec.encode`) keyed by their array names."""
+    return {_TOKEN_FIELDS[field]: value for field, value in fields.items()}
+
+
+def token_fields(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `token_arrays`: a token store's arrays keyed by field name."""
+    names = {name: field for field, name in _TOKEN_FIELDS.items()}
+    return {names[name]: value for name, value in arrays.items() if name in names}
+
+
+def decode_token_rows(arrays: Mapping[str, np.ndarray], meta: StoreMeta) -> dict[str, Any]:
+    """Rows of a token store's arrays (`LogitStore.read_rows`) -> the loss's tensors.
+
+    See `TokenCodec.decode` for the keys, shapes and dtypes.
+    """
+    return meta.codec.decode(token_fields(arrays))
+
+
+def check_offsets(offsets: np.ndarray, num_samples: int, num_tokens: int) -> None:
+    """Raise StoreFormatError unless ``offsets`` is a valid CSR index of N samples over T rows."""
+    if offsets.shape != (num_samples + 1,):
+        raise StoreFormatError(f"offsets must be ({num_samples + 1},), got {offsets.shape}")
+    if offsets[0] != 0 or offsets[-1] != num_tokens or (np.diff(offsets) < 0).any():
+        raise StoreFormatError(
+            f"offsets must rise from 0 to num_tokens = {num_tokens}; got {offsets[0]} .. "
+            f"{offsets[-1]}, {int((np.diff(offsets) < 0).sum())} decreasing step(s)"
+        )
+
+
 def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-row shape and storage dtype of every per-row array for a store's meta."""
+    if meta.tokens:
+        return token_arrays(meta.codec.field_layout())
     vdt = storage_dtype(meta.value_dtype)
     layout: dict[str, tuple[tuple[int, ...], np.dtype]]
     if meta.encoding == "dense":

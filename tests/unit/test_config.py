@@ -124,7 +124,7 @@ def test_optional_int_accepts_none_and_ints() -> None:
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"encoding": "sparse"}, "encoding must be one of dense, topk, got 'sparse'"),
+        ({"encoding": "sparse"}, "encoding must be one of dense, topk, sampled, got 'sparse'"),
         ({"dtype": "int8"}, "dtype must be one of float16, bfloat16, float32"),
         ({"top_k": 0}, "top_k must be a positive integer, got 0"),
         ({"batch_size": -1}, "batch_size must be a positive integer"),
