@@ -171,6 +171,10 @@ class BuildConfig:
                 "--lm builds run in one process for now; drop --workers/--dask-scheduler"
             )
         _check_positive("draws", self.draws)
+        if self.encoding == "sampled" and self.value_bits:
+            raise ConfigError(
+                "--value-bits quantises top-k values; sampled stores keep ids and counts only"
+            )
         if not 0 <= self.value_bits <= 16:
             raise ConfigError(f"value_bits must be in 0..16 (0: float16), got {self.value_bits}")
         if not self.lm_temperature > 0:
@@ -251,6 +255,11 @@ class TrainConfig:
             or offline from a store without views: the teacher's labels are then of the
             unaugmented input). Same grammar as `softcache build --augment`.
         augment_seed: seeds the views `augment` draws.
+        lm: the student (and teacher) are causal LMs over token sequences
+            (`softcache.lm_train`): per-token losses on the real tokens, a per-token store
+            (`softcache build --lm`) for `offline`, and perplexity and next-token agreement
+            in the evaluation. Offline KD then uses the store's temperature.
+        max_steps: stop after this many optimiser steps (0: run every epoch); `lm` only.
     """
 
     student: str
@@ -286,9 +295,13 @@ class TrainConfig:
     view_policy: str = "cycle"
     augment: str | None = None
     augment_seed: int = 0
+    lm: bool = False
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, TRAIN_MODES)
+        if self.max_steps < 0 or (self.max_steps and not self.lm):
+            raise ConfigError(f"max_steps must be >= 0 and needs --lm, got {self.max_steps}")
         _check_choice("view_policy", self.view_policy, VIEW_POLICIES)
         _check_choice("hash_check", self.hash_check, HASH_CHECKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

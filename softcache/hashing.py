@@ -31,7 +31,8 @@ def hash_rows(inputs: torch.Tensor) -> np.ndarray:
     Returns:
         (B,) uint64 hashes; equal rows of equal dtype and shape hash equal, across processes and runs.
     """
-    batch = inputs.detach().cpu().contiguous()
+    # clone: `.contiguous()` keeps the zero strides of an empty tensor, which `view` refuses.
+    batch = inputs.detach().cpu().clone(memory_format=torch.contiguous_format)
     header = f"{batch.dtype}|{tuple(batch.shape[1:])}|".encode()
     # Reinterpret as bytes so dtypes numpy lacks (bfloat16) hash too.
     raw = batch.reshape(batch.shape[0], -1).view(torch.uint8).numpy()
@@ -43,9 +44,16 @@ def hash_rows(inputs: torch.Tensor) -> np.ndarray:
     return out
 
 
-def fingerprint(hashes: np.ndarray) -> str:
-    """A dataset fingerprint: sha256 over the ordered per-sample hashes (hex string)."""
-    return hashlib.sha256(np.ascontiguousarray(hashes, dtype="<u8").tobytes()).hexdigest()
+def fingerprint(hashes: np.ndarray, offsets: np.ndarray | None = None) -> str:
+    """A dataset fingerprint: sha256 over the ordered per-sample hashes (hex string).
+
+    A per-token store also passes its ``(N + 1,)`` offsets, so that a moved sample boundary
+    changes the fingerprint even where every sample hash is intact.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(hashes, dtype="<u8").tobytes())
+    if offsets is not None:
+        digest.update(b"|offsets|" + np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def collate_with_hashes(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -12,8 +12,9 @@ The build:
 2. for each shard not yet recorded, runs the teacher over the samples that overlap its token
    range, in batches of ``batch_size`` samples that never cross the shard's sample list, codes
    the real tokens' logits on the device (`softcache.token_codec`) and writes the shard's rows.
-   A sample that straddles two shards is run by both (at most two samples per shard), so every
-   shard is computed alone: a resumed shard sees the same batches, and for ``sampled`` the same
+   A sample that straddles shards is run by each of them (a sample longer than a shard once per
+   shard it touches: keep ``shard_rows`` well above the longest sample), so every shard is
+   computed alone: a resumed shard sees the same batches, and for ``sampled`` the same
    generator seed ``(seed, shard)``, and so holds the bytes an uninterrupted build writes.
 
 Resume works as for row stores (`softcache.build`): killed at any moment, the same command skips
@@ -81,7 +82,7 @@ def build_tokens(config: BuildConfig, *, progress: bool = True) -> BuildResult:
         vocab_size=_probe_vocab(teacher, dataset, lengths, device, config),
         temperature=config.lm_temperature,
         ids=config.id_coding,
-        value_bits=config.value_bits,
+        value_bits=config.value_bits if config.encoding == "topk" else 0,
         seed=config.seed,
     )
     meta = StoreMeta(
@@ -130,7 +131,7 @@ def build_tokens(config: BuildConfig, *, progress: bool = True) -> BuildResult:
             bar.update(stop - start)
     bar.close()
     seconds = time.perf_counter() - t0
-    store.mark_complete(fingerprint(hashes))
+    store.mark_complete(fingerprint(hashes, offsets))
     return BuildResult(
         store=store.location,
         num_samples=len(dataset),

@@ -169,8 +169,13 @@ def _takes_attention_mask(model: nn.Module) -> bool:
 
 def _long_1d(value: Any, where: str, name: str) -> Tensor:
     t = torch.as_tensor(value)
-    if t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+    # An empty sequence has no values to be of the wrong type: `[]` (a tokenizer's output for an
+    # empty text) reads as float32, and is as empty as any integer tensor.
+    wrong_type = t.dtype.is_floating_point or t.dtype == torch.bool
+    if t.ndim != 1 or (wrong_type and t.numel() > 0):
         raise DatasetFormatError(
             f"{where}: {name} must be a 1-D integer sequence, got {t.dtype} {tuple(t.shape)}"
         )
+    if t.numel() == 0:  # a fresh one: an empty numpy array's tensor has stride 0, which hash_rows
+        return torch.zeros(0, dtype=torch.int64)  # cannot view as bytes
     return t.long()

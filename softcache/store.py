@@ -202,8 +202,19 @@ class StoreMeta:
                 f"{where} has layout {meta.layout!r}; expected one of {LAYOUTS}, with a "
                 "token_codec for 'tokens'"
             )
+        if meta.tokens != (meta.format_version == TOKENS_FORMAT_VERSION):
+            raise StoreFormatError(
+                f"{where} has layout {meta.layout!r} but format_version {version}; per-token "
+                f"stores, and only they, are format_version {TOKENS_FORMAT_VERSION}"
+            )
         if meta.tokens:
-            meta.codec  # noqa: B018 - parses, raising StoreFormatError when malformed
+            codec = meta.codec
+            seen = (meta.encoding, meta.num_classes, meta.k)
+            if seen != (codec.encoding, codec.vocab_size, codec.width):
+                raise StoreFormatError(
+                    f"{where}: encoding, num_classes and k {seen} disagree with its token_codec "
+                    f"{(codec.encoding, codec.vocab_size, codec.width)}"
+                )
         return meta
 
 
@@ -260,7 +271,10 @@ class LogitStore:
                 shards=(rows, *shape[1:]),
                 compressors=compressors,
                 fill_value=0,
-                dimension_names=("sample", *(("entry",) if len(shape) > 1 else ())),
+                dimension_names=(
+                    "token" if meta.tokens else "sample",
+                    *(("entry",) if len(shape) > 1 else ()),
+                ),
             )
         if meta.tokens:
             # Per-sample arrays, written once before any shard (`write_samples`).
@@ -390,7 +404,7 @@ class LogitStore:
         return start, min(start + self.meta.shard_rows, self.meta.num_rows)
 
     def row_layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Per-row shape and storage dtype of every data array and `sample_hash`."""
+        """Per-row shape and storage dtype of every array in `row_array_names`."""
         return row_layout(self.meta)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -440,6 +454,7 @@ class LogitStore:
         meta = self.meta
         offsets = np.asarray(offsets, dtype=np.int64)
         check_offsets(offsets, meta.num_samples, meta.num_tokens)
+        hashes = np.asarray(hashes)
         if hashes.shape != (meta.num_samples,):
             raise ValueError(f"hashes must be ({meta.num_samples},), got {hashes.shape}")
         self.array(OFFSETS)[:] = offsets
@@ -460,7 +475,8 @@ class LogitStore:
     # ---- reading -------------------------------------------------------------------------------
 
     def sample_hashes(self) -> np.ndarray:
-        """(num_rows,) uint64: every row's input hash (of the view, when views are stored)."""
+        """uint64 input hashes: ``(num_rows,)``, one per row (of the view, when views are
+        stored); ``(num_samples,)`` for a token store, one per sample."""
         return self.read(SAMPLE_HASH)
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -558,7 +574,11 @@ def check_offsets(offsets: np.ndarray, num_samples: int, num_tokens: int) -> Non
 
 
 def row_layout(meta: StoreMeta) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-row shape and storage dtype of every per-row array for a store's meta."""
+    """Per-row shape and storage dtype of every array `write_shard` takes, for a store's meta.
+
+    Row stores: the soft labels, `view_params` with views, and `sample_hash`. Token stores: the
+    per-token arrays (their `sample_hash` is per sample, written by `write_samples`).
+    """
     if meta.tokens:
         return token_arrays(meta.codec.field_layout())
     vdt = storage_dtype(meta.value_dtype)

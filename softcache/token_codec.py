@@ -20,6 +20,7 @@ The field names here are neutral: only `softcache.store` maps them to array name
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,10 @@ class TokenCodec:
             )
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.log_floor) and self.log_floor < 0):
+            raise ConfigError(f"log_floor must be a finite negative number, got {self.log_floor}")
+        if self.encoding == "sampled" and self.value_bits:
+            raise ConfigError("value_bits applies to topk; sampled stores keep counts, not values")
         if self.ef_low_bits < 0:  # derived, then recorded so readers need not re-derive it
             low = tk.elias_fano_low_bits(self.vocab_size, self.width)
             object.__setattr__(self, "ef_low_bits", low)
@@ -141,7 +146,7 @@ class TokenCodec:
         tau = self.temperature
         if self.encoding == "sampled":
             ids, counts = tk.sample_ids(logits, self.width, temperature=tau, generator=generator)
-            lengths = (counts > 0).sum(dim=1)
+            lengths = (counts.to(torch.int32) > 0).sum(dim=1)  # torch has no uint16 compare
             entropy = tk.teacher_entropy(logits, temperature=tau)
             return {
                 "ids": self._encode_ids(ids, lengths),

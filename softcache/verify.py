@@ -5,6 +5,13 @@ dtype the metadata implies; every shard object of every array exists (a missing 
 as zeros) and decodes with a valid crc32c checksum; the sample hashes reproduce the recorded dataset
 fingerprint; and, given a dataset, every sample's input hashes to what the teacher saw. Each failure
 names the array, the shard and its rows, or the mismatching sample indices.
+
+Per-token stores (format_version 3, `layout = "tokens"`) are checked the same way, by token shard,
+and also: the per-sample arrays `offsets` and `sample_hash` are read chunk by chunk and `offsets`
+must be a valid CSR index over the store's tokens; the stored log-probabilities hold no NaN or
++inf and every sampled row's counts add up to the draws; and, given a dataset, every sample's
+length (from `softcache.sequences.scan`) must equal its stored one, ``diff(offsets)``, as well as
+its hash.
 """
 
 from __future__ import annotations
@@ -18,11 +25,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache.distill import store_augmentation
-from softcache.errors import SoftcacheError
+from softcache.errors import SoftcacheError, StoreFormatError
 from softcache.hashing import collate_with_hashes, fingerprint, hash_rows
 from softcache.progress import Progress
+from softcache.sequences import scan
 from softcache.specs import instantiate
-from softcache.store import SAMPLE_HASH, SHARD_DONE, VIEW_PARAMS, LogitStore
+from softcache.store import (
+    OFFSETS,
+    SAMPLE_HASH,
+    SHARD_DONE,
+    TOKEN_COUNTS,
+    TOKEN_RESIDUAL,
+    TOKEN_VALUES,
+    VIEW_PARAMS,
+    LogitStore,
+    check_offsets,
+)
 from softcache.views import replay
 
 MAX_LISTED = 10
@@ -81,15 +99,23 @@ def verify(
             f"build incomplete: {done} of {meta.num_shards} shards written (complete is unset)"
         )
     _check_layout(store, report)
-    hashes = _check_chunks(store, report, progress)
-    if hashes is not None and meta.complete:
+    offsets: np.ndarray | None = None
+    if meta.tokens:
+        offsets, hashes = _check_samples(store, report)
+        _check_chunks(store, report, progress, offsets=offsets)
+    else:
+        hashes = _check_chunks(store, report, progress)
+    if hashes is not None and meta.complete and (offsets is not None or not meta.tokens):
         recorded = meta.dataset.get("fingerprint")
-        if fingerprint(hashes) != recorded:
+        if fingerprint(hashes, offsets) != recorded:
+            what = "sample_hash and offsets do" if meta.tokens else "sample_hash does"
             report.problems.append(
-                "sample_hash does not reproduce the recorded dataset fingerprint: the hashes "
-                "were altered after the build"
+                f"{what} not reproduce the recorded dataset fingerprint: they were altered "
+                "after the build"
             )
-    if dataset is not None and hashes is not None:
+    if dataset is not None and meta.tokens:
+        _check_token_dataset(dataset, offsets, hashes, store, report, progress)
+    elif dataset is not None and hashes is not None:
         _check_dataset(dataset, hashes, store, report, progress)
     return report
 
@@ -100,6 +126,9 @@ def _check_layout(store: LogitStore, report: VerifyReport) -> None:
         name: ((meta.num_rows, *shape), dtype)
         for name, (shape, dtype) in store.row_layout().items()
     }
+    if meta.tokens:  # the per-sample arrays of a token store
+        expected[OFFSETS] = ((meta.num_samples + 1,), np.dtype(np.int64))
+        expected[SAMPLE_HASH] = ((meta.num_samples,), np.dtype(np.uint64))
     expected[SHARD_DONE] = ((meta.num_shards,), np.dtype(np.uint8))
     for name, (shape, dtype) in expected.items():
         arr = store.array(name)
@@ -111,17 +140,74 @@ def _check_layout(store: LogitStore, report: VerifyReport) -> None:
     report.checked["arrays"] = sorted(expected)
 
 
-def _check_chunks(store: LogitStore, report: VerifyReport, progress: bool) -> np.ndarray | None:
-    """Read every shard of every array; return the sample hashes if they all read."""
+def _check_samples(
+    store: LogitStore, report: VerifyReport
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Read a token store's per-sample arrays chunk by chunk and validate `offsets`.
+
+    Returns:
+        ``(offsets, hashes)``, each None when it cannot be trusted (missing or unreadable chunks,
+        the wrong shape, or, for `offsets`, not a valid CSR index; each is reported).
+    """
+    meta = store.meta
+    lengths = {OFFSETS: meta.num_samples + 1, SAMPLE_HASH: meta.num_samples}
+    what = {OFFSETS: "entries", SAMPLE_HASH: "samples"}
+    out: dict[str, np.ndarray | None] = {}
+    for name, length in lengths.items():
+        arr = store.array(name)
+        if tuple(arr.shape) != (length,):  # reported by _check_layout
+            out[name] = None
+            continue
+        chunk = int(arr.chunks[0])
+        data: np.ndarray | None = np.zeros(length, dtype=arr.dtype)
+        for c in range(-(-length // chunk)):
+            start, stop = c * chunk, min((c + 1) * chunk, length)
+            where = f"array {name}, chunk {c} ({what[name]} {start}..{stop - 1})"
+            size = store.shard_object_size(name, c)
+            if not size:  # missing (None) or empty (0): both would read back as zeros
+                state = "is missing" if size is None else "is empty (0 bytes)"
+                report.problems.append(f"{where}: object {store.shard_object_key(name, c)} {state}")
+                data = None
+                continue
+            try:
+                values = store.read(name, slice(start, stop))
+            except Exception as exc:  # any decode failure is a finding, not a crash
+                report.problems.append(f"{where}: cannot be read: {exc}")
+                data = None
+                continue
+            if data is not None:
+                data[start:stop] = values
+        out[name] = data
+    offsets = out[OFFSETS]
+    if offsets is not None:
+        try:
+            check_offsets(offsets, meta.num_samples, meta.num_tokens)
+        except StoreFormatError as exc:
+            report.problems.append(
+                f"array {OFFSETS}: {exc}; the store's sample index is damaged, so no sample's "
+                "tokens can be found: restore the store from a good copy or rebuild it"
+            )
+            offsets = None
+    return offsets, out[SAMPLE_HASH]
+
+
+def _check_chunks(
+    store: LogitStore, report: VerifyReport, progress: bool, *, offsets: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Read every shard of every per-row array; return the sample hashes if they all read.
+
+    A token store's hashes are per sample (`_check_samples`), so for one this returns None;
+    `offsets`, when valid, names the samples each damaged token shard holds.
+    """
     meta = store.meta
     names = store.row_array_names
     hashes = np.zeros(meta.num_rows, dtype=np.uint64)
-    hashes_ok = True
+    hashes_ok = SAMPLE_HASH in names
     done = store.done_mask()
     bar = Progress(meta.num_shards * len(names), "verify", enabled=progress)
     for shard in range(meta.num_shards):
         start, stop = store.shard_bounds(shard)
-        where = f"shard {shard} (rows {start}..{stop - 1})"
+        where = _shard_where(shard, start, stop, offsets, meta.tokens)
         if not done[shard]:
             report.problems.append(f"{where} is not recorded as written in {SHARD_DONE}")
         for name in names:
@@ -142,11 +228,43 @@ def _check_chunks(store: LogitStore, report: VerifyReport, progress: bool) -> np
                 continue
             if name == SAMPLE_HASH:
                 hashes[start:stop] = data
-            elif not np.issubdtype(data.dtype, np.integer) and not np.isfinite(data).all():
-                report.problems.append(f"array {name}, {where}: holds non-finite values")
+            elif (problem := _value_problem(store, name, data)) is not None:
+                report.problems.append(f"array {name}, {where}: {problem}")
     bar.close()
     report.checked["shards"] = meta.num_shards
     return hashes if hashes_ok else None
+
+
+def _shard_where(
+    shard: int, start: int, stop: int, offsets: np.ndarray | None, tokens: bool
+) -> str:
+    """``shard 2 (rows 128..191)``; for a token store the tokens, and with offsets their samples."""
+    if not tokens:
+        return f"shard {shard} (rows {start}..{stop - 1})"
+    if offsets is None:
+        return f"shard {shard} (tokens {start}..{stop - 1})"
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop - 1, side="right")) - 1
+    return f"shard {shard} (tokens {start}..{stop - 1} of samples {first}..{last})"
+
+
+def _value_problem(store: LogitStore, name: str, data: np.ndarray) -> str | None:
+    """What is wrong with a shard's values of array `name` (that decoded), or None."""
+    meta = store.meta
+    if meta.tokens and name == TOKEN_COUNTS:
+        draws = meta.codec.width
+        wrong = int((data.sum(axis=1, dtype=np.int64) != draws).sum())
+        if wrong:
+            return f"{wrong} row(s) whose counts do not add up to the {draws} draws"
+        return None
+    if np.issubdtype(data.dtype, np.integer):
+        return None
+    if meta.tokens and name in (TOKEN_VALUES, TOKEN_RESIDUAL):
+        # Log-probabilities: -inf is probability 0 (the residual of k = V), NaN and +inf are not.
+        if np.isnan(data).any() or np.isposinf(data).any():
+            return "holds NaN or +inf log-probabilities"
+        return None
+    return None if np.isfinite(data).all() else "holds non-finite values"
 
 
 def _check_dataset(
@@ -167,12 +285,65 @@ def _check_dataset(
     bad = np.flatnonzero(ours != hashes)
     if bad.size:
         bad = np.unique(bad // meta.views)  # rows -> samples
-        listed = ", ".join(str(int(i)) for i in bad[:MAX_LISTED])
-        more = f" (and {bad.size - MAX_LISTED} more)" if bad.size > MAX_LISTED else ""
         report.problems.append(
-            f"{bad.size} dataset sample(s) do not match the store: indices {listed}{more}; "
+            f"{bad.size} dataset sample(s) do not match the store: indices {_listed(bad)}; "
             "the dataset was reordered or changed since the build"
         )
+
+
+def _check_token_dataset(
+    spec: str,
+    offsets: np.ndarray | None,
+    hashes: np.ndarray | None,
+    store: LogitStore,
+    report: VerifyReport,
+    progress: bool,
+) -> None:
+    """Compare a sequence dataset's lengths and hashes (`scan`) with a token store's samples.
+
+    `offsets` or `hashes` is None when the store's copy could not be read (already reported): that
+    comparison is then skipped.
+    """
+    dataset = instantiate(spec, "dataset")
+    n = len(dataset)
+    meta = store.meta
+    report.checked["dataset"] = {"spec": spec, "num_samples": n}
+    if n != meta.num_samples:
+        report.problems.append(
+            f"dataset {spec} has {n} samples but the store holds {meta.num_samples}"
+        )
+        return
+    lengths, ours = scan(dataset, progress=progress)
+    report.checked["dataset"]["num_tokens"] = int(lengths.sum())
+    bad_length = np.zeros(n, dtype=bool)
+    if offsets is not None:
+        stored = np.diff(offsets)
+        bad_length = lengths != stored
+        if bad_length.any():
+            bad = np.flatnonzero(bad_length)
+            detail = ", ".join(
+                f"{int(i)} ({int(lengths[i])} tokens, stored {int(stored[i])})"
+                for i in bad[:MAX_LISTED]
+            )
+            more = f" (and {bad.size - MAX_LISTED} more)" if bad.size > MAX_LISTED else ""
+            report.problems.append(
+                f"{bad.size} dataset sample(s) differ in length from the store: indices "
+                f"{detail}{more}; the dataset was reordered or changed since the build"
+            )
+    if hashes is not None:
+        bad = np.flatnonzero((ours != hashes) & ~bad_length)
+        if bad.size:
+            report.problems.append(
+                f"{bad.size} dataset sample(s) do not match the store (other tokens): indices "
+                f"{_listed(bad)}; the dataset was reordered or changed since the build"
+            )
+
+
+def _listed(indices: np.ndarray) -> str:
+    """The first `MAX_LISTED` indices, comma-separated, and how many more there are."""
+    listed = ", ".join(str(int(i)) for i in indices[:MAX_LISTED])
+    more = f" (and {indices.size - MAX_LISTED} more)" if indices.size > MAX_LISTED else ""
+    return listed + more
 
 
 def _hashes(dataset: Any, progress: bool) -> np.ndarray:

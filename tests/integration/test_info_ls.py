@@ -91,6 +91,8 @@ def test_info_json_matches_the_store_on_disk(built_stores, kind, k, dtype, row_b
     assert (info["num_samples"], info["num_classes"], info["views"]) == (N, C, 1)
     assert info["temperatures"] == temperatures
     assert info["format_version"] == FORMAT_VERSION
+    assert info["layout"] == "rows"
+    assert "num_tokens" not in info and "token_codec" not in info  # per-token stores only
     assert info["teacher"]["spec"] == spec("teacher")
     assert info["teacher"]["num_parameters"] == TEACHER_PARAMS
     assert re.fullmatch(r"[0-9a-f]{64}", info["teacher"]["state_dict_sha256"])
@@ -126,6 +128,22 @@ def test_info_table(built_stores):
     )
     assert rows["compression"] == f"{info['compression_ratio']:.2f}x"
     assert rows["format"] == f"version {FORMAT_VERSION}"
+    assert list(rows) == [  # the rows of a row store (per-token stores show others)
+        "store",
+        "status",
+        "teacher",
+        "teacher sha256",
+        "dataset",
+        "fingerprint",
+        "encoding",
+        "temperatures",
+        "samples",
+        "augmentation",
+        "bytes on disk",
+        "compression",
+        "created",
+        "format",
+    ]
 
 
 def test_info_on_a_partial_store_says_how_far_it_got(built_stores, tmp_path):
