@@ -383,6 +383,16 @@ def _report_lm_build(result: Any, config: Any, as_json: bool) -> None:
     help="Under torchrun: seconds a rank waits for the others before failing.  [default: 600]",
 )
 @click.option(
+    "--lm",
+    is_flag=True,
+    default=None,
+    help="Causal-LM student over token sequences: per-token KD from a `build --lm` store (its "
+    "temperature), reporting perplexity and next-token agreement.",
+)
+@click.option(
+    "--max-steps", type=int, help="--lm: stop after N optimiser steps.  [default: 0, all epochs]"
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
@@ -423,6 +433,22 @@ def train(
         value = m[key][-1] if m[key] else None
         return "-" if value is None else format(value, fmt)
 
+    if m.get("lm"):
+        rows = [
+            ("mode", m["mode"]),
+            ("epochs", f"{len(m['epoch'])} ({m['steps']} steps)"),
+            ("train loss", last("train_loss", ".4f")),
+            ("eval perplexity", last("eval_perplexity", ".3f")),
+            ("eval bits/token", last("eval_bits_per_token", ".4f")),
+            ("next-token accuracy", last("eval_accuracy", ".4f")),
+            ("teacher agreement", last("teacher_agreement", ".4f")),
+            ("KL to teacher", last("eval_kl_to_teacher", ".4f")),
+            ("epoch time", last("epoch_seconds", ".3f") + " s"),
+            ("tokens/s", last("tokens_per_second", ",.0f")),
+            ("metrics", str(result.output / "metrics.json")),
+        ]
+        click.echo(format_table(rows))
+        return
     rows = [
         ("mode", m["mode"]),
         ("epochs", str(len(m["epoch"]))),
@@ -468,7 +494,8 @@ def verify(
     """Check STORE end to end; exit 0 only if every check passes.
 
     Checks the format version, completion, array shapes and dtypes, every chunk's presence and
-    checksum, the dataset fingerprint, and with --dataset every sample hash.
+    checksum, the dataset fingerprint, and with --dataset every sample hash (and, for a --lm
+    store, every sample's length and its offsets).
     """
     from softcache.verify import verify as run_verify
 

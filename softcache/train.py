@@ -95,6 +95,10 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         SoftcacheError: bad specs, a store that is incomplete or does not match the dataset, or a
             checkpoint that belongs to another configuration or another number of ranks.
     """
+    if config.lm:
+        from softcache.lm_train import train_lm
+
+        return train_lm(config, progress=progress, client=client)
     with contextlib.ExitStack() as stack:
         ranks, device = ddp.join(config, stack)
         return _train(config, ranks, device, progress=progress, client=client, stack=stack)
@@ -113,14 +117,21 @@ def _train(
     dataset = instantiate(config.dataset, "dataset")
     options = config.storage_options
     store = LogitStore.open(config.store, storage_options=options) if config.store else None
+    if store is not None and store.meta.tokens:
+        raise ConfigError(
+            f"store {config.store} holds per-token soft labels of a language model; pass --lm "
+            "to train a causal-LM student from it"
+        )
     if store is not None and len(dataset) != store.meta.num_samples:
         raise DatasetMismatchError(
             f"the dataset has {len(dataset)} samples but store {config.store} was built from "
             f"{store.meta.num_samples}; use the dataset the store was built from"
         )
     torch.manual_seed(config.seed)  # the same initial student on every rank
-    student = _module(config.student, "student").to(device)
-    teacher = _module(config.teacher, "teacher").eval().to(device) if config.teacher else None
+    student = module_from_spec(config.student, "student").to(device)
+    teacher = (
+        module_from_spec(config.teacher, "teacher").eval().to(device) if config.teacher else None
+    )
     plan = EpochPlan(
         num_samples=len(dataset),
         block_rows=store.meta.shard_samples if store else config.block_rows,
@@ -132,8 +143,8 @@ def _train(
     )
     ddp.check_ranks(plan, ranks)
     steps_total = ddp.total_steps(plan, config.epochs)
-    optimizer = _optimizer(config, student)
-    schedule = _schedule(config, optimizer, steps_total)
+    optimizer = make_optimizer(config, student)
+    schedule = make_schedule(config, optimizer, steps_total)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
     output = Path(config.output)
     if ranks.main:
@@ -247,9 +258,9 @@ def _train(
                 metrics,
                 _EpochStats(),
             )
-            _write_json(output / METRICS, metrics)
+            write_json(output / METRICS, metrics)
     if ranks.main:
-        _write_json(output / METRICS, metrics)
+        write_json(output / METRICS, metrics)
     return TrainResult(
         metrics=metrics,
         output=output,
@@ -525,7 +536,8 @@ def _load_checkpoint(output: Path, config: TrainConfig, ranks: ddp.Ranks) -> dic
     return state
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a kill never leaves half a file)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
@@ -534,7 +546,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ---- pieces ------------------------------------------------------------------------------------
 
 
-def _module(spec: str, what: str) -> nn.Module:
+def module_from_spec(spec: str, what: str) -> nn.Module:
+    """Instantiate a spec that must build an `nn.Module` (`what` names it in errors)."""
     module = instantiate(spec, what)
     if not isinstance(module, nn.Module):
         raise SpecError(
@@ -543,7 +556,8 @@ def _module(spec: str, what: str) -> nn.Module:
     return module
 
 
-def _optimizer(config: TrainConfig, student: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, student: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser `config` names, over the student's parameters."""
     params = student.parameters()
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -552,7 +566,8 @@ def _optimizer(config: TrainConfig, student: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
 
 
-def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    """The per-step learning-rate schedule `config` names, over `steps` steps."""
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))

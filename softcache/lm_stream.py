@@ -1,0 +1,116 @@
+"""Per-sample soft labels from a per-token store, streamed with Dask ahead of the training loop.
+
+The training plan (`softcache.plan.EpochPlan`) runs over samples in blocks of consecutive samples.
+A block's tokens are one contiguous range of rows (CSR), so reading a block is one slice per
+array, computed by Dask from whole storage chunks (never per row or per batch). Blocks are read
+in the plan's `block_order`, `prefetch_blocks` ahead, in a background thread; a batch then only
+gathers its samples' rows from decoded blocks in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from torch import Tensor
+
+from softcache.plan import EpochPlan
+from softcache.store import LogitStore, decode_token_rows
+
+
+def block_samples_for(store: LogitStore) -> int:
+    """Samples per plan block: about one storage shard of tokens (at least 1)."""
+    meta = store.meta
+    mean_tokens = max(meta.num_tokens / max(meta.num_samples, 1), 1.0)
+    return max(1, round(meta.shard_rows / mean_tokens))
+
+
+class TokenLabelStream:
+    """Read a per-token store's soft labels block by block, following an epoch plan.
+
+    Args:
+        store: an open, complete store with ``layout = "tokens"``.
+        block_samples: samples per plan block (the plan's ``block_rows``).
+        prefetch_blocks: blocks read ahead of the one in use.
+        client: a `distributed.Client` to compute on; None uses Dask's threaded scheduler.
+    """
+
+    def __init__(
+        self,
+        store: LogitStore,
+        block_samples: int,
+        *,
+        prefetch_blocks: int = 4,
+        client: Any | None = None,
+    ) -> None:
+        if not store.meta.tokens:
+            raise ValueError(f"store {store.location} has one row per sample, not per token")
+        self.store = store
+        self.block_samples = block_samples
+        self.prefetch_blocks = max(prefetch_blocks, 1)
+        self.client = client
+        self.offsets = store.offsets()
+        self._arrays = {
+            name: da.from_zarr(store.array(name), chunks=store.array(name).chunks)
+            for name in store.row_array_names
+        }
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softcache-lm-read")
+        self._order: list[int] = []
+        self._position: dict[int, int] = {}
+        self._futures: dict[int, Future[dict[str, Tensor]]] = {}
+
+    def start_epoch(self, plan: EpochPlan) -> None:
+        """Follow `plan`'s block order for the coming batches (drops what was read ahead)."""
+        self._futures.clear()
+        self._order = [int(b) for b in plan.block_order()]
+        self._position = {b: p for p, b in enumerate(self._order)}
+        self._window = plan.window_blocks
+
+    def labels(self, samples: Sequence[int]) -> dict[str, Tensor]:
+        """The decoded soft labels of ``samples``' tokens, concatenated in their order.
+
+        Returns:
+            `softcache.token_codec.TokenCodec.decode`'s tensors (CPU), one row per real token:
+            sample ``samples[0]``'s tokens first, each sample's in position order.
+        """
+        blocks = [int(s) // self.block_samples for s in samples]
+        positions = [self._position[b] for b in blocks]
+        self._schedule(min(positions), max(positions))
+        parts: dict[str, list[Tensor]] = {}
+        for sample, block in zip(samples, blocks, strict=True):
+            decoded = self._futures[self._position[block]].result()
+            base = int(self.offsets[block * self.block_samples])
+            lo, hi = int(self.offsets[sample]) - base, int(self.offsets[sample + 1]) - base
+            for name, tensor in decoded.items():
+                parts.setdefault(name, []).append(tensor[lo:hi])
+        return {name: torch.cat(ts) for name, ts in parts.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _schedule(self, first: int, last: int) -> None:
+        # A batch only reaches the current and the next window, so blocks before the current
+        # window are done with.
+        keep_from = (first // self._window) * self._window
+        for p in [p for p in self._futures if p < keep_from]:
+            del self._futures[p]
+        for p in range(first, min(last + self.prefetch_blocks + 1, len(self._order))):
+            if p not in self._futures:
+                self._futures[p] = self._pool.submit(self._read, self._order[p])
+
+    def _read(self, block: int) -> dict[str, Tensor]:
+        num_samples = len(self.offsets) - 1
+        s0 = block * self.block_samples
+        s1 = min(s0 + self.block_samples, num_samples)
+        r0, r1 = int(self.offsets[s0]), int(self.offsets[s1])
+        graph = {name: arr[r0:r1] for name, arr in self._arrays.items()}
+        if self.client is not None:
+            rows = self.client.gather(self.client.compute(graph))
+        else:
+            (rows,) = dask.compute(graph, scheduler="threads")
+        return decode_token_rows({k: np.asarray(v) for k, v in rows.items()}, self.store.meta)
