@@ -3,6 +3,12 @@
 Teachers, students and datasets are named by a spec rather than registered by an import side effect:
 `package.module:fn` imports the module (from the current directory or PYTHONPATH) and `path/to/file.py:fn`
 loads a file. The callable is called with no arguments and returns the object.
+
+Two prefixes name Hugging Face `transformers` causal LMs in a local directory instead (the optional
+`hf` extra, `softcache.hf`): `hf:DIR` is the pretrained model `save_pretrained` wrote to `DIR`, and
+`hf-init:DIR` a fresh, randomly initialised model of `DIR`'s `config.json` (a student trained from
+scratch). They are reserved: a module of your own named `hf` is reached by its file, `hf.py:fn`.
+`transformers` is imported only when such a spec is instantiated.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ from typing import Any
 
 from softcache.errors import SoftcacheError, SpecError
 
+HF_PREFIX = "hf:"
+HF_INIT_PREFIX = "hf-init:"
+
 
 def load_callable(spec: str) -> Callable[..., Any]:
     """Import the callable a spec names.
 
     Args:
-        spec: `package.module:name` or `path/to/file.py:name`.
+        spec: `package.module:name` or `path/to/file.py:name`; or `hf:DIR` / `hf-init:DIR` (see
+            the module docstring), for which it returns a factory loading that model.
 
     Returns:
         The named attribute, checked to be callable.
@@ -30,6 +40,9 @@ def load_callable(spec: str) -> Callable[..., Any]:
     Raises:
         SpecError: the spec is malformed, the module does not import, or the name is missing.
     """
+    hf = _hf_factory(spec)
+    if hf is not None:
+        return hf
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise SpecError(
@@ -57,6 +70,23 @@ def load_callable(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def _hf_factory(spec: str) -> Callable[[], Any] | None:
+    """The factory of an `hf:DIR` or `hf-init:DIR` spec; None for any other spec."""
+    for prefix, pretrained in ((HF_PREFIX, True), (HF_INIT_PREFIX, False)):
+        if spec.startswith(prefix):
+            directory = spec[len(prefix) :]
+            if not directory:
+                raise SpecError(f"spec {spec!r} names no directory: use '{prefix}path/to/model'")
+
+            def factory(directory: str = directory, pretrained: bool = pretrained) -> Any:
+                from softcache.hf import load_causal_lm  # imports transformers only when used
+
+                return load_causal_lm(directory, pretrained=pretrained)
+
+            return factory
+    return None
+
+
 def _load_file(path_str: str, spec: str) -> Any:
     path = Path(path_str).expanduser().resolve()
     if not path.is_file():
@@ -81,7 +111,9 @@ def instantiate(spec: str, what: str) -> Any:
     """Call the factory a spec names and return what it builds.
 
     Args:
-        spec: the spec string.
+        spec: the spec string: `package.module:fn` or `file.py:fn`, called with no arguments;
+            `hf:DIR`, the pretrained Hugging Face causal LM saved in `DIR`; or `hf-init:DIR`, a
+            fresh model of `DIR`'s config (both need `transformers`: `softcache.hf`).
         what: a word for messages ("teacher", "dataset", ...).
 
     Raises:
