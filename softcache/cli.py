@@ -411,6 +411,10 @@ def train(
 ) -> None:
     """Train a student from a store (offline KD), or a baseline (online KD, hard labels).
 
+    With --lm the student is a causal LM trained per token from a `build --lm` store (top-k with
+    its residual bin, or sampled ids: an unbiased KL estimate, at the store's temperature), and
+    the evaluation reports perplexity, next-token accuracy and agreement with the teacher.
+
     Writes a checkpoint each epoch and OUTPUT/metrics.json; --resume continues an interrupted run
     to the same weights an uninterrupted run reaches. Under torchrun (`torchrun --nproc_per_node P
     -m softcache.cli train ...`) each process is one DDP rank: --batch-size is per rank, and rank 0

@@ -23,11 +23,15 @@ from softcache.plan import EpochPlan
 from softcache.store import LogitStore, decode_token_rows
 
 
-def block_samples_for(store: LogitStore) -> int:
-    """Samples per plan block: about one storage shard of tokens (at least 1)."""
+def block_samples_for(store: LogitStore, batch_size: int = 1) -> int:
+    """Samples per plan block: about one storage shard of tokens, and at least ``batch_size``.
+
+    A block's tokens are one contiguous read, so a block larger than a shard costs nothing
+    but memory; at least a batch per block keeps every shuffle window wider than a batch.
+    """
     meta = store.meta
     mean_tokens = max(meta.num_tokens / max(meta.num_samples, 1), 1.0)
-    return max(1, round(meta.shard_rows / mean_tokens))
+    return max(batch_size, round(meta.shard_rows / mean_tokens), 1)
 
 
 class TokenLabelStream:

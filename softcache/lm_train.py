@@ -41,7 +41,13 @@ from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.lm_stream import TokenLabelStream, block_samples_for
 from softcache.plan import EpochPlan
 from softcache.progress import Progress
-from softcache.sequences import IGNORE_INDEX, causal_logits, collate_sequences, scan
+from softcache.sequences import (
+    IGNORE_INDEX,
+    causal_logits,
+    collate_sequences,
+    item_tokens,
+    scan,
+)
 from softcache.specs import instantiate
 from softcache.store import LogitStore
 from softcache.train import (
@@ -78,19 +84,27 @@ def train_lm(
     device = resolve_device(config.device)
     dataset = instantiate(config.dataset, "dataset")
     store = _open_store(config, dataset)
+    if (config.mode == "hard" or config.alpha > 0) and not _has_labels(dataset):
+        raise ConfigError(
+            f"dataset {config.dataset} has no labels (item 0 gives input_ids only), so there is no "
+            "hard-label loss; give (input_ids, labels) items, or use --alpha 0 with a store"
+        )
     torch.manual_seed(config.seed)
     student = module_from_spec(config.student, "student").to(device)
     teacher = None
     if config.teacher:
         teacher = module_from_spec(config.teacher, "teacher").eval().to(device)
         teacher.requires_grad_(False)
-    plan = EpochPlan(
-        num_samples=len(dataset),
-        block_rows=block_samples_for(store) if store else config.block_rows,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        window_blocks=config.window_blocks,
-    )
+    try:
+        plan = EpochPlan(
+            num_samples=len(dataset),
+            block_rows=block_samples_for(store, config.batch_size) if store else config.block_rows,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            window_blocks=config.window_blocks,
+        )
+    except ValueError as exc:  # e.g. a batch wider than a shuffle window: a setting to change
+        raise ConfigError(f"{exc} (--batch-size, --window-blocks)") from exc
     steps_per_epoch = len(plan)
     steps_total = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -99,7 +113,7 @@ def train_lm(
     schedule = make_schedule(config, optimizer, steps_total)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    metrics = _new_metrics(config, store)
+    metrics = _new_metrics(config, store if config.mode == "offline" else None)
     first_epoch, step = 0, 0
     if config.resume:
         state = _load_checkpoint(output, config)
@@ -115,10 +129,10 @@ def train_lm(
         TokenLabelStream(
             store, plan.block_rows, prefetch_blocks=config.prefetch_blocks, client=client
         )
-        if store
+        if store and config.mode == "offline"
         else None
     )
-    codec = store.meta.codec if store else None
+    codec = store.meta.codec if stream is not None and store is not None else None
     bar = Progress(steps_total, "train", enabled=progress, initial=step)
     try:
         for epoch in range(first_epoch, config.epochs):
@@ -175,6 +189,8 @@ def _loss(
     device: torch.device,
 ) -> Tensor:
     """The batch's loss, a mean over its real tokens (see the module docstring)."""
+    if rows.shape[0] == 0:  # every sample of the batch is empty: no token, nothing to learn
+        return rows.sum() * 0.0
     ce = _cross_entropy(rows, targets)
     if config.mode == "hard":
         return ce
@@ -283,9 +299,10 @@ _EVAL_KEYS = (
 
 
 def _open_store(config: TrainConfig, dataset: Any) -> LogitStore | None:
-    if config.mode != "offline":
+    """The store (offline: the soft labels; other modes: the block layout, so every mode sees the
+    same data order), checked against the dataset."""
+    if config.store is None:
         return None
-    assert config.store is not None
     store = LogitStore.open(config.store, storage_options=config.storage_options)
     if not store.meta.tokens:
         raise ConfigError(
@@ -294,6 +311,10 @@ def _open_store(config: TrainConfig, dataset: Any) -> LogitStore | None:
         )
     _check_matches(store, dataset, config.store, config.dataset, check=config.hash_check != "off")
     return store
+
+
+def _has_labels(dataset: Any) -> bool:
+    return len(dataset) == 0 or item_tokens(dataset[0], 0)[1] is not None
 
 
 def _check_matches(
