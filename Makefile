@@ -1,5 +1,5 @@
 # The two commands of the README, and the developer's others.
-.PHONY: setup run test test-all lint bench
+.PHONY: setup run textlm test test-all lint bench
 
 setup:
 	@bash scripts/setup.sh dev
@@ -8,6 +8,11 @@ setup:
 run:
 	@bash scripts/setup.sh
 	.venv/bin/python -m pipelines.digits.run
+
+# The LM pipeline: byte-level teacher and student on the stdlib sources, four ways (~12 min).
+textlm:
+	@bash scripts/setup.sh
+	.venv/bin/python -m pipelines.textlm.run
 
 # The default test run (what CI runs): everything but the tests marked slow or gpu.
 test:

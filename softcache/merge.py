@@ -22,7 +22,7 @@ import torch
 
 from softcache import __version__
 from softcache.build import open_output
-from softcache.config import ENCODINGS, VALUE_DTYPES
+from softcache.config import VALUE_DTYPES
 from softcache.encoding import copy_encoded, encode_batch
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.hashing import fingerprint
@@ -47,6 +47,10 @@ class MergeResult:
     num_samples: int
     sources: int
     bytes_stored: int
+
+
+# A merged store is a row store: dense or top-k (sampled stores are per-token only).
+_ENCODINGS = ("dense", "topk")
 
 
 def merge(
@@ -82,9 +86,15 @@ def merge(
     """
     if len(sources) < 2:
         raise ConfigError("merge needs at least two source stores")
-    if encoding not in ENCODINGS or dtype not in VALUE_DTYPES:
-        raise ConfigError(f"encoding must be one of {ENCODINGS} and dtype one of {VALUE_DTYPES}")
+    if encoding not in _ENCODINGS or dtype not in VALUE_DTYPES:
+        raise ConfigError(f"encoding must be one of {_ENCODINGS} and dtype one of {VALUE_DTYPES}")
     stores = [LogitStore.open(s, storage_options=storage_options) for s in sources]
+    for store in stores:
+        if store.meta.tokens:
+            raise ConfigError(
+                f"{store.location} is a per-token LM store; merge ensembles row stores only "
+                "(average LM teachers' logits in the teacher module and build once instead)"
+            )
     w = _weights(weights, len(stores))
     first = stores[0].meta
     for store in stores[1:]:

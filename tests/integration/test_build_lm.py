@@ -385,3 +385,11 @@ def test_sampled_needs_lm(in_root: Path, tmp_path: Path) -> None:
     ]
     _one_line_error(_invoke(args), "--encoding sampled is for language models", "--lm")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_merge_refuses_token_stores(in_root: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _ok(_args(a, *SAMPLED))
+    _ok(_args(b, *SAMPLED, "--seed", "1"))
+    result = _invoke(["merge", str(a), str(b), "-o", str(tmp_path / "m.zarr")])
+    _one_line_error(result, "per-token LM store", "row stores only")
