@@ -321,3 +321,34 @@ def test_zip_archive_reads_and_trains_read_only(tmp_path, monkeypatch):
         ],
     )
     assert result.exit_code == 1 and "zip archive" in result.output
+
+
+def test_lm_store_builds_verifies_and_trains_on_s3(s3, tmp_path, monkeypatch):
+    """A per-token store on S3: build --lm, verify against the dataset, train --lm (read only)."""
+    monkeypatch.chdir(ROOT)
+    url = f"s3://{BUCKET}/lm.zarr"
+    option = ["--storage-option", f"endpoint_url={s3['endpoint']}"]
+    lm_specs = "tests.helpers.token_specs"
+    _cli(
+        "build", "--lm", "--teacher", f"{lm_specs}:causal_teacher", "--dataset",
+        f"{lm_specs}:ragged_dataset", "--output", url, "--encoding", "sampled", "--draws", "12",
+        "--shard-rows", "64", "--device", "cpu", "--quiet", *option,
+        env=s3["env"],
+    )  # fmt: skip
+    verified = _cli(
+        "verify", url, "--dataset", f"{lm_specs}:ragged_dataset", *option, env=s3["env"]
+    )
+    assert verified.stdout.startswith("OK")
+    remote = LogitStore.open(url, storage_options={"endpoint_url": s3["endpoint"]})
+    assert remote.meta.tokens and remote.meta.num_tokens > 0
+
+    before = _snapshot(s3["fs"], f"{BUCKET}/lm.zarr")
+    trained = _cli(
+        "train", "--lm", "--store", url, "--student", "tests.helpers.lm_train_specs:causal_student",
+        "--dataset", f"{lm_specs}:ragged_dataset", "--epochs", "1", "--batch-size", "8",
+        "--device", "cpu", "--output", str(tmp_path / "run"), "--quiet", "--json", *option,
+        env=s3["env"],
+    )  # fmt: skip
+    metrics = json.loads(trained.stdout)
+    assert metrics["mode"] == "offline" and metrics["steps"] > 0
+    assert _snapshot(s3["fs"], f"{BUCKET}/lm.zarr") == before
