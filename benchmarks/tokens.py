@@ -413,6 +413,67 @@ def _fastest(fn: Callable[[], Any], rounds: int = 5) -> tuple[Any, float]:
     return out, best
 
 
+# What `softcache build --lm` writes, through the store module itself: (label, TokenCodec kwargs).
+STORE_CODECS = (
+    ("top-8 fp16", {"encoding": "topk", "width": 8}),
+    ("top-32 fp16", {"encoding": "topk", "width": 32}),
+    ("top-32 u7", {"encoding": "topk", "width": 32, "value_bits": 7}),
+    ("top-32 u6", {"encoding": "topk", "width": 32, "value_bits": 6}),
+    ("top-50 u6", {"encoding": "topk", "width": 50, "value_bits": 6}),
+    ("top-128 u8", {"encoding": "topk", "width": 128, "value_bits": 8}),
+    ("sampled 12", {"encoding": "sampled", "width": 12}),
+    ("sampled 32", {"encoding": "sampled", "width": 32}),
+    ("sampled 50", {"encoding": "sampled", "width": 50}),
+)
+
+
+def via_store(tokens: int, workdir: Path) -> list[dict[str, Any]]:
+    """Bytes per token of real per-token stores (`LogitStore` + `TokenCodec`) of the teacher.
+
+    The same rows as `run`, coded by `TokenCodec.encode` and written with `write_shard` into
+    stores created by `LogitStore.create` (shards of 4,096 tokens, chunks of 1,024, zstd 3 +
+    crc32c): the figure a `softcache build --lm` of this teacher would print, metadata included.
+    """
+    from softcache.store import LogitStore, StoreMeta, token_arrays
+    from softcache.token_codec import TokenCodec
+
+    teacher = Teacher()
+    out = []
+    for label, kwargs in STORE_CODECS:
+        codec = TokenCodec(vocab_size=VOCAB, seed=1, **kwargs)
+        meta = StoreMeta(
+            encoding=codec.encoding, num_classes=VOCAB, k=codec.width, num_samples=1,
+            value_dtype="float16", temperatures=(1.0,), shard_rows=SHARD_ROWS,
+            chunk_rows=CHUNK_ROWS, teacher={}, dataset={}, build_config={}, layout="tokens",
+            num_tokens=tokens, token_codec=codec.to_dict(),
+        )  # fmt: skip
+        store = LogitStore.create(workdir / f"store-{label.replace(' ', '-')}", meta)
+        store.write_samples(np.array([0, tokens]), np.zeros(1, dtype=np.uint64))
+        generator = torch.Generator().manual_seed(1)
+        for shard in range(meta.num_shards):
+            a, b = store.shard_bounds(shard)
+            parts = [
+                codec.encode(teacher.block(s, min(s + BLOCK, b)), generator=generator)
+                for s in range(a, b, BLOCK)
+            ]
+            fields = {f: torch.cat([p[f] for p in parts]).numpy() for f in parts[0]}
+            store.write_shard(shard, token_arrays(fields))
+        data = sum(
+            store.shard_object_size(name, shard) or 0
+            for name in store.row_array_names
+            for shard in range(meta.num_shards)
+        )
+        out.append(
+            {
+                "encoding": label,
+                "bytes_per_token": data / tokens,
+                "bytes_per_token_all_arrays": store.nbytes_stored() / tokens,
+                "raw_bytes_per_token": codec.bytes_per_token_raw(),
+            }
+        )
+    return out
+
+
 def report(result: dict[str, Any]) -> str:
     h = result["header"]
     mass = ", ".join(f"top-{k} {m:.3f}" for k, m in h["topk_mass"].items())
@@ -465,6 +526,21 @@ def report(result: dict[str, Any]) -> str:
         "from V; ids that recur across tokens, as frequent tokens do, compress below it. "
         "enc/dec: torch on the CPU, all T rows, fastest of 5; zarr: one write and one read)"
     )
+    if result.get("store"):
+        lines += [
+            "",
+            "through softcache's own store (LogitStore + TokenCodec, what `build --lm` writes):",
+            f"{'encoding':<12} {'B/token':>8} {'all arrays':>11} {'raw B':>7}",
+        ]
+        for row in result["store"]:
+            lines.append(
+                f"{row['encoding']:<12} {row['bytes_per_token']:>8.1f} "
+                f"{row['bytes_per_token_all_arrays']:>11.1f} {row['raw_bytes_per_token']:>7}"
+            )
+        lines.append(
+            "(B/token: the per-token arrays' shard objects, as above; all arrays: every byte of "
+            "the store, zarr.json and offsets, sample_hash, shard_done included)"
+        )
     return "\n".join(lines)
 
 
@@ -515,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="softcache-tokens-") as tmp:
         result = run(tokens, Path(tmp))
+        result["store"] = via_store(tokens, Path(tmp))
     result["environment"] = environment()
     result["seconds"] = time.perf_counter() - start
     print(report(result))

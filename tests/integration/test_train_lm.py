@@ -24,7 +24,7 @@ from softcache import lm_train
 from softcache.cli import main
 from softcache.config import TrainConfig
 from softcache.errors import DatasetMismatchError
-from softcache.lm_stream import TokenLabelStream, block_samples_for
+from softcache.lm_stream import BLOCK_TOKENS, TokenLabelStream, block_samples_for
 from softcache.plan import EpochPlan
 from softcache.store import LogitStore, decode_token_rows
 from softcache.train import CHECKPOINT, METRICS, train
@@ -415,15 +415,38 @@ def test_hash_check_off_skips_the_per_sample_check(
     assert metrics["steps"] == 1
 
 
-def test_plan_blocks_hold_at_least_a_batch(
+def test_plan_blocks_hold_at_least_a_batch_and_block_tokens(
     in_root: Path, tmp_path: Path, stores: dict[str, str]
 ) -> None:
-    """This store's shards hold about 2 samples' tokens; blocks of a shard's tokens would make the
-    default batch of 64 span many shuffle windows, so a block holds at least one batch."""
+    """Blocks of one shard's tokens would hold about 2 of these samples: too few to shuffle, and
+    fewer than the default batch of 64. A block holds BLOCK_TOKENS tokens (here: every sample)
+    and at least a batch."""
     store = LogitStore.open(stores["topk"])
-    assert block_samples_for(store) < 64 <= block_samples_for(store, 64)
+    n = store.meta.num_samples
+    assert block_samples_for(store) == n  # fewer than BLOCK_TOKENS tokens in all
+    assert block_samples_for(store, 64) == 64
     metrics = _train(tmp_path / "w", "--store", stores["topk"], "--max-steps", "1")
     assert metrics["steps"] == 1
+
+
+def test_block_samples_scale_with_sequence_length() -> None:
+    """Unit check of the rule on metadata alone: tokens per block over mean tokens per sample."""
+
+    class Meta:
+        def __init__(self, samples: int, tokens: int, shard_rows: int) -> None:
+            self.num_samples, self.num_tokens, self.shard_rows = samples, tokens, shard_rows
+
+    class Store:
+        def __init__(self, meta: Meta) -> None:
+            self.meta = meta
+
+    short = Store(Meta(100_000, 100_000 * 128, 4096))  # 128-token samples: 512 per block
+    long = Store(Meta(10_000, 10_000 * 2048, 4096))  # 2,048-token samples: 32 per block
+    big_shards = Store(Meta(10_000, 10_000 * 128, 262_144))  # a shard beyond BLOCK_TOKENS
+    assert block_samples_for(short) == BLOCK_TOKENS // 128  # type: ignore[arg-type]
+    assert block_samples_for(long) == BLOCK_TOKENS // 2048  # type: ignore[arg-type]
+    assert block_samples_for(long, 64) == 64  # type: ignore[arg-type]
+    assert block_samples_for(big_shards) == 262_144 // 128  # type: ignore[arg-type]
 
 
 def test_a_dataset_of_another_size_is_refused(
@@ -475,7 +498,7 @@ def test_stream_labels_are_each_samples_rows_in_batch_order(
     ]
     plan = EpochPlan(
         num_samples=n,
-        block_rows=block_samples_for(store),
+        block_rows=4,  # small blocks (a training run's are >= BLOCK_TOKENS tokens): many of them
         batch_size=batch_size,
         seed=5,
         window_blocks=window_blocks,
