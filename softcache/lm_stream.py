@@ -22,7 +22,6 @@ from torch import Tensor
 from softcache.plan import EpochPlan
 from softcache.store import LogitStore, decode_token_rows
 
-
 # Tokens per plan block, at least: the plan shuffles samples within windows of blocks, and
 # windows of a few shards' tokens hold only a few hundred short sequences, often from one
 # document: measured on the bundled byte LM (4,096 windows of 128 bytes), blocks of one 4,096-token

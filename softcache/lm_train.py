@@ -81,6 +81,10 @@ def train_lm(
     Raises:
         SoftcacheError: bad specs, a row store, or a store that does not match the dataset.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "train --lm runs in one process for now (no DDP); launch it without torchrun"
+        )
     device = resolve_device(config.device)
     dataset = instantiate(config.dataset, "dataset")
     store = _open_store(config, dataset)

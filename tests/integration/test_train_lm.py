@@ -609,3 +609,11 @@ def test_hard_mode_accepts_a_store_and_reads_no_labels(
     only offline reads its labels."""
     hard = _train(tmp_path / "h", "--mode", "hard", "--store", stores["topk"], "--max-steps", "2")
     assert hard["store_encoding"] is None and hard["steps"] == 2
+
+
+def test_lm_training_under_torchrun_is_refused(
+    in_root: Path, tmp_path: Path, stores: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = _invoke(_args(tmp_path / "d", "--store", stores["topk"]))
+    _one_line_error(result, "one process", "torchrun")
