@@ -54,6 +54,7 @@ from softcache.train import (
     CHECKPOINT,
     METRICS,
     TrainResult,
+    check_resume_settings,
     make_optimizer,
     make_schedule,
     module_from_spec,
@@ -406,15 +407,5 @@ def _load_checkpoint(output: Path, config: TrainConfig) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "epoch" not in state or not state["metrics"].get("lm"):
         raise ConfigError(f"--resume: {path} is not a checkpoint of a --lm run")
-    saved, now = state["metrics"]["config"], config.to_dict()
-    diffs = [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-        for k in _RESUME_KEYS
-        if saved.get(k) != now.get(k)
-    ]
-    if diffs:
-        raise ConfigError(
-            f"--resume: the checkpoint in {output} was made with other settings "
-            f"({'; '.join(diffs)}); resume with the original settings or choose another --output"
-        )
+    check_resume_settings(state["metrics"]["config"], config, _RESUME_KEYS, output)
     return state

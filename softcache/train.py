@@ -521,19 +521,21 @@ def _load_checkpoint(output: Path, config: TrainConfig, ranks: ddp.Ranks) -> dic
             f"between processes, so resume with {saved_world} (torchrun --nproc_per_node, "
             "times nodes) or choose another --output"
         )
-    saved = state["metrics"]["config"]
+    check_resume_settings(state["metrics"]["config"], config, _RESUME_KEYS, output)
+    return state
+
+
+def check_resume_settings(
+    saved: dict[str, Any], config: TrainConfig, keys: tuple[str, ...], output: Path
+) -> None:
+    """Refuse to resume a checkpoint whose run had other values for any of `keys`."""
     now = config.to_dict()
-    diffs = [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-        for k in _RESUME_KEYS
-        if saved.get(k) != now.get(k)
-    ]
+    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if diffs:
         raise ConfigError(
-            f"--resume: the checkpoint in {output} was made with other settings ({'; '.join(diffs)}); "
-            "resume with the original settings or choose another --output"
+            f"--resume: the checkpoint in {output} was made with other settings "
+            f"({'; '.join(diffs)}); resume with the original settings or choose another --output"
         )
-    return state
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
