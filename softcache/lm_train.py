@@ -116,6 +116,8 @@ def train_lm(
         steps_total = min(steps_total, config.max_steps)
     optimizer = make_optimizer(config, student)
     schedule = make_schedule(config, optimizer, steps_total)
+    # fp16 autocast needs loss scaling, or small gradients underflow to zero (a no-op elsewhere).
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     metrics = _new_metrics(config, store if config.mode == "offline" else None)
@@ -125,6 +127,7 @@ def train_lm(
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         metrics, first_epoch, step = state["metrics"], state["epoch"], state["step"]
     evaluator = _Evaluator(config, teacher, device)
@@ -161,8 +164,9 @@ def train_lm(
                 targets = batch.labels[batch.attention_mask]
                 loss = _loss(config, rows, targets, labels, codec, teacher, batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 step += 1
                 loss_sum += float(loss.detach()) * rows.shape[0]
@@ -174,7 +178,7 @@ def train_lm(
                 metrics, loss_sum / max(tokens_seen, 1), results, seconds, wait, tokens_seen
             )
             metrics["steps"] = step
-            _save_checkpoint(output, student, optimizer, schedule, metrics, epoch + 1, step)
+            _save_checkpoint(output, student, optimizer, schedule, scaler, metrics, epoch + 1, step)
             write_json(output / METRICS, metrics)
     finally:
         bar.close()
@@ -382,6 +386,7 @@ def _save_checkpoint(
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: Any,
+    scaler: Any,
     metrics: dict[str, Any],
     epoch: int,
     step: int,
@@ -390,6 +395,7 @@ def _save_checkpoint(
         "student": student.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "metrics": metrics,
         "epoch": epoch,
