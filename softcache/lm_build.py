@@ -122,7 +122,9 @@ def build_tokens(config: BuildConfig, *, progress: bool = True) -> BuildResult:
     rows_done = sum(b - a for s in np.flatnonzero(done) for a, b in [store.shard_bounds(int(s))])
 
     t0 = time.perf_counter()
-    bar = Progress(meta.num_rows, "build tokens", enabled=progress, initial=rows_done)
+    bar = Progress(
+        meta.num_rows, "build tokens", enabled=progress, initial=rows_done, unit="tokens"
+    )
     with ShardWriter(store, threads=config.writer_threads) as writer:
         for shard in todo:
             rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)

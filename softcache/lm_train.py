@@ -141,7 +141,7 @@ def train_lm(
         else None
     )
     codec = store.meta.codec if stream is not None and store is not None else None
-    bar = Progress(steps_total, "train", enabled=progress, initial=step)
+    bar = Progress(steps_total, "train", enabled=progress, initial=step, unit="steps")
     try:
         for epoch in range(first_epoch, config.epochs):
             if step >= steps_total:

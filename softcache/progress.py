@@ -20,6 +20,8 @@ class Progress:
         enabled: print nothing when False.
         stream: where to print (stderr by default).
         log_every: seconds between lines when `stream` is not a terminal.
+        initial: units already done before this run (a resumed job).
+        unit: what a unit is, for the rate (``samples``, ``tokens``, ``steps``).
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class Progress:
         stream: TextIO | None = None,
         log_every: float = 10.0,
         initial: int = 0,
+        unit: str = "samples",
     ) -> None:
         self.total = total
         self.desc = desc
@@ -38,6 +41,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
         self.log_every = log_every
+        self.unit = unit
         self.done = initial
         self._start_done = initial
         self._t0 = time.perf_counter()
@@ -80,7 +84,7 @@ class Progress:
         eta = _fmt_seconds(remaining) if remaining == remaining else "?"
         line = (
             f"{self.desc} [{bar}] {self.done}/{self.total} ({frac:6.1%}) "
-            f"{rate:,.0f} samples/s ETA {eta}"
+            f"{rate:,.0f} {self.unit}/s ETA {eta}"
         )
         if self.tty:
             self.stream.write("\r" + line)
