@@ -16,7 +16,9 @@ dataset gives the student's perplexity and next-token accuracy, its agreement wi
 top-1 (from ``eval_store``, or from the teacher when one is given) and, with a teacher, its KL to
 the teacher's full distribution.
 
-A checkpoint is written at every epoch end (atomically); ``--resume`` continues from the last.
+A checkpoint is written at every epoch end and, with ``checkpoint_steps``, every that many steps
+inside an epoch (atomically); ``--resume`` continues from the last, mid-epoch included, to the
+weights an uninterrupted run reaches.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def train_lm(
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     metrics = _new_metrics(config, store if config.mode == "offline" else None)
-    first_epoch, step = 0, 0
+    first_epoch, step, resume_plan, partial = 0, 0, None, None
     if config.resume:
         state = _load_checkpoint(output, config)
         student.load_state_dict(state["student"])
@@ -130,6 +132,8 @@ def train_lm(
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         metrics, first_epoch, step = state["metrics"], state["epoch"], state["step"]
+        if state.get("plan") and state["plan"]["cursor"] > 0:  # a checkpoint inside an epoch
+            resume_plan, partial = state["plan"], state["partial"]
     evaluator = _Evaluator(config, teacher, device)
     if client is None and config.dask_scheduler:
         client = connect(config.dask_scheduler)
@@ -146,11 +150,21 @@ def train_lm(
         for epoch in range(first_epoch, config.epochs):
             if step >= steps_total:
                 break
-            plan.set_epoch(epoch)
+            so_far = {"loss_sum": 0.0, "tokens": 0, "wait": 0.0, "seconds": 0.0}
+            if resume_plan is not None and resume_plan["epoch"] == epoch:
+                plan.load_state_dict(resume_plan)  # continue at the checkpoint's batch
+                so_far = dict(partial or so_far)
+            else:
+                plan.set_epoch(epoch)
             if stream is not None:
                 stream.start_epoch(plan)
             student.train()
-            t0, loss_sum, tokens_seen, wait = time.perf_counter(), 0.0, 0, 0.0
+            t0, loss_sum, tokens_seen = (
+                time.perf_counter(),
+                so_far["loss_sum"],
+                int(so_far["tokens"]),
+            )
+            wait = so_far["wait"]
             for samples in plan:
                 if step >= steps_total:
                     break
@@ -172,7 +186,18 @@ def train_lm(
                 loss_sum += float(loss.detach()) * rows.shape[0]
                 tokens_seen += rows.shape[0]
                 bar.update(1)
-            seconds = time.perf_counter() - t0
+                every = config.checkpoint_steps
+                if every and step % every == 0 and plan.cursor < len(plan) and step < steps_total:
+                    metrics["steps"] = step
+                    _save_checkpoint(
+                        output, student, optimizer, schedule, scaler, metrics, epoch, step,
+                        plan_state=plan.state_dict(),
+                        partial={
+                            "loss_sum": loss_sum, "tokens": tokens_seen, "wait": wait,
+                            "seconds": so_far["seconds"] + time.perf_counter() - t0,
+                        },
+                    )  # fmt: skip
+            seconds = so_far["seconds"] + time.perf_counter() - t0
             results = evaluator(student)
             _record_epoch(
                 metrics, loss_sum / max(tokens_seen, 1), results, seconds, wait, tokens_seen
@@ -390,7 +415,12 @@ def _save_checkpoint(
     metrics: dict[str, Any],
     epoch: int,
     step: int,
+    *,
+    plan_state: dict[str, Any] | None = None,
+    partial: dict[str, Any] | None = None,
 ) -> None:
+    """Write the checkpoint atomically. ``epoch`` is the epoch a resumed run starts in; inside
+    an epoch, ``plan_state`` holds its cursor and ``partial`` the epoch's sums so far."""
     state = {
         "student": student.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -400,6 +430,8 @@ def _save_checkpoint(
         "metrics": metrics,
         "epoch": epoch,
         "step": step,
+        "plan": plan_state,
+        "partial": partial,
     }
     tmp = output / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)

@@ -617,3 +617,44 @@ def test_lm_training_under_torchrun_is_refused(
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = _invoke(_args(tmp_path / "d", "--store", stores["topk"]))
     _one_line_error(result, "one process", "torchrun")
+
+
+@pytest.mark.parametrize("encoding", ["topk", "sampled"])
+def test_a_run_killed_inside_an_epoch_resumes_to_the_same_weights(
+    in_root: Path,
+    tmp_path: Path,
+    stores: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    encoding: str,
+) -> None:
+    """--checkpoint-steps 3 checkpoints inside the first epoch (its cursor and sums so far); a run
+    killed right after that checkpoint resumes there, to the uninterrupted run's weights."""
+    settings = (
+        "--store", stores[encoding], "--epochs", "2", "--eval-dataset", RAGGED,
+        "--checkpoint-steps", "3", *FAST,
+    )  # fmt: skip
+    assert STEPS_PER_EPOCH > 3  # the checkpoint at step 3 is inside epoch 1
+    full = _train(tmp_path / "full", *settings)
+    part = tmp_path / "part"
+    save = lm_train._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        if args[-1] == 3:  # the step
+            raise _Killed
+
+    monkeypatch.setattr(lm_train, "_save_checkpoint", save_then_die)
+    result = _invoke(_args(part, *settings))
+    assert isinstance(result.exception, _Killed), (result.output, result.exception)
+    monkeypatch.setattr(lm_train, "_save_checkpoint", save)
+    state = torch.load(part / CHECKPOINT, weights_only=False)
+    assert state["epoch"] == 0 and state["plan"]["cursor"] == 3 and state["step"] == 3
+
+    resumed = _train(part, *settings, "--resume")
+    want = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)
+    got = torch.load(part / CHECKPOINT, weights_only=False)
+    for name, tensor in want["student"].items():
+        assert torch.equal(tensor, got["student"][name]), name
+    assert resumed["steps"] == full["steps"]
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6)
+    assert resumed["eval_kl_to_teacher"] == full["eval_kl_to_teacher"]
