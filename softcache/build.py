@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,7 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
                         gpus=device.type == "cuda",
                     )
                 )
-            _run_on_cluster(client, config, store, todo, bar)
+            run_on_cluster(client, config, store, todo, bar)
     else:
         with ShardWriter(store, threads=config.writer_threads) as writer:
             _run_teacher(teacher, dataset, store, todo, device, config, writer, bar)
@@ -254,9 +254,19 @@ def task_ranges(todo: Sequence[int], workers: int, shards_per_task: int = 0) -> 
     return [list(todo[i : i + size]) for i in range(0, len(todo), size)]
 
 
-def _run_on_cluster(
-    client: Any, config: BuildConfig, store: LogitStore, todo: Sequence[int], bar: Progress
+def run_on_cluster(
+    client: Any,
+    config: BuildConfig,
+    store: LogitStore,
+    todo: Sequence[int],
+    bar: Progress,
+    task: Callable[[BuildConfig, Sequence[int], str], int] | None = None,
 ) -> None:
+    """Compute the shards `todo` as Dask tasks of whole shard ranges, updating `bar` by rows.
+
+    `task(config, shards, teacher_sha256)` runs on a worker, writes the shards of its range not
+    yet recorded and returns their rows (default: the row build's).
+    """
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
@@ -266,7 +276,11 @@ def _run_on_cluster(
     run_id = os.urandom(4).hex()  # task keys must be unique across builds sharing a cluster
     futures = [
         client.submit(
-            _shard_task, config, shards, teacher_sha, key=f"softcache-build-{shards[0]}-{run_id}"
+            task or _shard_task,
+            config,
+            shards,
+            teacher_sha,
+            key=f"softcache-build-{shards[0]}-{run_id}",
         )
         for shards in tasks
     ]
@@ -288,8 +302,11 @@ def _run_on_cluster(
 _WORKER_CACHE: dict[tuple[str, str, str, str], tuple[nn.Module, Any]] = {}
 
 
-def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
-    """On a Dask worker: compute and write `shards` not yet recorded; return the rows written."""
+def worker_inputs(
+    config: BuildConfig, teacher_sha256: str, make_dataset: Callable[[BuildConfig], Any]
+) -> tuple[nn.Module, Any, torch.device]:
+    """On a Dask worker: the teacher (checked against `teacher_sha256`), the dataset and the
+    device, loaded once per worker and kept for its next tasks."""
     device = worker_device(resolve_device(config.device))
     key = (config.teacher, teacher_sha256, config.dataset, str(device))
     if key not in _WORKER_CACHE:
@@ -302,8 +319,14 @@ def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str)
                 f"(state dict sha256 {sha[:12]}...) than where the build started "
                 f"({teacher_sha256[:12]}...); give every worker the same checkpoint"
             )
-        _WORKER_CACHE[key] = (teacher, teacher_inputs(config)[0])
+        _WORKER_CACHE[key] = (teacher, make_dataset(config))
     teacher, dataset = _WORKER_CACHE[key]
+    return teacher, dataset, device
+
+
+def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
+    """On a Dask worker: compute and write `shards` not yet recorded; return the rows written."""
+    teacher, dataset, device = worker_inputs(config, teacher_sha256, lambda c: teacher_inputs(c)[0])
     store = LogitStore.open(
         config.output, mode="r+", require_complete=False, storage_options=config.storage_options
     )

@@ -166,10 +166,6 @@ class BuildConfig:
             )
         if self.views > 1 or self.augment:
             raise ConfigError("--lm stores have no augmentation views; drop --views/--augment")
-        if self.workers or self.dask_scheduler:
-            raise ConfigError(
-                "--lm builds run in one process for now; drop --workers/--dask-scheduler"
-            )
         _check_positive("draws", self.draws)
         if self.encoding == "sampled" and self.value_bits:
             raise ConfigError(

@@ -17,14 +17,18 @@ The build:
    computed alone: a resumed shard sees the same batches, and for ``sampled`` the same
    generator seed ``(seed, shard)``, and so holds the bytes an uninterrupted build writes.
 
-Resume works as for row stores (`softcache.build`): killed at any moment, the same command skips
+With ``workers`` or ``dask_scheduler`` the shards are Dask tasks, as in a row build (ranges of
+whole shards; each worker loads the teacher once and checks its weights hash); the store is the
+one a single process writes. Resume works as for row stores (`softcache.build`): killed at any moment, the same command skips
 the recorded shards. If the dataset changed in between (another length or hash for any sample),
 it refuses to mix the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +41,11 @@ from softcache.build import (
     autocast,
     load_teacher,
     open_output,
+    run_on_cluster,
     state_dict_sha256,
+    worker_inputs,
 )
+from softcache.cluster import cluster_client
 from softcache.config import BuildConfig
 from softcache.devices import resolve_device
 from softcache.errors import DatasetFormatError, DatasetMismatchError, TeacherOutputError
@@ -51,12 +58,16 @@ from softcache.token_codec import TokenCodec
 from softcache.writer import ShardWriter
 
 
-def build_tokens(config: BuildConfig, *, progress: bool = True) -> BuildResult:
+def build_tokens(
+    config: BuildConfig, *, progress: bool = True, client: Any | None = None
+) -> BuildResult:
     """Run a causal-LM teacher over a sequence dataset and write (or finish) a per-token store.
 
     Args:
         config: the build configuration, with ``lm = True``.
         progress: show progress bars on stderr.
+        client: a `distributed.Client` to compute the shards on (overrides `config.workers` and
+            `config.dask_scheduler`); its workers must import softcache and the specs.
 
     Returns:
         A `BuildResult` (``samples_computed`` counts the tokens this run coded).
@@ -125,12 +136,25 @@ def build_tokens(config: BuildConfig, *, progress: bool = True) -> BuildResult:
     bar = Progress(
         meta.num_rows, "build tokens", enabled=progress, initial=rows_done, unit="tokens"
     )
-    with ShardWriter(store, threads=config.writer_threads) as writer:
-        for shard in todo:
-            rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)
-            writer.submit(shard, rows)
-            start, stop = store.shard_bounds(shard)
-            bar.update(stop - start)
+    if client is not None or config.distributed:
+        del teacher  # the workers load their own
+        with contextlib.ExitStack() as stack:
+            if client is None:
+                client = stack.enter_context(
+                    cluster_client(
+                        address=config.dask_scheduler,
+                        workers=config.workers,
+                        gpus=device.type == "cuda",
+                    )
+                )
+            run_on_cluster(client, config, store, todo, bar, task=_token_shard_task)
+    else:
+        with ShardWriter(store, threads=config.writer_threads) as writer:
+            for shard in todo:
+                rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)
+                writer.submit(shard, rows)
+                start, stop = store.shard_bounds(shard)
+                bar.update(stop - start)
     bar.close()
     seconds = time.perf_counter() - t0
     store.mark_complete(fingerprint(hashes, offsets))
@@ -144,6 +168,29 @@ def build_tokens(config: BuildConfig, *, progress: bool = True) -> BuildResult:
         seconds=seconds,
         samples_computed=meta.num_rows - rows_done,
     )
+
+
+def _token_shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
+    """On a Dask worker: code and write `shards` not yet recorded; return their tokens."""
+    teacher, dataset, device = worker_inputs(
+        config, teacher_sha256, lambda c: instantiate(c.dataset, "dataset")
+    )
+    store = LogitStore.open(
+        config.output, mode="r+", require_complete=False, storage_options=config.storage_options
+    )
+    if len(dataset) != store.meta.num_samples:
+        raise DatasetFormatError(
+            f"dataset {config.dataset!r} has {len(dataset)} samples on a Dask worker but "
+            f"{store.meta.num_samples} where the build started; give every worker the same data"
+        )
+    offsets, codec = store.offsets(), store.meta.codec
+    done = store.done_mask()
+    with ShardWriter(store, threads=config.writer_threads) as writer:
+        for shard in shards:
+            if not done[shard]:  # a rerun task skips what its first worker recorded
+                rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)
+                writer.submit(shard, rows)
+    return sum(stop - start for start, stop in map(store.shard_bounds, shards))
 
 
 def shard_samples(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:

@@ -197,3 +197,26 @@ def test_teacher_output_error_pickles_through_dask() -> None:
 
     error = pickle.loads(pickle.dumps(TeacherOutputError("sample 3: bad")))
     assert isinstance(error, TeacherOutputError) and str(error) == "sample 3: bad"
+
+
+@pytest.mark.parametrize("encoding", [("topk", "--top-k", "8"), ("sampled", "--draws", "12")])
+def test_lm_build_on_a_cluster_equals_the_single_process_build(
+    cluster, tmp_path: Path, encoding: tuple[str, ...]
+) -> None:
+    """build --lm on a Dask cluster: shards of tokens as tasks, samples straddling them included,
+    sampled draws seeded per shard: the same bytes as one process."""
+    lm = "tests.helpers.token_specs"
+    args = ["build", "--lm", "--teacher", f"{lm}:causal_teacher", "--dataset"]
+    args += [f"{lm}:ragged_dataset", "--encoding", *encoding, "--shard-rows", "32"]
+    args += ["--batch-size", "4", "--device", "cpu", "--json"]
+    single = tmp_path / "single.zarr"
+    proc = cli(*args, "-o", str(single))
+    assert proc.returncode == 0, proc.stderr
+    dist = tmp_path / "dist.zarr"
+    address = cluster.scheduler_address  # type: ignore[attr-defined]
+    proc = cli(*args, "-o", str(dist), "--dask-scheduler", address, "--shards-per-task", "2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["shards_written"] == summary["shards"] > 2
+    assert_same_arrays(dist, single)
+    assert LogitStore.open(dist).meta.build_config["dask_scheduler"] == address

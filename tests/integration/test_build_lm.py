@@ -347,7 +347,6 @@ def test_resume_with_a_changed_dataset_is_refused(
         (("--encoding", "sampled", "--draws", "65536"), ("draws must be in [1, 65535]",)),
         (("--encoding", "topk", "--top-k", "301"), ("top-k must be in [1, 300]",)),
         (("--encoding", "topk", "--lm-temperature", "0"), ("lm_temperature must be > 0",)),
-        (("--encoding", "topk", "--workers", "2"), ("--lm builds run in one process",)),
         (("--encoding", "topk", "--views", "2", "--augment", "flip"), ("augmentation views",)),
     ],
     ids=[
@@ -358,7 +357,6 @@ def test_resume_with_a_changed_dataset_is_refused(
         "too-many-draws",
         "k-over-vocab",
         "temperature",
-        "workers",
         "views",
     ],
 )
