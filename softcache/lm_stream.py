@@ -75,6 +75,7 @@ class TokenLabelStream:
         self._order: list[int] = []
         self._position: dict[int, int] = {}
         self._futures: dict[int, Future[dict[str, Tensor]]] = {}
+        self._window = 1
 
     def start_epoch(self, plan: EpochPlan) -> None:
         """Follow `plan`'s block order for the coming batches (drops what was read ahead)."""
@@ -90,6 +91,8 @@ class TokenLabelStream:
             `softcache.token_codec.TokenCodec.decode`'s tensors (CPU), one row per real token:
             sample ``samples[0]``'s tokens first, each sample's in position order.
         """
+        if not self._order:
+            raise RuntimeError("call start_epoch(plan) before labels()")
         blocks = [int(s) // self.block_samples for s in samples]
         positions = [self._position[b] for b in blocks]
         self._schedule(min(positions), max(positions))
