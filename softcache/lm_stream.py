@@ -93,17 +93,25 @@ class TokenLabelStream:
         """
         if not self._order:
             raise RuntimeError("call start_epoch(plan) before labels()")
-        blocks = [int(s) // self.block_samples for s in samples]
-        positions = [self._position[b] for b in blocks]
+        ids = np.asarray(samples, dtype=np.int64)
+        blocks = ids // self.block_samples
+        positions = [self._position[int(b)] for b in np.unique(blocks)]
         self._schedule(min(positions), max(positions))
-        parts: dict[str, list[Tensor]] = {}
-        for sample, block in zip(samples, blocks, strict=True):
-            decoded = self._futures[self._position[block]].result()
-            base = int(self.offsets[block * self.block_samples])
-            lo, hi = int(self.offsets[sample]) - base, int(self.offsets[sample + 1]) - base
+        # One gather per (block, array) with index arrays built in numpy, not a slice per sample.
+        lengths = self.offsets[ids + 1] - self.offsets[ids]
+        local = self.offsets[ids] - self.offsets[blocks * self.block_samples]
+        out_start = np.cumsum(lengths) - lengths
+        out: dict[str, Tensor] = {}
+        for block in np.unique(blocks):
+            decoded = self._futures[self._position[int(block)]].result()
+            mine = blocks == block
+            src = torch.from_numpy(_ragged_arange(local[mine], lengths[mine]))
+            dst = torch.from_numpy(_ragged_arange(out_start[mine], lengths[mine]))
             for name, tensor in decoded.items():
-                parts.setdefault(name, []).append(tensor[lo:hi])
-        return {name: torch.cat(ts) for name, ts in parts.items()}
+                if name not in out:
+                    out[name] = tensor.new_empty((int(lengths.sum()), *tensor.shape[1:]))
+                out[name][dst] = tensor.index_select(0, src)
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -129,3 +137,10 @@ class TokenLabelStream:
         else:
             (rows,) = dask.compute(graph, scheduler="threads")
         return decode_token_rows({k: np.asarray(v) for k, v in rows.items()}, self.store.meta)
+
+
+def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``, without the loop."""
+    total = int(lengths.sum())
+    segment_starts = np.cumsum(lengths) - lengths
+    return np.repeat(starts - segment_starts, lengths) + np.arange(total, dtype=np.int64)
