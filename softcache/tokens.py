@@ -289,6 +289,7 @@ def topk_residual_kl(
     residual: Tensor,
     *,
     temperature: float = 1.0,
+    reduction: str = "mean",
 ) -> Tensor:
     """KL divergence over the kept tokens plus one residual bin, scaled by ``tau^2``.
 
@@ -315,9 +316,10 @@ def topk_residual_kl(
         indices: ``(T, k)`` integer ids of ``values``, distinct within a row.
         residual: ``(T,)`` log of the teacher's tail mass, ``-inf`` for an empty tail.
         temperature: ``tau``, the temperature the values were encoded at.
+        reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
 
     Returns:
-        A float32 scalar.
+        A float32 scalar (``(T,)`` with ``reduction="none"``).
     """
     _check_temperature(temperature)
     _check_rows(student_logits, values, indices)
@@ -332,11 +334,16 @@ def topk_residual_kl(
     # nan even times 0: such rows read zeros instead, and their p_r is 0 anyway.
     tail = torch.where(has_tail, log_q_all.masked_fill(kept, float("-inf")), 0.0)
     log_q = torch.cat([log_q_all.gather(1, ids), torch.logsumexp(tail, dim=1, keepdim=True)], 1)
-    return temperature**2 * _kl_terms(log_p, log_q).sum(dim=1).mean()
+    return _reduce(temperature**2 * kl_terms(log_p, log_q).sum(dim=1), reduction)
 
 
 def sampled_ce(
-    student_logits: Tensor, ids: Tensor, counts: Tensor, *, temperature: float = 1.0
+    student_logits: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
 ) -> Tensor:
     """Unbiased estimate of the cross-entropy to the teacher, from ids drawn from it.
 
@@ -355,16 +362,17 @@ def sampled_ce(
         ids: ``(T, W)`` integer ids and ``counts``: ``(T, W)`` their counts, 0 for padding
             (`sample_ids`; uint8 / uint16 are converted).
         temperature: ``tau``, the temperature the ids were sampled at.
+        reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
 
     Returns:
-        A float32 scalar.
+        A float32 scalar (``(T,)`` with ``reduction="none"``).
     """
     _check_temperature(temperature)
     _check_rows(student_logits, ids, counts)
     log_q = F.log_softmax(student_logits.float() / temperature, dim=1).gather(1, ids.long())
     weights = counts.to(torch.int32).float()
     per_row = -(weights * log_q).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-    return temperature**2 * per_row.mean()
+    return _reduce(temperature**2 * per_row, reduction)
 
 
 def sampled_kl(
@@ -374,6 +382,7 @@ def sampled_kl(
     entropy: Tensor,
     *,
     temperature: float = 1.0,
+    reduction: str = "mean",
 ) -> Tensor:
     """Unbiased estimate of ``tau^2 KL(p || q)``: `sampled_ce` minus the teacher's entropy.
 
@@ -383,14 +392,22 @@ def sampled_kl(
 
     ``entropy`` is ``(T,)``, any float dtype; the other arguments are `sampled_ce`'s.
     """
-    ce = sampled_ce(student_logits, ids, counts, temperature=temperature)
-    return ce - temperature**2 * entropy.float().mean()
+    ce = sampled_ce(student_logits, ids, counts, temperature=temperature, reduction="none")
+    return _reduce(ce - temperature**2 * entropy.float(), reduction)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Elementwise ``p (log p - log q)`` with ``0 log 0 = 0`` in the value and the gradient."""
     positive = log_p > -math.inf
     safe_p = torch.where(positive, log_p, 0.0)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softcache import tokens as tk
 from softcache.sequences import causal_logits, collate_sequences
 from softcache.store import LogitStore, decode_token_rows
 
@@ -50,15 +51,20 @@ def measure(
         log_p = F.log_softmax(t / tau, dim=1)
         log_q = F.log_softmax(s / tau, dim=1)
         kl_true = _kl(log_p, log_q)
+        # The caches' own per-token losses, without their tau^2 (as kl_true).
         if codec.encoding == "topk":
-            per_token = _topk_rows(s, rows, tau)
+            per_token = tk.topk_residual_kl(
+                s, rows["values"], rows["indices"], rows["residual"], temperature=tau,
+                reduction="none",
+            ) / tau**2  # fmt: skip
             rec, quant = _topk_reconstruction(log_p, rows)
             sums["kl_rec"] += float(rec.sum())
             sums["kl_quant"] += float(quant.sum())
         else:
-            weights = rows["counts"].float()
-            ce = -(weights * log_q.gather(1, rows["ids"])).sum(dim=1) / weights.sum(dim=1)
-            per_token = ce - rows["entropy"]
+            per_token = tk.sampled_kl(
+                s, rows["ids"], rows["counts"], rows["entropy"], temperature=tau,
+                reduction="none",
+            ) / tau**2  # fmt: skip
         sums["kl_true"] += float(kl_true.sum())
         sums["loss"] += float(per_token.sum())
         sums["loss_sq"] += float((per_token**2).sum())
@@ -81,21 +87,9 @@ def measure(
     }
 
 
-def _topk_rows(student: torch.Tensor, rows: dict[str, torch.Tensor], tau: float) -> torch.Tensor:
-    """Per-token `topk_residual_kl` (without the ``tau^2``): ``(T,)``."""
-    log_q_all = F.log_softmax(student / tau, dim=1)
-    ids = rows["indices"]
-    bins = torch.cat([rows["values"], rows["residual"].unsqueeze(1)], dim=1)
-    log_p = bins - torch.logsumexp(bins, dim=1, keepdim=True)
-    tail = log_q_all.scatter(1, ids, float("-inf"))
-    log_q = torch.cat([log_q_all.gather(1, ids), torch.logsumexp(tail, 1, keepdim=True)], 1)
-    return _kl(log_p, log_q)
-
-
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Row sums of ``p (log p - log q)`` with ``0 log 0 = 0``: ``(T,)``."""
-    terms = log_p.exp() * (log_p - log_q)
-    return torch.where(log_p > -math.inf, terms, 0.0).sum(dim=1)
+    return tk.kl_terms(log_p, log_q).sum(dim=1)
 
 
 def _topk_reconstruction(
