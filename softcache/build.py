@@ -155,24 +155,13 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
     )
     done = store.done_mask()
     todo = [s for s in range(meta.num_shards) if not done[s]]
-    rows_done = sum(
-        stop - start for s in np.flatnonzero(done) for start, stop in [store.shard_bounds(int(s))]
-    )
+    rows_done = store.rows_in(np.flatnonzero(done).tolist())
 
     t0 = time.perf_counter()
     bar = Progress(meta.num_rows, "build", enabled=progress, initial=rows_done)
     if client is not None or config.distributed:
         del teacher  # the workers load their own
-        with contextlib.ExitStack() as stack:
-            if client is None:
-                client = stack.enter_context(
-                    cluster_client(
-                        address=config.dask_scheduler,
-                        workers=config.workers,
-                        gpus=device.type == "cuda",
-                    )
-                )
-            run_on_cluster(client, config, store, todo, bar)
+        run_on_cluster(client, config, store, todo, bar, gpus=device.type == "cuda")
     else:
         with ShardWriter(store, threads=config.writer_threads) as writer:
             _run_teacher(teacher, dataset, store, todo, device, config, writer, bar)
@@ -255,18 +244,38 @@ def task_ranges(todo: Sequence[int], workers: int, shards_per_task: int = 0) -> 
 
 
 def run_on_cluster(
+    client: Any | None,
+    config: BuildConfig,
+    store: LogitStore,
+    todo: Sequence[int],
+    bar: Progress,
+    *,
+    gpus: bool = False,
+    task: Callable[[BuildConfig, Sequence[int], str], int] | None = None,
+) -> None:
+    """Compute the shards `todo` as Dask tasks of whole shard ranges, updating `bar` by rows.
+
+    `client` None connects to `config.dask_scheduler` or starts a LocalCluster of
+    `config.workers` (one per GPU with `gpus`), closed when done. `task(config, shards,
+    teacher_sha256)` runs on a worker, writes the shards of its range not yet recorded and
+    returns their rows (default: the row build's).
+    """
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(
+                cluster_client(address=config.dask_scheduler, workers=config.workers, gpus=gpus)
+            )
+        _submit_shards(client, config, store, todo, bar, task or _shard_task)
+
+
+def _submit_shards(
     client: Any,
     config: BuildConfig,
     store: LogitStore,
     todo: Sequence[int],
     bar: Progress,
-    task: Callable[[BuildConfig, Sequence[int], str], int] | None = None,
+    task: Callable[[BuildConfig, Sequence[int], str], int],
 ) -> None:
-    """Compute the shards `todo` as Dask tasks of whole shard ranges, updating `bar` by rows.
-
-    `task(config, shards, teacher_sha256)` runs on a worker, writes the shards of its range not
-    yet recorded and returns their rows (default: the row build's).
-    """
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
@@ -276,7 +285,7 @@ def run_on_cluster(
     run_id = os.urandom(4).hex()  # task keys must be unique across builds sharing a cluster
     futures = [
         client.submit(
-            task or _shard_task,
+            task,
             config,
             shards,
             teacher_sha,
@@ -341,7 +350,7 @@ def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str)
     with ShardWriter(store, threads=config.writer_threads) as writer:
         quiet = Progress(0, "", enabled=False)
         _run_teacher(teacher, dataset, store, todo, device, config, writer, quiet)
-    return sum(stop - start for start, stop in map(store.shard_bounds, shards))
+    return store.rows_in(shards)
 
 
 # ---- the loop ----------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ it refuses to mix the two.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +44,6 @@ from softcache.build import (
     state_dict_sha256,
     worker_inputs,
 )
-from softcache.cluster import cluster_client
 from softcache.config import BuildConfig
 from softcache.devices import resolve_device
 from softcache.errors import DatasetFormatError, DatasetMismatchError, TeacherOutputError
@@ -126,11 +124,11 @@ def build_tokens(
     )
     done = store.done_mask()
     if done.any():
-        _check_same_samples(store, offsets, hashes)
+        _check_same_samples(store, lengths, hashes)
     else:  # new, or killed before its first shard: (re)write the per-sample arrays
         store.write_samples(offsets, hashes)
     todo = [s for s in range(meta.num_shards) if not done[s]]
-    rows_done = sum(b - a for s in np.flatnonzero(done) for a, b in [store.shard_bounds(int(s))])
+    rows_done = store.rows_in(np.flatnonzero(done).tolist())
 
     t0 = time.perf_counter()
     bar = Progress(
@@ -138,23 +136,15 @@ def build_tokens(
     )
     if client is not None or config.distributed:
         del teacher  # the workers load their own
-        with contextlib.ExitStack() as stack:
-            if client is None:
-                client = stack.enter_context(
-                    cluster_client(
-                        address=config.dask_scheduler,
-                        workers=config.workers,
-                        gpus=device.type == "cuda",
-                    )
-                )
-            run_on_cluster(client, config, store, todo, bar, task=_token_shard_task)
+        run_on_cluster(
+            client, config, store, todo, bar, gpus=device.type == "cuda", task=_token_shard_task
+        )
     else:
         with ShardWriter(store, threads=config.writer_threads) as writer:
             for shard in todo:
                 rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)
                 writer.submit(shard, rows)
-                start, stop = store.shard_bounds(shard)
-                bar.update(stop - start)
+                bar.update(store.rows_in([shard]))
     bar.close()
     seconds = time.perf_counter() - t0
     store.mark_complete(fingerprint(hashes, offsets))
@@ -190,7 +180,7 @@ def _token_shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256
             if not done[shard]:  # a rerun task skips what its first worker recorded
                 rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)
                 writer.submit(shard, rows)
-    return sum(stop - start for start, stop in map(store.shard_bounds, shards))
+    return store.rows_in(shards)
 
 
 def shard_samples(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:
@@ -263,14 +253,11 @@ def _probe_vocab(
     return int(logits.shape[2])
 
 
-def _check_same_samples(store: LogitStore, offsets: np.ndarray, hashes: np.ndarray) -> None:
-    stored_offsets, stored_hashes = store.offsets(), store.sample_hashes()
-    if np.array_equal(stored_offsets, offsets) and np.array_equal(stored_hashes, hashes):
-        return
-    lengths = np.diff(stored_offsets) != np.diff(offsets)
-    changed = np.flatnonzero(lengths | (stored_hashes != hashes))
-    raise DatasetMismatchError(
-        f"the partial store at {store.location} was built from other data: {len(changed)} "
-        f"sample(s) differ in length or tokens (first: {changed[0]}); resume it with the "
-        "original dataset, or pass --overwrite to start again"
-    )
+def _check_same_samples(store: LogitStore, lengths: np.ndarray, hashes: np.ndarray) -> None:
+    changed = store.changed_samples(lengths, hashes)
+    if len(changed):
+        raise DatasetMismatchError(
+            f"the partial store at {store.location} was built from other data: {len(changed)} "
+            f"sample(s) differ in length or tokens (first: {changed[0]}); resume it with the "
+            "original dataset, or pass --overwrite to start again"
+        )

@@ -95,14 +95,15 @@ class TokenLabelStream:
             raise RuntimeError("call start_epoch(plan) before labels()")
         ids = np.asarray(samples, dtype=np.int64)
         blocks = ids // self.block_samples
-        positions = [self._position[int(b)] for b in np.unique(blocks)]
+        unique_blocks = np.unique(blocks)
+        positions = [self._position[int(b)] for b in unique_blocks]
         self._schedule(min(positions), max(positions))
         # One gather per (block, array) with index arrays built in numpy, not a slice per sample.
         lengths = self.offsets[ids + 1] - self.offsets[ids]
         local = self.offsets[ids] - self.offsets[blocks * self.block_samples]
         out_start = np.cumsum(lengths) - lengths
         out: dict[str, Tensor] = {}
-        for block in np.unique(blocks):
+        for block in unique_blocks:
             decoded = self._futures[self._position[int(block)]].result()
             mine = blocks == block
             src = torch.from_numpy(_ragged_arange(local[mine], lengths[mine]))

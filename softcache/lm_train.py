@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -362,8 +361,7 @@ def _check_matches(
         )
     if not check:
         return
-    lengths, hashes = scan(dataset)
-    bad = np.flatnonzero((lengths != np.diff(store.offsets())) | (hashes != store.sample_hashes()))
+    bad = store.changed_samples(*scan(dataset))
     if len(bad):
         raise DatasetMismatchError(
             f"{len(bad)} sample(s) of dataset {spec} differ from those store {where} was built "

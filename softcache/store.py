@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,6 +403,10 @@ class LogitStore:
         start = shard * self.meta.shard_rows
         return start, min(start + self.meta.shard_rows, self.meta.num_rows)
 
+    def rows_in(self, shards: Iterable[int]) -> int:
+        """Rows held by ``shards`` (each shard counted once per mention)."""
+        return sum(stop - start for start, stop in map(self.shard_bounds, shards))
+
     def row_layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and storage dtype of every array in `row_array_names`."""
         return row_layout(self.meta)
@@ -465,6 +469,12 @@ class LogitStore:
         if not self.meta.tokens:
             raise StoreFormatError(f"store {self.location} has one row per sample, no offsets")
         return self.read(OFFSETS)
+
+    def changed_samples(self, lengths: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Indices of the samples of a token store whose length or input hash differs from
+        ``lengths`` / ``hashes`` (``(N,)`` each, from `softcache.sequences.scan`), ascending."""
+        stored_lengths = np.diff(self.offsets())
+        return np.flatnonzero((stored_lengths != lengths) | (self.sample_hashes() != hashes))
 
     def mark_complete(self, dataset_fingerprint: str) -> None:
         """Record the dataset fingerprint and set `complete`: the last write of a build."""

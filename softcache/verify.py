@@ -267,18 +267,26 @@ def _value_problem(store: LogitStore, name: str, data: np.ndarray) -> str | None
     return None if np.isfinite(data).all() else "holds non-finite values"
 
 
+def _dataset_of_the_store(spec: str, store: LogitStore, report: VerifyReport) -> Any | None:
+    """The dataset `spec` builds, or None (reported) when its sample count is not the store's."""
+    dataset = instantiate(spec, "dataset")
+    n = len(dataset)
+    report.checked["dataset"] = {"spec": spec, "num_samples": n}
+    if n != store.meta.num_samples:
+        report.problems.append(
+            f"dataset {spec} has {n} samples but the store holds {store.meta.num_samples}"
+        )
+        return None
+    return dataset
+
+
 def _check_dataset(
     spec: str, hashes: np.ndarray, store: LogitStore, report: VerifyReport, progress: bool
 ) -> None:
-    dataset = instantiate(spec, "dataset")
-    n = len(dataset)
-    meta = store.meta
-    report.checked["dataset"] = {"spec": spec, "num_samples": n}
-    if n != meta.num_samples:
-        report.problems.append(
-            f"dataset {spec} has {n} samples but the store holds {meta.num_samples}"
-        )
+    dataset = _dataset_of_the_store(spec, store, report)
+    if dataset is None:
         return
+    meta = store.meta
     ours = (
         _view_hashes(dataset, store, progress) if meta.augmentation else _hashes(dataset, progress)
     )
@@ -304,15 +312,10 @@ def _check_token_dataset(
     `offsets` or `hashes` is None when the store's copy could not be read (already reported): that
     comparison is then skipped.
     """
-    dataset = instantiate(spec, "dataset")
-    n = len(dataset)
-    meta = store.meta
-    report.checked["dataset"] = {"spec": spec, "num_samples": n}
-    if n != meta.num_samples:
-        report.problems.append(
-            f"dataset {spec} has {n} samples but the store holds {meta.num_samples}"
-        )
+    dataset = _dataset_of_the_store(spec, store, report)
+    if dataset is None:
         return
+    n = len(dataset)
     lengths, ours = scan(dataset, progress=progress)
     report.checked["dataset"]["num_tokens"] = int(lengths.sum())
     bad_length = np.zeros(n, dtype=bool)
