@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -77,3 +78,15 @@ def assert_same_arrays(a: Path, b: Path) -> None:
         assert da.dtype == db.dtype and da.shape == db.shape, name
         bits = np.dtype(f"u{da.dtype.itemsize}")
         assert np.array_equal(da.view(bits), db.view(bits)), f"array {name} differs"
+
+
+def one_line_error(result: Any, *fragments: str) -> str:
+    """Assert a `CliRunner` result is the CLI's one-line `Error:` (exit 1, no traceback) holding
+    every fragment; return that line."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

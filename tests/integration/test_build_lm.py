@@ -30,7 +30,7 @@ from softcache.store import (
     LogitStore,
     decode_token_rows,
 )
-from tests.helpers import assert_same_arrays, cli, cli_popen, snapshot
+from tests.helpers import assert_same_arrays, cli, cli_popen, one_line_error, snapshot
 from tests.helpers import token_specs as ts
 
 SPECS = "tests.helpers.token_specs"
@@ -72,16 +72,6 @@ def _ok(args: list[str]) -> dict:
     result = _invoke([*args, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
-
-
-def _one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 TOPK = ("--encoding", "topk", "--top-k", "8")
@@ -187,13 +177,13 @@ def test_bad_data_or_teacher_is_one_line(
     in_root: Path, tmp_path: Path, teacher: str, dataset: str, fragments: tuple
 ) -> None:
     result = _invoke(_args(tmp_path / "s.zarr", *TOPK, teacher=teacher, dataset=dataset))
-    _one_line_error(result, *fragments)
+    one_line_error(result, *fragments)
 
 
 def test_a_classifier_teacher_is_refused(in_root: Path, tmp_path: Path) -> None:
     args = _args(tmp_path / "s.zarr", *TOPK)
     args[args.index(f"{SPECS}:causal_teacher")] = "tests.helpers.specs:teacher"
-    _one_line_error(_invoke(args), "the teacher failed on sample 1")
+    one_line_error(_invoke(args), "the teacher failed on sample 1")
 
 
 # ---- determinism ----------------------------------------------------------------------------------
@@ -318,7 +308,7 @@ def test_resume_with_a_changed_dataset_is_refused(
     before = snapshot(out)
 
     monkeypatch.setenv("SOFTCACHE_TEST_LM_VARIANT", variant)
-    _one_line_error(_invoke(args), *fragments, "--overwrite")
+    one_line_error(_invoke(args), *fragments, "--overwrite")
     assert snapshot(out) == before  # refused before touching anything
 
     # The original data resumes it; the changed data replaces it with --overwrite.
@@ -364,7 +354,7 @@ def test_lm_configurations_that_make_no_sense(
     in_root: Path, tmp_path: Path, extra: tuple, fragments: tuple
 ) -> None:
     out = tmp_path / "s.zarr"
-    _one_line_error(_invoke(_args(out, *extra)), *fragments)
+    one_line_error(_invoke(_args(out, *extra)), *fragments)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -381,7 +371,7 @@ def test_sampled_needs_lm(in_root: Path, tmp_path: Path) -> None:
         "sampled",
         "-q",
     ]
-    _one_line_error(_invoke(args), "--encoding sampled is for language models", "--lm")
+    one_line_error(_invoke(args), "--encoding sampled is for language models", "--lm")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -390,4 +380,4 @@ def test_merge_refuses_token_stores(in_root: Path, tmp_path: Path) -> None:
     _ok(_args(a, *SAMPLED))
     _ok(_args(b, *SAMPLED, "--seed", "1"))
     result = _invoke(["merge", str(a), str(b), "-o", str(tmp_path / "m.zarr")])
-    _one_line_error(result, "per-token LM store", "row stores only")
+    one_line_error(result, "per-token LM store", "row stores only")

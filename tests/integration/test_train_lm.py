@@ -29,7 +29,7 @@ from softcache.plan import EpochPlan
 from softcache.store import LogitStore, decode_token_rows
 from softcache.train import CHECKPOINT, METRICS, train
 from tests.helpers import lm_train_specs as ls
-from tests.helpers import snapshot
+from tests.helpers import one_line_error, snapshot
 from tests.helpers import token_specs as ts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,16 +121,6 @@ def _train(out: Path, *extra: str, **kwargs) -> dict:
     metrics = json.loads((out / METRICS).read_text())
     assert json.loads(result.output) == {k: v for k, v in metrics.items() if k != "config"}
     return metrics
-
-
-def _one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _trained(out: Path, factory) -> torch.nn.Module:
@@ -241,7 +231,7 @@ def test_baseline_modes_train_without_a_store(in_root: Path, tmp_path: Path, mod
 
 def test_online_needs_a_teacher(in_root: Path, tmp_path: Path) -> None:
     result = _invoke(_args(tmp_path / "o", "--mode", "online", "--epochs", "1"))
-    _one_line_error(result, "mode online runs the teacher in the loop: pass --teacher")
+    one_line_error(result, "mode online runs the teacher in the loop: pass --teacher")
     assert not (tmp_path / "o" / CHECKPOINT).exists()
 
 
@@ -266,7 +256,7 @@ def test_max_steps_stops_after_exactly_that_many_steps(
 
 def test_max_steps_needs_lm(in_root: Path, tmp_path: Path, stores: dict[str, str]) -> None:
     result = _invoke(_args(tmp_path / "x", "--store", stores["topk"], "--max-steps", "2", lm=False))
-    _one_line_error(result, "max_steps must be >= 0 and needs --lm")
+    one_line_error(result, "max_steps must be >= 0 and needs --lm")
 
 
 # ---- resume ---------------------------------------------------------------------------------------
@@ -339,7 +329,7 @@ def test_resume_with_other_settings_is_refused(
         else:
             settings += [flag, value]
     result = _invoke(_args(out, *settings, "--resume"))
-    _one_line_error(result, "--resume", "other settings", named, "original settings")
+    one_line_error(result, "--resume", "other settings", named, "original settings")
     assert snapshot(out) == before
 
 
@@ -347,7 +337,7 @@ def test_resume_without_a_checkpoint_is_refused(
     in_root: Path, tmp_path: Path, stores: dict[str, str]
 ) -> None:
     result = _invoke(_args(tmp_path / "new", "--store", stores["topk"], "--resume", *FAST))
-    _one_line_error(result, "--resume: no checkpoint at", "drop --resume")
+    one_line_error(result, "--resume: no checkpoint at", "drop --resume")
 
 
 # ---- refusals -------------------------------------------------------------------------------------
@@ -357,14 +347,14 @@ def test_a_token_store_without_lm_is_refused(
     in_root: Path, tmp_path: Path, stores: dict[str, str]
 ) -> None:
     result = _invoke(_args(tmp_path / "x", "--store", stores["topk"], "--epochs", "1", lm=False))
-    _one_line_error(result, "per-token soft labels of a language model", "pass --lm")
+    one_line_error(result, "per-token soft labels of a language model", "pass --lm")
     assert not (tmp_path / "x" / CHECKPOINT).exists()
 
 
 def test_a_row_store_with_lm_is_refused(in_root: Path, tmp_path: Path, make_store) -> None:
     rows, _ = make_store("rows.zarr")  # tests.helpers.specs: a classifier teacher, a row store
     result = _invoke(_args(tmp_path / "x", "--store", str(rows), "--epochs", "1"))
-    _one_line_error(result, "has one row per sample", "--lm trains from a per-token store")
+    one_line_error(result, "has one row per sample", "--lm trains from a per-token store")
     assert not (tmp_path / "x" / CHECKPOINT).exists()
 
 
@@ -383,7 +373,7 @@ def test_a_changed_dataset_is_refused(
         f"built from (first: sample {ts.CHANGED_SAMPLE})",
         "rebuild the store",
     )
-    _one_line_error(_invoke(_args(tmp_path / "c", "--store", stores["topk"])), *fragments)
+    one_line_error(_invoke(_args(tmp_path / "c", "--store", stores["topk"])), *fragments)
     config = TrainConfig(
         student=f"{STUDENTS}:causal_student",
         dataset=RAGGED,
@@ -455,7 +445,7 @@ def test_a_dataset_of_another_size_is_refused(
     result = _invoke(
         _args(tmp_path / "n", "--store", stores["topk"], dataset=f"{SPECS}:empty_token_dataset")
     )
-    _one_line_error(result, "has 3 samples but store", f"built from {ts.NUM_SEQUENCES}")
+    one_line_error(result, "has 3 samples but store", f"built from {ts.NUM_SEQUENCES}")
 
 
 @pytest.mark.parametrize(
@@ -475,7 +465,7 @@ def test_an_eval_store_of_another_dataset_is_refused(
         "--store", stores["topk"], "--eval-dataset", eval_dataset, "--eval-store", stores["next"],
         *FAST,
     )  # fmt: skip
-    line = _one_line_error(_invoke(args), *fragments, stores["next"], eval_dataset)
+    line = one_line_error(_invoke(args), *fragments, stores["next"], eval_dataset)
     assert "use the dataset the store was built from" in line
     assert not (tmp_path / "e" / CHECKPOINT).exists()
 
@@ -599,7 +589,7 @@ def test_hard_labels_without_labels_are_refused(in_root: Path, tmp_path: Path) -
     result = _invoke(
         _args(tmp_path / "h", "--mode", "hard", dataset=NEXT_DATA, student="next_token_student")
     )
-    _one_line_error(result, "has no labels", "--alpha 0")
+    one_line_error(result, "has no labels", "--alpha 0")
 
 
 def test_hard_mode_accepts_a_store_and_reads_no_labels(
@@ -616,7 +606,7 @@ def test_lm_training_under_torchrun_is_refused(
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = _invoke(_args(tmp_path / "d", "--store", stores["topk"]))
-    _one_line_error(result, "one process", "torchrun")
+    one_line_error(result, "one process", "torchrun")
 
 
 @pytest.mark.parametrize("encoding", ["topk", "sampled"])
