@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.harness import Figure, ratio_figure, timed
-from softcache.build import BuildResult, build
+from softcache.builder.rows import BuildResult, build
 from softcache.config import BuildConfig
-from softcache.specs import instantiate
+from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore
 
 BUILD_GOAL = 1.05

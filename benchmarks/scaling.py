@@ -43,12 +43,12 @@ import torch
 
 from benchmarks.harness import Figure, format_seconds, median, timed
 from benchmarks.models import SCALE_DATASETS
-from softcache.build import build
+from softcache.builder.rows import build
 from softcache.config import BuildConfig, TrainConfig
-from softcache.plan import EpochPlan
 from softcache.store import LogitStore
-from softcache.stream import SoftLabelStream
-from softcache.train import train
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import train
+from softcache.trainer.stream import SoftLabelStream
 
 PHASES = ("build", "stream", "train")
 RSS_GOAL = 1.10

@@ -29,10 +29,10 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from benchmarks.build import BuildWorkload, fresh_store
 from benchmarks.harness import Figure, median, ratio_figure, timed
-from softcache.location import local_path
-from softcache.plan import EpochPlan
 from softcache.store import LOGITS, SAMPLE_HASH, LogitStore
-from softcache.stream import SoftLabelStream
+from softcache.store.location import local_path
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import SoftLabelStream
 
 BATCH_SIZE = 256
 # Stream throughput over single-thread zstd decode spread over every core.

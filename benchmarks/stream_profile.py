@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.stream import StreamBench
 from softcache.store import LOGITS
-from softcache.stream import PlanSampler, SoftLabelStream
+from softcache.trainer.stream import PlanSampler, SoftLabelStream
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

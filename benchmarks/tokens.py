@@ -60,7 +60,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from benchmarks.harness import environment
-from softcache import tokens as tk
+from softcache.losses import tokens as token_losses
+from softcache.store import token_coding as tk
 
 VOCAB = 131072
 BITS = tk.index_bits(VOCAB)
@@ -232,13 +233,15 @@ def run(tokens: int, workdir: Path) -> dict[str, Any]:
             per_k[k].append((v, i, r))
             for name in VALUES_FOR_K[k]:
                 enc, dec = VALUES[name]
-                value = tk.topk_residual_kl(s, dec(enc(v)), i, _residual(name, r)[1]).item()
+                value = token_losses.topk_residual_kl(
+                    s, dec(enc(v)), i, _residual(name, r)[1]
+                ).item()
                 loss[k, name] += value * (stop - start)
         h16 = entropy.half()
         for d in DRAWS:
             ids, counts = tk.sample_ids(z, d, generator=dgen)
             per_d[d].append((ids, counts, h16))
-            sloss[d] += tk.sampled_kl(s, ids, counts, h16).item() * (stop - start)
+            sloss[d] += token_losses.sampled_kl(s, ids, counts, h16).item() * (stop - start)
         del z, s, log_p, log_q, p
     stats = torch.cat(rows_stats)
     top32 = torch.cat([part[1] for part in per_k[GOAL_K]])
@@ -435,7 +438,7 @@ def via_store(tokens: int, workdir: Path) -> list[dict[str, Any]]:
     crc32c): the figure a `softcache build --lm` of this teacher would print, metadata included.
     """
     from softcache.store import LogitStore, StoreMeta, token_arrays
-    from softcache.token_codec import TokenCodec
+    from softcache.store.token_codec import TokenCodec
 
     teacher = Teacher()
     out = []

@@ -33,12 +33,12 @@ from torch import nn
 from benchmarks.build import BuildWorkload, fresh_store
 from benchmarks.harness import Figure, interleave, median, ratio_figure, timed
 from softcache.config import TrainConfig
-from softcache.hashing import collate_pairs, hash_rows
-from softcache.plan import EpochPlan
-from softcache.specs import instantiate
+from softcache.data.hashing import collate_pairs, hash_rows
+from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore
-from softcache.stream import SoftLabelStream
-from softcache.train import train
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import train
+from softcache.trainer.stream import SoftLabelStream
 
 TRAIN_GOAL = 1.05
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from benchmarks.build import BUILD_GOAL, BuildWorkload, forward_only
 from benchmarks.harness import Figure, ratio_figure, timed
-from softcache.augment import parse_augment
-from softcache.build import BuildResult, build
-from softcache.specs import instantiate
-from softcache.views import ViewDataset
+from softcache.builder.rows import BuildResult, build
+from softcache.data.augment import parse_augment
+from softcache.data.views import ViewDataset
+from softcache.runtime.specs import instantiate
 
 AUGMENT = "crop(size=32,scale=0.35:1);flip"
 SEED = 0

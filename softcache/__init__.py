@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from softcache._version import __version__
 from softcache.config import BuildConfig, TrainConfig, load_config
-from softcache.distill import AlignedBatches, distillation_loss
 from softcache.errors import (
     DatasetMismatchError,
     IncompleteStoreError,
@@ -19,13 +17,14 @@ from softcache.errors import (
     StoreFormatError,
 )
 from softcache.losses import hard_loss, kd_loss_dense, kd_loss_topk
-from softcache.plan import EpochPlan
 from softcache.store import LogitStore, StoreMeta
-from softcache.stream import SoftLabels, SoftLabelStream
+from softcache.trainer.distill import AlignedBatches, distillation_loss
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import SoftLabels, SoftLabelStream
 
 if TYPE_CHECKING:  # the heavy modules load on first use
-    from softcache.build import BuildResult
-    from softcache.train import TrainResult
+    from softcache.builder.rows import BuildResult
+    from softcache.trainer.rows import TrainResult
 
 
 def open_store(path: str, *, require_complete: bool = True) -> LogitStore:
@@ -35,14 +34,14 @@ def open_store(path: str, *, require_complete: bool = True) -> LogitStore:
 
 def build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
     """Run `softcache build` from Python (see `softcache.build.build`)."""
-    from softcache.build import build as _build
+    from softcache.builder.rows import build as _build
 
     return _build(config, progress=progress)
 
 
 def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
     """Run `softcache train` from Python (see `softcache.train.train`)."""
-    from softcache.train import train as _train
+    from softcache.trainer.rows import train as _train
 
     return _train(config, progress=progress, client=client)
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from softcache import __version__
+from softcache._version import __version__
 from softcache.errors import SoftcacheError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +52,7 @@ def _storage_option(fn: F) -> F:
 
 
 def _options_from(pairs: tuple[str, ...]) -> dict[str, Any] | None:
-    from softcache.location import parse_storage_options
+    from softcache.store.location import parse_storage_options
 
     return parse_storage_options(pairs) or None
 
@@ -211,9 +211,9 @@ def build(
     identical to one written in a single run. With --workers or --dask-scheduler the shards are
     computed by Dask workers (a worker that dies has its shards recomputed elsewhere).
     """
-    from softcache.build import build as run_build
+    from softcache.builder.rows import build as run_build
+    from softcache.builder.tokens import build_tokens
     from softcache.config import BuildConfig, load_config
-    from softcache.lm_build import build_tokens
 
     options["storage_options"] = _options_from(storage_option)
     config = load_config(BuildConfig, config_file, options, section="build")
@@ -421,7 +421,7 @@ def train(
     reports and writes.
     """
     from softcache.config import TrainConfig, load_config
-    from softcache.train import train as run_train
+    from softcache.trainer.rows import train as run_train
 
     options["storage_options"] = _options_from(storage_option)
     config = load_config(TrainConfig, config_file, options, section="train")
@@ -477,7 +477,7 @@ def info(store: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
 
     STORE is a folder, file://, s3://bucket/prefix (or any fsspec URL), or a .zip archive.
     """
-    from softcache.inspect import info_rows, store_info
+    from softcache.tools.info import info_rows, store_info
 
     summary = store_info(store, storage_options=_options_from(storage_option))
     click.echo(json.dumps(summary, indent=2) if as_json else format_table(info_rows(summary)))
@@ -501,7 +501,7 @@ def verify(
     checksum, the dataset fingerprint, and with --dataset every sample hash (and, for a --lm
     store, every sample's length and its offsets).
     """
-    from softcache.verify import verify as run_verify
+    from softcache.tools.verify import verify as run_verify
 
     report = run_verify(
         store, dataset=dataset, storage_options=_options_from(storage_option), progress=not quiet
@@ -531,7 +531,7 @@ def verify(
 @_friendly_errors
 def ls(prefix: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """List the stores directly under PREFIX (a folder or bucket prefix), a line each."""
-    from softcache.inspect import list_stores, ls_line
+    from softcache.tools.info import list_stores, ls_line
 
     stores = list_stores(prefix, storage_options=_options_from(storage_option))
     if as_json:
@@ -581,7 +581,7 @@ def merge(
     storage_option: tuple[str, ...],
 ) -> None:
     """Merge STORES of one dataset into an ensemble teacher: the weighted mean of probabilities."""
-    from softcache.merge import merge as run_merge
+    from softcache.tools.merge import merge as run_merge
 
     try:
         w = [float(x) for x in weights.split(",")] if weights else None

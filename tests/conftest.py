@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from softcache.build import BuildResult, build
+from softcache.builder.rows import BuildResult, build
 from softcache.config import BuildConfig
 
 # CI (`CI=true bash .ci/run`) draws hypothesis examples from a fixed seed, so a landing never hangs

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softcache import tokens as tk
-from softcache.sequences import causal_logits, collate_sequences
+from softcache.data.sequences import causal_logits, collate_sequences
+from softcache.losses import tokens as token_losses
 from softcache.store import LogitStore, decode_token_rows
 
 
@@ -53,7 +53,7 @@ def measure(
         kl_true = _kl(log_p, log_q)
         # The caches' own per-token losses, without their tau^2 (as kl_true).
         if codec.encoding == "topk":
-            per_token = tk.topk_residual_kl(
+            per_token = token_losses.topk_residual_kl(
                 s, rows["values"], rows["indices"], rows["residual"], temperature=tau,
                 reduction="none",
             ) / tau**2  # fmt: skip
@@ -61,7 +61,7 @@ def measure(
             sums["kl_rec"] += float(rec.sum())
             sums["kl_quant"] += float(quant.sum())
         else:
-            per_token = tk.sampled_kl(
+            per_token = token_losses.sampled_kl(
                 s, rows["ids"], rows["counts"], rows["entropy"], temperature=tau,
                 reduction="none",
             ) / tau**2  # fmt: skip
@@ -89,7 +89,7 @@ def measure(
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Row sums of ``p (log p - log q)`` with ``0 log 0 = 0``: ``(T,)``."""
-    return tk.kl_terms(log_p, log_q).sum(dim=1)
+    return token_losses.kl_terms(log_p, log_q).sum(dim=1)
 
 
 def _topk_reconstruction(

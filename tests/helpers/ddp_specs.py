@@ -67,7 +67,7 @@ def recorded_dataset() -> Dataset:
 
 
 def _record_stream_reads() -> None:
-    from softcache.stream import SoftLabelStream
+    from softcache.trainer.stream import SoftLabelStream
 
     compute = SoftLabelStream._compute
 

@@ -19,9 +19,9 @@ import torch
 import zarr
 from click.testing import CliRunner, Result
 
-from softcache.build import state_dict_sha256
+from softcache.builder.rows import state_dict_sha256
 from softcache.cli import main
-from softcache.hashing import fingerprint, hash_rows
+from softcache.data.hashing import fingerprint, hash_rows
 from softcache.store import LogitStore
 from tests.helpers import ROOT, assert_same_arrays, cli, snapshot
 from tests.helpers import specs as helper_specs
@@ -602,7 +602,7 @@ def test_interrupted_build_exits_130(in_root: Path, tmp_path: Path, monkeypatch)
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("softcache.build.build", interrupt)
+    monkeypatch.setattr("softcache.builder.rows.build", interrupt)
     result = _invoke(_args(tmp_path / "s.zarr"))
     assert result.exit_code == 130
     assert "run the same command again to resume" in result.output

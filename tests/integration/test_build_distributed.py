@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from softcache.build import BuildResult, build, task_ranges
+from softcache.builder.rows import BuildResult, build, task_ranges
 from softcache.config import BuildConfig
 from softcache.errors import ConfigError, TeacherOutputError
 from softcache.store import LogitStore

@@ -19,8 +19,8 @@ import zarr
 from click.testing import CliRunner, Result
 
 from softcache.cli import main
-from softcache.hashing import fingerprint
-from softcache.sequences import offsets_of, scan
+from softcache.data.hashing import fingerprint
+from softcache.data.sequences import offsets_of, scan
 from softcache.store import (
     ATTR_KEY,
     OFFSETS,

@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 import torch
 
-from softcache.build import build
+from softcache.builder.rows import build
 from softcache.config import BuildConfig, TrainConfig
-from softcache.distill import AlignedBatches, distillation_loss
 from softcache.errors import ConfigError
-from softcache.plan import EpochPlan
 from softcache.store import LogitStore
-from softcache.stream import PlanSampler, SoftLabelStream, equal_steps
-from softcache.train import CHECKPOINT, METRICS, train
+from softcache.trainer.distill import AlignedBatches, distillation_loss
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import CHECKPOINT, METRICS, train
+from softcache.trainer.stream import PlanSampler, SoftLabelStream, equal_steps
 from tests.helpers import ROOT, ddp_specs, snapshot, specs
 
 N, SHARD_ROWS, BATCH, WINDOW, EPOCHS, WORLD, CHECKPOINT_STEPS, LR = 300, 64, 16, 2, 2, 2, 3, 1e-2

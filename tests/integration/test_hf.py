@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 
 from softcache.cli import main
 from softcache.errors import SpecError
-from softcache.specs import instantiate, load_callable
+from softcache.runtime.specs import instantiate, load_callable
 from softcache.store import LogitStore, decode_token_rows
 from tests.helpers import ROOT
 from tests.helpers import hf_specs as data
@@ -198,7 +198,7 @@ def test_hf_init_is_a_fresh_model_of_the_config(
 
 
 def test_dtypes(transformers: ModuleType, tmp_path: Path) -> None:
-    from softcache.hf import load_causal_lm
+    from softcache.runtime.hf import load_causal_lm
 
     directory = _save_teacher(transformers, tmp_path / "bf16")
     model = load_causal_lm(directory)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from softcache.build import build
+from softcache.builder.rows import build
 from softcache.cli import main
 from softcache.config import BuildConfig, TrainConfig
 from softcache.errors import DatasetMismatchError, IncompleteStoreError
-from softcache.train import CHECKPOINT, train
+from softcache.trainer.rows import CHECKPOINT, train
 from tests.helpers import train_specs
 
 ROOT = Path(__file__).resolve().parents[2]

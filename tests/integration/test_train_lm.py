@@ -20,14 +20,14 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from softcache import lm_train
 from softcache.cli import main
 from softcache.config import TrainConfig
 from softcache.errors import DatasetMismatchError
-from softcache.lm_stream import BLOCK_TOKENS, TokenLabelStream, block_samples_for
-from softcache.plan import EpochPlan
 from softcache.store import LogitStore, decode_token_rows
-from softcache.train import CHECKPOINT, METRICS, train
+from softcache.trainer import tokens as lm_train
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import CHECKPOINT, METRICS, train
+from softcache.trainer.token_stream import BLOCK_TOKENS, TokenLabelStream, block_samples_for
 from tests.helpers import lm_train_specs as ls
 from tests.helpers import one_line_error, snapshot
 from tests.helpers import token_specs as ts

@@ -15,11 +15,11 @@ import pytest
 import torch
 import zarr
 
-from softcache.augment import from_description
 from softcache.config import BuildConfig, TrainConfig
+from softcache.data.augment import from_description
+from softcache.data.hashing import hash_rows
+from softcache.data.views import replay
 from softcache.errors import ConfigError, DatasetMismatchError
-from softcache.hashing import hash_rows
-from softcache.plan import EpochPlan
 from softcache.store import (
     LOGITS,
     SAMPLE_HASH,
@@ -28,10 +28,10 @@ from softcache.store import (
     LogitStore,
     decode_values,
 )
-from softcache.stream import SoftLabelStream
-from softcache.train import train
-from softcache.verify import verify
-from softcache.views import replay
+from softcache.tools.verify import verify
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import train
+from softcache.trainer.stream import SoftLabelStream
 from tests.conftest import spec
 from tests.helpers import cli
 from tests.helpers.specs import conv_teacher, dataset
@@ -158,7 +158,7 @@ def test_offline_training_replays_views_and_resumes(
     full = train(config, progress=False)
     assert len(full.metrics["train_loss"]) == 3
     # The same run, stopped right after its fifth checkpoint (mid-epoch 2), then resumed.
-    import softcache.train as train_module
+    import softcache.trainer.rows as train_module
 
     save = train_module._save_checkpoint
     calls = []

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcache.augment import (
+from softcache.data.augment import (
     VIEW_POLICIES,
     Compose,
     HorizontalFlip,
@@ -29,8 +29,8 @@ from softcache.augment import (
     sample_params,
     view_generator,
 )
+from softcache.data.hashing import hash_rows
 from softcache.errors import SpecError
-from softcache.hashing import hash_rows
 
 FEW = settings(max_examples=40, deadline=None)
 SPEC = "crop(size=24,scale=0.35:1);flip"
@@ -175,8 +175,8 @@ def test_replay_is_bit_exact_in_a_fresh_process_on_generic_cpu_code():
     script = textwrap.dedent(
         f"""
         import json, numpy as np, torch
-        from softcache.augment import apply_batch, parse_augment, sample_params
-        from softcache.hashing import hash_rows
+        from softcache.data.augment import apply_batch, parse_augment, sample_params
+        from softcache.data.hashing import hash_rows
         torch.set_num_threads(1)
         aug = parse_augment({SPEC!r})
         x = (torch.rand((6, 3, 50, 37), generator=torch.Generator().manual_seed(0)) * 255)

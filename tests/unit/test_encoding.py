@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from softcache.encoding import NONFINITE, OVERFLOW, encode_batch
 from softcache.store import LOGITS, LSE, TOPK_INDICES, TOPK_VALUES, decode_values, encode_values
+from softcache.store.row_codec import NONFINITE, OVERFLOW, encode_batch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

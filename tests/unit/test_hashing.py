@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from softcache.data.hashing import (
+    MISSING_LABEL,
+    check_item,
+    collate_with_hashes,
+    fingerprint,
+    hash_rows,
+)
 from softcache.errors import DatasetFormatError
-from softcache.hashing import MISSING_LABEL, check_item, collate_with_hashes, fingerprint, hash_rows
 
 
 def _recipe(row: np.ndarray, torch_dtype: str) -> int:
@@ -137,7 +143,7 @@ def test_check_item_accepts_good_items() -> None:
 
 
 def test_sampled_collate_hashes_every_stride_th_row() -> None:
-    from softcache.hashing import collate_pairs, sampled_collate
+    from softcache.data.hashing import collate_pairs, sampled_collate
 
     items = [(torch.full((2, 3), float(i)), i) for i in range(10)]
     full = collate_with_hashes(items)[2]
@@ -152,7 +158,7 @@ def test_sampled_collate_hashes_every_stride_th_row() -> None:
 
 def test_check_alignment_with_a_stride_names_the_first_bad_checked_row() -> None:
     from softcache.errors import DatasetMismatchError
-    from softcache.stream import SoftLabels
+    from softcache.trainer.stream import SoftLabels
 
     hashes = np.arange(100, 110, dtype=np.uint64)
     soft = SoftLabels(indices=np.arange(40, 50), sample_hash=hashes)

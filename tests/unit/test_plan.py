@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcache.plan import EpochPlan
+from softcache.trainer.plan import EpochPlan
 
 FEW = settings(max_examples=60, deadline=None)
 

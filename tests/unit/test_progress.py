@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from softcache.progress import Progress
+from softcache.runtime.progress import Progress
 
 
 def test_log_lines_count_units_and_end_at_the_total() -> None:

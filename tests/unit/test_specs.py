@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from softcache.errors import ConfigError, SpecError
-from softcache.specs import instantiate, load_callable
+from softcache.runtime.specs import instantiate, load_callable
 from tests.helpers import specs as helper_specs
 
 

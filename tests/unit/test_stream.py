@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from softcache.errors import DatasetMismatchError
-from softcache.plan import EpochPlan
 from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
-from softcache.stream import SoftLabelStream
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import SoftLabelStream
 
 
 def _plan(store: LogitStore, **kw) -> EpochPlan:

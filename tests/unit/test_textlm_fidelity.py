@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipelines.textlm.fidelity import measure
+from softcache.builder.tokens import build_tokens
 from softcache.config import BuildConfig
-from softcache.lm_build import build_tokens
 from softcache.store import LogitStore
 from tests.helpers import lm_train_specs as ls
 from tests.helpers import token_specs as ts

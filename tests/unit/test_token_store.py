@@ -20,16 +20,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcache import tokens as tk
-from softcache.errors import ConfigError, DatasetFormatError, StoreFormatError
-from softcache.lm_build import shard_samples
-from softcache.sequences import (
+from softcache.builder.tokens import shard_samples
+from softcache.data.sequences import (
     IGNORE_INDEX,
     collate_sequences,
     item_tokens,
     offsets_of,
     scan,
 )
+from softcache.errors import ConfigError, DatasetFormatError, StoreFormatError
 from softcache.store import (
     OFFSETS,
     SAMPLE_HASH,
@@ -46,7 +45,8 @@ from softcache.store import (
     decode_token_rows,
     token_arrays,
 )
-from softcache.token_codec import MAX_VOCAB, TokenCodec
+from softcache.store import token_coding as tk
+from softcache.store.token_codec import MAX_VOCAB, TokenCodec
 from tests.helpers import token_specs as ts
 
 FEW = settings(max_examples=25, deadline=None)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcache import tokens as tk
 from softcache.losses import kd_loss_dense
+from softcache.losses import tokens as token_losses
+from softcache.store import token_coding as tk
 
 FEW = settings(max_examples=40, deadline=None)
 # Tolerance, in standard errors, of the statistical tests: with ~200 checked quantities per test a
@@ -196,7 +197,7 @@ def test_topk_residual_kl_with_every_token_kept_is_the_dense_loss(seed, rows, vo
     student, teacher = _logits(seed, rows, vocab), _logits(seed + 1, rows, vocab)
     values, indices, residual = tk.topk_residual(teacher, vocab, temperature=temperature)
     s_topk, s_dense = student.clone().requires_grad_(), student.clone().requires_grad_()
-    topk = tk.topk_residual_kl(s_topk, values, indices, residual, temperature=temperature)
+    topk = token_losses.topk_residual_kl(s_topk, values, indices, residual, temperature=temperature)
     dense = kd_loss_dense(s_dense, teacher, None, temperature=temperature)
     topk.backward()
     dense.backward()
@@ -219,16 +220,20 @@ def test_topk_residual_kl_is_the_kl_over_kept_tokens_and_one_tail_bin(seed, k, t
     kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, indices, True)
     p_tail, q_tail = p.masked_fill(kept, 0).sum(1), q.masked_fill(kept, 0).sum(1)
     expected = torch.where(kept, p * (p / q).log(), 0).sum(1) + p_tail * (p_tail / q_tail).log()
-    loss = tk.topk_residual_kl(student, values, indices, residual, temperature=temperature)
+    loss = token_losses.topk_residual_kl(
+        student, values, indices, residual, temperature=temperature
+    )
     torch.testing.assert_close(
         loss.double(), temperature**2 * expected.mean(), rtol=1e-4, atol=1e-6
     )
     # The bins are renormalised: a common shift of every stored log-probability changes nothing.
-    shifted = tk.topk_residual_kl(
+    shifted = token_losses.topk_residual_kl(
         student, values - 0.3, indices, residual - 0.3, temperature=temperature
     )
     torch.testing.assert_close(shifted, loss, rtol=1e-5, atol=1e-6)
-    same = tk.topk_residual_kl(teacher, values, indices, residual, temperature=temperature)
+    same = token_losses.topk_residual_kl(
+        teacher, values, indices, residual, temperature=temperature
+    )
     assert abs(float(same)) < 1e-5
 
 
@@ -256,7 +261,8 @@ def test_sampled_estimator_is_unbiased(temperature: float) -> None:
         """The estimate of each teacher row: `sampled_ce` over its `replicas` independent draws."""
         blocks = [slice(t * replicas, (t + 1) * replicas) for t in range(rows)]
         estimates = [
-            tk.sampled_ce(student[b], ids[b], weights[b], temperature=temperature) for b in blocks
+            token_losses.sampled_ce(student[b], ids[b], weights[b], temperature=temperature)
+            for b in blocks
         ]
         return torch.stack(estimates).double() / temperature**2
 
@@ -273,8 +279,8 @@ def test_sampled_kl_is_the_sampled_ce_minus_the_entropy() -> None:
     teacher, student = _logits(0, 5, 30), _logits(1, 5, 30)
     ids, counts = tk.sample_ids(teacher, 12, temperature=2.0, generator=_gen(0))
     entropy = tk.teacher_entropy(teacher, temperature=2.0)
-    ce = tk.sampled_ce(student, ids, counts, temperature=2.0)
-    kl = tk.sampled_kl(student, ids, counts, entropy, temperature=2.0)
+    ce = token_losses.sampled_ce(student, ids, counts, temperature=2.0)
+    kl = token_losses.sampled_kl(student, ids, counts, entropy, temperature=2.0)
     torch.testing.assert_close(kl, ce - 4.0 * entropy.mean())
     p = torch.softmax(teacher / 2.0, dim=1)
     torch.testing.assert_close(entropy, -(p * p.log()).sum(1))
@@ -286,8 +292,8 @@ def test_losses_have_finite_gradients_on_extreme_logits(k: int) -> None:
     values, indices, residual = tk.topk_residual(teacher, k)
     ids, counts = tk.sample_ids(teacher, 12, generator=_gen(0))
     for loss in (
-        tk.topk_residual_kl(student, values, indices, residual),
-        tk.sampled_ce(student, ids, counts),
+        token_losses.topk_residual_kl(student, values, indices, residual),
+        token_losses.sampled_ce(student, ids, counts),
     ):
         (grad,) = torch.autograd.grad(loss, student)
         assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
@@ -297,6 +303,6 @@ def test_losses_reject_mismatched_shapes() -> None:
     student = _logits(0, 3, 20)
     values, indices, residual = tk.topk_residual(_logits(1, 4, 20), 5)
     with pytest.raises(ValueError, match="T = 3"):
-        tk.topk_residual_kl(student, values, indices, residual)
+        token_losses.topk_residual_kl(student, values, indices, residual)
     with pytest.raises(ValueError, match="temperature"):
-        tk.sampled_ce(student, indices[:3], indices[:3], temperature=0.0)
+        token_losses.sampled_ce(student, indices[:3], indices[:3], temperature=0.0)

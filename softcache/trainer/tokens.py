@@ -33,25 +33,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softcache import tokens as tk
-from softcache.build import autocast
-from softcache.cluster import connect
 from softcache.config import TrainConfig
-from softcache.devices import resolve_device
-from softcache.errors import ConfigError, DatasetMismatchError
-from softcache.lm_stream import TokenLabelStream, block_samples_for
-from softcache.plan import EpochPlan
-from softcache.progress import Progress
-from softcache.sequences import (
+from softcache.data.sequences import (
     IGNORE_INDEX,
     causal_logits,
     collate_sequences,
     item_tokens,
     scan,
 )
-from softcache.specs import instantiate
+from softcache.errors import ConfigError, DatasetMismatchError
+from softcache.losses import tokens as token_losses
+from softcache.losses.tokens import dense_kl
+from softcache.runtime.cluster import connect
+from softcache.runtime.devices import autocast, resolve_device
+from softcache.runtime.progress import Progress
+from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore
-from softcache.train import (
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import (
     CHECKPOINT,
     METRICS,
     TrainResult,
@@ -61,6 +60,7 @@ from softcache.train import (
     module_from_spec,
     write_json,
 )
+from softcache.trainer.token_stream import TokenLabelStream, block_samples_for
 
 # Settings a resumed run must share with its checkpoint.
 _RESUME_KEYS = (
@@ -237,22 +237,16 @@ def _loss(
         tau = codec.temperature
         lab = {k: v.to(device, non_blocking=True) for k, v in labels.items()}
         if codec.encoding == "topk":
-            kd = tk.topk_residual_kl(
+            kd = token_losses.topk_residual_kl(
                 rows, lab["values"], lab["indices"], lab["residual"], temperature=tau
             )
         else:
-            kd = tk.sampled_kl(rows, lab["ids"], lab["counts"], lab["entropy"], temperature=tau)
+            kd = token_losses.sampled_kl(
+                rows, lab["ids"], lab["counts"], lab["entropy"], temperature=tau
+            )
     if config.alpha == 0:
         return kd
     return config.alpha * ce + (1 - config.alpha) * kd
-
-
-def dense_kl(student_rows: Tensor, teacher_rows: Tensor, temperature: float) -> Tensor:
-    """``tau^2 * mean_t KL(softmax(t / tau) || softmax(s / tau))`` over ``(T, V)`` rows: float32."""
-    log_q = F.log_softmax(student_rows.float() / temperature, dim=1)
-    log_p = F.log_softmax(teacher_rows.float() / temperature, dim=1)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / max(student_rows.shape[0], 1)
-    return temperature**2 * kl
 
 
 def _cross_entropy(rows: Tensor, targets: Tensor) -> Tensor:

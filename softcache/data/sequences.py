@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from softcache.data.hashing import hash_rows
 from softcache.errors import DatasetFormatError, TeacherOutputError
-from softcache.hashing import hash_rows
-from softcache.progress import Progress
+from softcache.runtime.progress import Progress
 
 IGNORE_INDEX = -100
 

@@ -9,7 +9,7 @@ hash of that input, which is what the alignment check compares.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
-    from softcache.augment import Augmentation
+    from softcache.data.augment import Augmentation
 
 
 class ViewDataset(Dataset):
@@ -42,7 +42,7 @@ class ViewDataset(Dataset):
 
     def params(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """(len(rows), P) float64: the parameters of the given rows' views."""
-        from softcache.augment import view_generator
+        from softcache.data.augment import view_generator
 
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), len(self.augmentation.param_names)), dtype=np.float64)
@@ -71,7 +71,7 @@ def replay(augmentation: Augmentation, inputs: torch.Tensor, params: np.ndarray)
         (B, C, H', W') the views, bit for bit what the teacher saw (batch application rounds
         every element as the teacher's one-sample application did).
     """
-    from softcache.augment import apply_batch
+    from softcache.data.augment import apply_batch
 
     return apply_batch(augmentation, inputs, params)
 
@@ -109,3 +109,16 @@ class FreshViews:
         """(B, C, H', W') this epoch's views of a batch of raw inputs (B, C, H, W)."""
         shape = tuple(inputs.shape[1:])
         return replay(self.augmentation, inputs, self.params(indices, epoch, shape))
+
+
+def augmentation_of(description: Mapping[str, Any] | None) -> Augmentation | None:
+    """The augmentation a store's views were made with, from its recorded description
+    (`StoreMeta.augmentation`); None for a store without views.
+
+    Also checks that a user augmentation still has the parameters the store recorded.
+    """
+    if not description:
+        return None
+    from softcache.data.augment import from_description
+
+    return from_description(description)

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from softcache.errors import SpecError
-from softcache.specs import instantiate
+from softcache.runtime.specs import instantiate
 
 __all__ = [
     "VIEW_POLICIES",

@@ -58,7 +58,7 @@ def topk_residual(
         of the tail mass, computed as a log-sum-exp over the other ``V - k`` entries (exact even
         when the tail is tiny), and ``-inf`` when ``k = V``.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     log_p = F.log_softmax(logits.float() / temperature, dim=1)
     if not 0 <= k <= log_p.shape[1]:
         raise ValueError(f"k must be in [0, V = {log_p.shape[1]}], got {k}")
@@ -93,7 +93,7 @@ def sample_ids(
         number of unique ids of the row); ``(T, D)`` counts, uint8 when ``D <= 255`` else uint16,
         summing to ``D`` per row.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if not 1 <= draws <= 65535:
         raise ValueError(f"draws must be in [1, 65535], got {draws}")
     count_dtype = torch.uint8 if draws <= 255 else torch.uint16
@@ -120,7 +120,7 @@ def teacher_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
 
     Stored next to a sampled set, it turns the sampled cross-entropy into a KL (`sampled_kl`).
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     log_p = F.log_softmax(logits.float() / temperature, dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
 
@@ -279,142 +279,6 @@ def dequantize_logprobs(
     return torch.where(c > 0, 2 * torch.log(c / levels), math.log(1 / (12 * levels**2)))
 
 
-# ---- losses --------------------------------------------------------------------------------------
-
-
-def topk_residual_kl(
-    student_logits: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    residual: Tensor,
-    *,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
-    """KL divergence over the kept tokens plus one residual bin, scaled by ``tau^2``.
-
-    The teacher's ``k + 1`` bins are ``p_i = exp(values_i)`` and ``p_r = exp(residual)``,
-    renormalised to sum to 1 (a no-op for exact values; needed after quantisation). The student's
-    are ``q_i = softmax(s / tau)_i`` at the kept ids and ``q_r = 1 - sum_i q_i``, computed as a
-    log-sum-exp over the other columns::
-
-        loss = tau^2 * mean_t [ sum_i p_i log(p_i / q_i) + p_r log(p_r / q_r) ]
-
-    with ``0 log 0 = 0``, so ``k = V`` (``residual = -inf``) is exactly the dense KD loss of
-    Hinton et al. (2015). By the chain rule of KL this is the full KL minus the tail's inner term
-    ``p_r KL(p | tail || q | tail)``, which a top-k cache cannot know: the bias Anshumann et al.
-    (2025) remove by sampling (`sampled_ce`).
-
-    References: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
-    arXiv:1503.02531, 2015. A. Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
-    Distillation in LLMs", ACL 2025.
-
-    Args:
-        student_logits: ``(T, V)`` any float dtype.
-        values: ``(T, k)`` teacher log-probabilities at temperature ``tau`` (`topk_residual`, or
-            `dequantize_logprobs`), any float dtype, any order.
-        indices: ``(T, k)`` integer ids of ``values``, distinct within a row.
-        residual: ``(T,)`` log of the teacher's tail mass, ``-inf`` for an empty tail.
-        temperature: ``tau``, the temperature the values were encoded at.
-        reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
-
-    Returns:
-        A float32 scalar (``(T,)`` with ``reduction="none"``).
-    """
-    _check_temperature(temperature)
-    _check_rows(student_logits, values, indices)
-    ids = indices.long()
-    log_q_all = F.log_softmax(student_logits.float() / temperature, dim=1)
-    kept = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(1, ids, True)
-    has_tail = ~kept.all(dim=1, keepdim=True)
-    residual = torch.where(has_tail, residual.float().unsqueeze(1), -math.inf)
-    bins = torch.cat([values.float(), residual], dim=1)
-    log_p = bins - torch.logsumexp(bins, dim=1, keepdim=True)
-    # A row with an empty tail would take a log-sum-exp over nothing but -inf, whose backward is
-    # nan even times 0: such rows read zeros instead, and their p_r is 0 anyway.
-    tail = torch.where(has_tail, log_q_all.masked_fill(kept, float("-inf")), 0.0)
-    log_q = torch.cat([log_q_all.gather(1, ids), torch.logsumexp(tail, dim=1, keepdim=True)], 1)
-    return _reduce(temperature**2 * kl_terms(log_p, log_q).sum(dim=1), reduction)
-
-
-def sampled_ce(
-    student_logits: Tensor,
-    ids: Tensor,
-    counts: Tensor,
-    *,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
-    """Unbiased estimate of the cross-entropy to the teacher, from ids drawn from it.
-
-    With ``D`` ids drawn from ``p = softmax(t / tau)`` and ``q = softmax(s / tau)``,
-    ``CE(p, q) = E_{i~p}[-log q_i]``, estimated without bias by the mean over the draws::
-
-        loss = tau^2 * mean_t [ (1 / D) sum_j c_j (-log q_{id_j}) ],   D = sum_j c_j
-
-    Its gradient in the student logits, ``q - c / D``, is likewise unbiased for ``q - p``. The
-    per-token variance is ``Var_{i~p}[log q_i] / D``. This is the random-sampling KD of
-    Anshumann et al. (2025) with the teacher itself as the proposal (importance weights 1); the
-    ``tau^2`` factor is Hinton et al.'s (2015), as in `topk_residual_kl`.
-
-    Args:
-        student_logits: ``(T, V)`` any float dtype.
-        ids: ``(T, W)`` integer ids and ``counts``: ``(T, W)`` their counts, 0 for padding
-            (`sample_ids`; uint8 / uint16 are converted).
-        temperature: ``tau``, the temperature the ids were sampled at.
-        reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
-
-    Returns:
-        A float32 scalar (``(T,)`` with ``reduction="none"``).
-    """
-    _check_temperature(temperature)
-    _check_rows(student_logits, ids, counts)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=1).gather(1, ids.long())
-    weights = counts.to(torch.int32).float()
-    per_row = -(weights * log_q).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-    return _reduce(temperature**2 * per_row, reduction)
-
-
-def sampled_kl(
-    student_logits: Tensor,
-    ids: Tensor,
-    counts: Tensor,
-    entropy: Tensor,
-    *,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
-    """Unbiased estimate of ``tau^2 KL(p || q)``: `sampled_ce` minus the teacher's entropy.
-
-    ``KL(p || q) = CE(p, q) - H(p)``; with the exact ``H(p)`` stored per token
-    (`teacher_entropy`), the estimate stays unbiased and has the same gradient and variance as
-    `sampled_ce`, but reads as a KL (0 when the student equals the teacher, in expectation).
-
-    ``entropy`` is ``(T,)``, any float dtype; the other arguments are `sampled_ce`'s.
-    """
-    ce = sampled_ce(student_logits, ids, counts, temperature=temperature, reduction="none")
-    return _reduce(ce - temperature**2 * entropy.float(), reduction)
-
-
-# ---- helpers -------------------------------------------------------------------------------------
-
-
-def _reduce(per_row: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "none":
-        return per_row
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-
-
-def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Elementwise ``p (log p - log q)`` with ``0 log 0 = 0`` in the value and the gradient."""
-    positive = log_p > -math.inf
-    safe_p = torch.where(positive, log_p, 0.0)
-    terms = safe_p.exp() * (safe_p - torch.where(positive, log_q, 0.0))
-    return torch.where(positive, terms, 0.0)
-
-
 def _bits_of(ids: Tensor, bits: int) -> Tensor:
     """``(T, k)`` int64 -> ``(T, k, bits)`` bool, least significant bit first."""
     return ((ids.unsqueeze(2) >> torch.arange(bits, device=ids.device)) & 1).bool()
@@ -460,16 +324,6 @@ def _check_quant(bits: int, scheme: str, log_floor: float) -> int:
     return (1 << bits) - 1
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-
-
-def _check_rows(student_logits: Tensor, a: Tensor, b: Tensor) -> None:
-    if student_logits.ndim != 2 or student_logits.shape[0] == 0:
-        raise ValueError(f"student_logits must be (T >= 1, V), got {tuple(student_logits.shape)}")
-    if a.shape != b.shape or a.ndim != 2 or a.shape[0] != student_logits.shape[0]:
-        raise ValueError(
-            f"expected two (T = {student_logits.shape[0]}, k) tensors, got {tuple(a.shape)} and "
-            f"{tuple(b.shape)}"
-        )

@@ -50,15 +50,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache import losses
+from softcache.data.hashing import collate_pairs, hash_rows, sampled_collate
+from softcache.data.views import augmentation_of, replay
 from softcache.errors import DatasetMismatchError
-from softcache.hashing import collate_pairs, hash_rows, sampled_collate
-from softcache.plan import EpochPlan
 from softcache.store import LogitStore
-from softcache.stream import PlanSampler, SoftLabels, SoftLabelStream
-from softcache.views import replay
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import PlanSampler, SoftLabels, SoftLabelStream
 
 if TYPE_CHECKING:
-    from softcache.augment import Augmentation
+    pass
 
 log = logging.getLogger("softcache")
 _warned_temperatures: set[float] = set()
@@ -170,7 +170,7 @@ class AlignedBatches:
             values=values,
         )
         self.hash_stride = hash_stride
-        self.augmentation = store_augmentation(store)
+        self.augmentation = augmentation_of(store.meta.augmentation)
 
     def steps(self, plan: EpochPlan) -> int:
         """Batches `epoch` yields for the plan's epoch, counted from its start."""
@@ -215,13 +215,3 @@ class AlignedBatches:
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
             yield inputs, labels, soft
-
-
-def store_augmentation(store: LogitStore) -> Augmentation | None:
-    """The augmentation a store's views were made with (None for a store without views)."""
-    if not store.meta.augmentation:
-        return None
-    from softcache.augment import from_description
-
-    # Also checks that a user augmentation still has the parameters the store recorded.
-    return from_description(store.meta.augmentation)

@@ -34,26 +34,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from softcache import __version__
-from softcache.build import (
+from softcache._version import __version__
+from softcache.builder.rows import (
     BuildResult,
-    autocast,
     load_teacher,
-    open_output,
     run_on_cluster,
     state_dict_sha256,
     worker_inputs,
 )
 from softcache.config import BuildConfig
-from softcache.devices import resolve_device
+from softcache.data.hashing import fingerprint
+from softcache.data.sequences import causal_logits, collate_sequences, offsets_of, scan
 from softcache.errors import DatasetFormatError, DatasetMismatchError, TeacherOutputError
-from softcache.hashing import fingerprint
-from softcache.progress import Progress
-from softcache.sequences import causal_logits, collate_sequences, offsets_of, scan
-from softcache.specs import instantiate
+from softcache.runtime.devices import autocast, resolve_device
+from softcache.runtime.progress import Progress
+from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore, StoreMeta, token_arrays
-from softcache.token_codec import TokenCodec
-from softcache.writer import ShardWriter
+from softcache.store.output import open_output
+from softcache.store.token_codec import TokenCodec
+from softcache.store.writer import ShardWriter
 
 
 def build_tokens(

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from softcache.errors import NotAStoreError, SoftcacheError
-from softcache.location import is_local, is_zip, list_prefix, local_path, open_location
 from softcache.store import LogitStore
+from softcache.store.location import is_local, is_zip, list_prefix, local_path, open_location
 
 
 def store_info(

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from softcache.config import TrainConfig
-from softcache.devices import resolve_device
 from softcache.errors import ConfigError
-from softcache.plan import EpochPlan
-from softcache.stream import equal_steps, plan_from_state
+from softcache.runtime.devices import resolve_device
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import equal_steps, plan_from_state
 
 log = logging.getLogger("softcache")
 

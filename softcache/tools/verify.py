@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from softcache.distill import store_augmentation
+from softcache.data.hashing import collate_with_hashes, fingerprint, hash_rows
+from softcache.data.sequences import scan
+from softcache.data.views import augmentation_of, replay
 from softcache.errors import SoftcacheError, StoreFormatError
-from softcache.hashing import collate_with_hashes, fingerprint, hash_rows
-from softcache.progress import Progress
-from softcache.sequences import scan
-from softcache.specs import instantiate
+from softcache.runtime.progress import Progress
+from softcache.runtime.specs import instantiate
 from softcache.store import (
     OFFSETS,
     SAMPLE_HASH,
@@ -41,7 +41,6 @@ from softcache.store import (
     LogitStore,
     check_offsets,
 )
-from softcache.views import replay
 
 MAX_LISTED = 10
 
@@ -367,7 +366,7 @@ def _hashes(dataset: Any, progress: bool) -> np.ndarray:
 def _view_hashes(dataset: Any, store: LogitStore, progress: bool) -> np.ndarray:
     """(N * V,) uint64: the hash of every stored view, replayed from the stored parameters."""
     meta = store.meta
-    augmentation = store_augmentation(store)
+    augmentation = augmentation_of(store.meta.augmentation)
     assert augmentation is not None
     ours = np.empty(meta.num_rows, dtype=np.uint64)
     bar = Progress(meta.num_rows, "replay views", enabled=progress)

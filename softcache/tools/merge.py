@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from softcache import __version__
-from softcache.build import open_output
+from softcache._version import __version__
 from softcache.config import VALUE_DTYPES
-from softcache.encoding import copy_encoded, encode_batch
+from softcache.data.hashing import fingerprint
 from softcache.errors import ConfigError, DatasetMismatchError
-from softcache.hashing import fingerprint
-from softcache.progress import Progress
+from softcache.runtime.progress import Progress
 from softcache.store import (
     LOGITS,
     LSE,
@@ -36,7 +34,9 @@ from softcache.store import (
     LogitStore,
     StoreMeta,
 )
-from softcache.writer import ShardWriter
+from softcache.store.output import open_output
+from softcache.store.row_codec import copy_encoded, encode_batch
+from softcache.store.writer import ShardWriter
 
 
 @dataclass(frozen=True)

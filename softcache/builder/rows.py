@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,38 +32,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from softcache import __version__
-from softcache.cluster import cluster_client, worker_device
+from softcache._version import __version__
 from softcache.config import BuildConfig
-from softcache.devices import resolve_device
-from softcache.encoding import NONFINITE, OVERFLOW, copy_encoded, encode_batch
+from softcache.data.hashing import check_item, collate_with_hashes, fingerprint
 from softcache.errors import (
     ConfigError,
     DatasetFormatError,
-    MissingArrayError,
-    NotAStoreError,
     SoftcacheError,
     SpecError,
-    StoreExistsError,
-    StoreFormatError,
     TeacherOutputError,
 )
-from softcache.hashing import check_item, collate_with_hashes, fingerprint
-from softcache.location import is_empty, is_local, local_path, open_location
-from softcache.progress import Progress
-from softcache.specs import instantiate
+from softcache.runtime.cluster import cluster_client, worker_device
+from softcache.runtime.devices import autocast, resolve_device
+from softcache.runtime.progress import Progress
+from softcache.runtime.specs import instantiate
 from softcache.store import (
     SAMPLE_HASH,
     SHARD_DONE,
     VIEW_PARAMS,
     LogitStore,
     StoreMeta,
-    holds_group,
 )
-from softcache.writer import ShardWriter
-
-# Build settings that change the bytes a store holds; a partial store is resumed only if they match.
-_LAYOUT_KEYS = ("batch_size", "amp", "compression_level")
+from softcache.store.output import open_output
+from softcache.store.row_codec import NONFINITE, OVERFLOW, copy_encoded, encode_batch
+from softcache.store.writer import ShardWriter
 
 
 @dataclass(frozen=True)
@@ -484,13 +474,6 @@ def _check_output(logits: Any, batch: int, num_classes: int, first_index: int) -
         )
 
 
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    """fp16 autocast on CUDA when `amp`, else nothing (AMP is a no-op on CPU by design)."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 # ---- setup -------------------------------------------------------------------------------------
 
 
@@ -505,8 +488,8 @@ def teacher_inputs(config: BuildConfig) -> tuple[Any, int, dict[str, Any] | None
     num_samples = _check_dataset(dataset, config.dataset)
     if not config.augment:
         return dataset, num_samples, None
-    from softcache.augment import describe, parse_augment
-    from softcache.views import ViewDataset
+    from softcache.data.augment import describe, parse_augment
+    from softcache.data.views import ViewDataset
 
     augmentation = parse_augment(config.augment)
     rows = ViewDataset(dataset, augmentation, config.views, config.augment_seed)
@@ -516,11 +499,6 @@ def teacher_inputs(config: BuildConfig) -> tuple[Any, int, dict[str, Any] | None
         "seed": config.augment_seed,
     }
     return rows, num_samples, meta
-
-
-def _plain(value: Any) -> Any:
-    """JSON's view of a value (tuples as lists), so metadata read back compares equal."""
-    return json.loads(json.dumps(value))
 
 
 def _check_dataset(dataset: Any, spec: str) -> int:
@@ -565,117 +543,3 @@ def _probe_classes(
             f"the teacher returned {shape} for a batch of 1; it must return (B, C) logits"
         )
     return int(out.shape[1])
-
-
-def open_output(
-    location: str,
-    meta: StoreMeta,
-    *,
-    overwrite: bool,
-    compression_level: int = 3,
-    storage_options: Mapping[str, Any] | None = None,
-) -> LogitStore:
-    """Create the store, or reopen a compatible partial one to resume it.
-
-    Refuses to touch anything it did not write: a location holding other data is an error even
-    with `--overwrite`.
-    """
-    options = storage_options
-    backend = open_location(location, read_only=False, storage_options=options)
-    if is_local(location):
-        _check_local_output(local_path(location))
-    if holds_group(backend):
-        try:
-            existing = LogitStore.open(
-                location, mode="r+", require_complete=False, storage_options=options
-            )
-        except NotAStoreError as exc:
-            raise StoreExistsError(
-                f"{location} holds a Zarr group that is not a softcache store ({exc}); choose "
-                "another --output (softcache does not delete data it did not write, even with "
-                "--overwrite)"
-            ) from exc
-        except MissingArrayError as exc:
-            # shard_done is created last: without it, creation was interrupted before any shard
-            # could be recorded, so starting afresh loses nothing.
-            if SHARD_DONE not in exc.missing and not overwrite:
-                raise StoreExistsError(
-                    f"{location} is a damaged softcache store ({exc}); pass --overwrite to "
-                    "rebuild it"
-                ) from exc
-        except StoreFormatError as exc:
-            if not overwrite:
-                raise StoreExistsError(
-                    f"{location} holds a softcache store this version cannot resume ({exc}); "
-                    "pass --overwrite to replace it, or choose another --output"
-                ) from exc
-        else:
-            if existing.meta.complete and not overwrite:
-                raise StoreExistsError(
-                    f"{location} is already a complete store; pass --overwrite to rebuild it"
-                )
-            diffs = _layout_diff(existing.meta, meta)
-            if diffs and not overwrite:
-                raise StoreExistsError(
-                    f"{location} holds a partial build with a different configuration "
-                    f"({'; '.join(diffs)}); run the original command to finish it, or pass "
-                    "--overwrite to start again"
-                )
-            if not overwrite:
-                return existing
-    elif not is_empty(backend):
-        raise StoreExistsError(
-            f"{location} exists and is not a softcache store; choose another --output "
-            "(softcache does not delete data it did not write, even with --overwrite)"
-        )
-    try:
-        # Zarr's create mode replaces whatever group was there.
-        return LogitStore.create(
-            location, meta, compression_level=compression_level, storage_options=options
-        )
-    except OSError as exc:
-        raise SoftcacheError(f"cannot write the store at {location}: {exc}") from exc
-
-
-def _check_local_output(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise StoreExistsError(f"{path} exists and is a file, not a store; choose another --output")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SoftcacheError(f"cannot write the store at {path}: {exc}") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise SoftcacheError(
-            f"cannot write the store at {path}: no write permission on {path.parent}"
-        )
-
-
-def _layout_diff(old: StoreMeta, new: StoreMeta) -> list[str]:
-    pairs: list[tuple[str, Any, Any]] = [
-        (key, getattr(old, key), getattr(new, key))
-        for key in (
-            "encoding",
-            "num_classes",
-            "k",
-            "num_samples",
-            "value_dtype",
-            "temperatures",
-            "shard_rows",
-            "chunk_rows",
-            "views",
-            "layout",
-            "num_tokens",
-        )
-    ]
-    pairs.append(("token_codec", _plain(old.token_codec), _plain(new.token_codec)))
-    pairs.append(("augmentation", _plain(old.augmentation), _plain(new.augmentation)))
-    pairs.append(("teacher", dict(old.teacher), dict(new.teacher)))
-    pairs.append(("dataset", old.dataset.get("spec"), new.dataset.get("spec")))
-    pairs.extend(
-        (key, old.build_config.get(key), new.build_config.get(key)) for key in _LAYOUT_KEYS
-    )
-    return [f"{key}: stored {a!r}, now {b!r}" for key, a, b in pairs if _norm(a) != _norm(b)]
-
-
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value

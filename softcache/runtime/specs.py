@@ -79,7 +79,9 @@ def _hf_factory(spec: str) -> Callable[[], Any] | None:
                 raise SpecError(f"spec {spec!r} names no directory: use '{prefix}path/to/model'")
 
             def factory(directory: str = directory, pretrained: bool = pretrained) -> Any:
-                from softcache.hf import load_causal_lm  # imports transformers only when used
+                from softcache.runtime.hf import (
+                    load_causal_lm,  # imports transformers only when used
+                )
 
                 return load_causal_lm(directory, pretrained=pretrained)
 

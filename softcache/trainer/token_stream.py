@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softcache.plan import EpochPlan
 from softcache.store import LogitStore, decode_token_rows
+from softcache.trainer.plan import EpochPlan
 
 # Tokens per plan block, at least: the plan shuffles samples within windows of blocks, and
 # windows of a few shards' tokens hold only a few hundred short sequences, often from one

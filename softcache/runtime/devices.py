@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from softcache.errors import ConfigError
@@ -31,3 +34,10 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"device {name!r}: only cpu and cuda devices are supported")
     return device
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    """fp16 autocast on CUDA when `amp`, else nothing (AMP is a no-op on CPU by design)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()

@@ -39,17 +39,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from softcache import ddp, losses
-from softcache.cluster import connect
+from softcache import losses
 from softcache.config import TrainConfig
-from softcache.distill import AlignedBatches, distillation_loss
+from softcache.data.hashing import collate_pairs, collate_with_hashes
 from softcache.errors import ConfigError, DatasetMismatchError, SpecError
-from softcache.hashing import collate_pairs, collate_with_hashes
-from softcache.plan import EpochPlan
-from softcache.progress import Progress
-from softcache.specs import instantiate
+from softcache.runtime.cluster import connect
+from softcache.runtime.progress import Progress
+from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore
-from softcache.stream import PlanSampler, equal_steps, plan_from_state
+from softcache.trainer import ddp
+from softcache.trainer.distill import AlignedBatches, distillation_loss
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import PlanSampler, equal_steps, plan_from_state
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -96,7 +97,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
             checkpoint that belongs to another configuration or another number of ranks.
     """
     if config.lm:
-        from softcache.lm_train import train_lm
+        from softcache.trainer.tokens import train_lm
 
         return train_lm(config, progress=progress, client=client)
     with contextlib.ExitStack() as stack:
@@ -317,8 +318,8 @@ def _fresh_augmentation(config: TrainConfig, store: LogitStore | None, dataset: 
             f"{store.meta.augmentation['spec']!r} and replays them; drop --augment (it is for "
             "hard, online and view-less offline runs, which draw new views every epoch)"
         )
-    from softcache.augment import parse_augment
-    from softcache.views import FreshViews
+    from softcache.data.augment import parse_augment
+    from softcache.data.views import FreshViews
 
     return FreshViews(parse_augment(config.augment), config.augment_seed)
 

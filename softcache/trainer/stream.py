@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from softcache.errors import DatasetMismatchError
-from softcache.plan import EpochPlan
 from softcache.store import (
     LOGITS,
     LSE,
@@ -51,6 +50,7 @@ from softcache.store import (
     VIEW_PARAMS,
     LogitStore,
 )
+from softcache.trainer.plan import EpochPlan
 
 # What `SoftLabelStream` delivers: decoded float32 / int64, or the store's own dtypes.
 VALUE_MODES = ("float32", "stored")
@@ -309,7 +309,7 @@ class SoftLabelStream:
         offsets = batch - block_ids * rows
         views = None
         if self.store.meta.augmentation:
-            from softcache.augment import choose_views
+            from softcache.data.augment import choose_views
 
             views = choose_views(self.view_policy, self.views, batch, *seed_epoch)
             offsets = offsets * self.views + views  # the chosen view's row inside the shard

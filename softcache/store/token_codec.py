@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softcache import tokens as tk
 from softcache.errors import ConfigError, StoreFormatError
+from softcache.store import token_coding as tk
 
 TOKEN_ENCODINGS = ("topk", "sampled")
 ID_CODINGS = ("elias_fano", "plain")

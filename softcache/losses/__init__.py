@@ -1,0 +1,17 @@
+"""Distillation losses: per-row (dense and top-k, `rows`) and per-token (top-k with its residual
+bin and the sampled estimator, `tokens`). Pure torch, computed in float32."""
+
+from softcache.losses.rows import hard_loss, kd_loss_dense, kd_loss_topk, topk_teacher_probs
+from softcache.losses.tokens import dense_kl, kl_terms, sampled_ce, sampled_kl, topk_residual_kl
+
+__all__ = [
+    "dense_kl",
+    "hard_loss",
+    "kd_loss_dense",
+    "kd_loss_topk",
+    "kl_terms",
+    "sampled_ce",
+    "sampled_kl",
+    "topk_residual_kl",
+    "topk_teacher_probs",
+]

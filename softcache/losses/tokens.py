@@ -1,0 +1,190 @@
+"""Per-token soft labels for language models: sparse encodings of big-vocabulary rows, and losses.
+
+A 128k-vocabulary teacher row is 256 KiB in fp16, so an LM cache keeps a few entries per token:
+
+- ``topk``: the k largest log-probabilities, their ids, and the log of the mass left out (the
+  *residual*: one extra bin, so the loss is an exact KL over k + 1 outcomes, like Megatron-LM's
+  "ghost" bin). Biased: the tail's shape is lost.
+- ``sampled``: ids drawn from the teacher with replacement, and their counts. The frequencies are
+  an unbiased estimate of the teacher's distribution, so the loss is an unbiased estimate of the
+  full cross-entropy (Anshumann et al., 2025); the price is variance.
+
+Values are log-probabilities at the build temperature, not raw logits: normalised, so a kept
+probability needs no per-row normaliser; in ``(-inf, 0]``, so a fixed scale quantises them with
+no per-row scale; and with the tail mass stored on its own, quantising them cannot corrupt the
+tail bin (``1 - sum p`` would). A cache is tied to its build temperature: at another one the kept
+probabilities keep their ratios but the residual and a sampled set's distribution are wrong.
+
+The trade-off, measured by ``benchmarks/tokens.py`` (V = 2^17, a synthetic LM teacher, bytes per
+token on disk under zstd + crc32c). Ids: a set of k ids of V carries ``log2 C(V, k)`` bits, 53 B
+at k = 32. Elias-Fano coding of the sorted ids takes a fixed 56 B (`encode_elias_fano`), against
+68 B bit-packed (`pack_indices`), 70 B as delta-coded int32 and 78 B as int32, each under zstd,
+which cannot shrink ids that rarely recur. Values then follow id order, and their order costs
+``log2 k!`` bits (15 B at k = 32) whatever the code. Top-32: 109 B with fp16 values; 77.5 B with
+7-bit `quantize_logprobs` ``"sqrt"`` codes and the residual in 8-bit ``"log"`` codes, at a KL
+cost of 0.0004 nats per token (0.0013 at 6 bits, 74 B), against the 0.42 nats of the lost tail. Sampled, 32 draws (11.5
+unique ids): 33 B with the ids in Elias-Fano and uint8 counts (25 + 7) and an fp16 entropy (2).
+
+Every function is pure torch, runs on the tensors' device and computes losses in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from softcache.store.token_coding import check_temperature
+
+
+def topk_residual_kl(
+    student_logits: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    residual: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """KL divergence over the kept tokens plus one residual bin, scaled by ``tau^2``.
+
+    The teacher's ``k + 1`` bins are ``p_i = exp(values_i)`` and ``p_r = exp(residual)``,
+    renormalised to sum to 1 (a no-op for exact values; needed after quantisation). The student's
+    are ``q_i = softmax(s / tau)_i`` at the kept ids and ``q_r = 1 - sum_i q_i``, computed as a
+    log-sum-exp over the other columns::
+
+        loss = tau^2 * mean_t [ sum_i p_i log(p_i / q_i) + p_r log(p_r / q_r) ]
+
+    with ``0 log 0 = 0``, so ``k = V`` (``residual = -inf``) is exactly the dense KD loss of
+    Hinton et al. (2015). By the chain rule of KL this is the full KL minus the tail's inner term
+    ``p_r KL(p | tail || q | tail)``, which a top-k cache cannot know: the bias Anshumann et al.
+    (2025) remove by sampling (`sampled_ce`).
+
+    References: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
+    arXiv:1503.02531, 2015. A. Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs", ACL 2025.
+
+    Args:
+        student_logits: ``(T, V)`` any float dtype.
+        values: ``(T, k)`` teacher log-probabilities at temperature ``tau`` (`topk_residual`, or
+            `dequantize_logprobs`), any float dtype, any order.
+        indices: ``(T, k)`` integer ids of ``values``, distinct within a row.
+        residual: ``(T,)`` log of the teacher's tail mass, ``-inf`` for an empty tail.
+        temperature: ``tau``, the temperature the values were encoded at.
+        reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
+
+    Returns:
+        A float32 scalar (``(T,)`` with ``reduction="none"``).
+    """
+    check_temperature(temperature)
+    _check_rows(student_logits, values, indices)
+    ids = indices.long()
+    log_q_all = F.log_softmax(student_logits.float() / temperature, dim=1)
+    kept = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(1, ids, True)
+    has_tail = ~kept.all(dim=1, keepdim=True)
+    residual = torch.where(has_tail, residual.float().unsqueeze(1), -math.inf)
+    bins = torch.cat([values.float(), residual], dim=1)
+    log_p = bins - torch.logsumexp(bins, dim=1, keepdim=True)
+    # A row with an empty tail would take a log-sum-exp over nothing but -inf, whose backward is
+    # nan even times 0: such rows read zeros instead, and their p_r is 0 anyway.
+    tail = torch.where(has_tail, log_q_all.masked_fill(kept, float("-inf")), 0.0)
+    log_q = torch.cat([log_q_all.gather(1, ids), torch.logsumexp(tail, dim=1, keepdim=True)], 1)
+    return _reduce(temperature**2 * kl_terms(log_p, log_q).sum(dim=1), reduction)
+
+
+def sampled_ce(
+    student_logits: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Unbiased estimate of the cross-entropy to the teacher, from ids drawn from it.
+
+    With ``D`` ids drawn from ``p = softmax(t / tau)`` and ``q = softmax(s / tau)``,
+    ``CE(p, q) = E_{i~p}[-log q_i]``, estimated without bias by the mean over the draws::
+
+        loss = tau^2 * mean_t [ (1 / D) sum_j c_j (-log q_{id_j}) ],   D = sum_j c_j
+
+    Its gradient in the student logits, ``q - c / D``, is likewise unbiased for ``q - p``. The
+    per-token variance is ``Var_{i~p}[log q_i] / D``. This is the random-sampling KD of
+    Anshumann et al. (2025) with the teacher itself as the proposal (importance weights 1); the
+    ``tau^2`` factor is Hinton et al.'s (2015), as in `topk_residual_kl`.
+
+    Args:
+        student_logits: ``(T, V)`` any float dtype.
+        ids: ``(T, W)`` integer ids and ``counts``: ``(T, W)`` their counts, 0 for padding
+            (`sample_ids`; uint8 / uint16 are converted).
+        temperature: ``tau``, the temperature the ids were sampled at.
+        reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
+
+    Returns:
+        A float32 scalar (``(T,)`` with ``reduction="none"``).
+    """
+    check_temperature(temperature)
+    _check_rows(student_logits, ids, counts)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1).gather(1, ids.long())
+    weights = counts.to(torch.int32).float()
+    per_row = -(weights * log_q).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return _reduce(temperature**2 * per_row, reduction)
+
+
+def sampled_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    entropy: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Unbiased estimate of ``tau^2 KL(p || q)``: `sampled_ce` minus the teacher's entropy.
+
+    ``KL(p || q) = CE(p, q) - H(p)``; with the exact ``H(p)`` stored per token
+    (`teacher_entropy`), the estimate stays unbiased and has the same gradient and variance as
+    `sampled_ce`, but reads as a KL (0 when the student equals the teacher, in expectation).
+
+    ``entropy`` is ``(T,)``, any float dtype; the other arguments are `sampled_ce`'s.
+    """
+    ce = sampled_ce(student_logits, ids, counts, temperature=temperature, reduction="none")
+    return _reduce(ce - temperature**2 * entropy.float(), reduction)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def dense_kl(student_rows: Tensor, teacher_rows: Tensor, temperature: float) -> Tensor:
+    """``tau^2 * mean_t KL(softmax(t / tau) || softmax(s / tau))`` over ``(T, V)`` rows: float32."""
+    log_q = F.log_softmax(student_rows.float() / temperature, dim=1)
+    log_p = F.log_softmax(teacher_rows.float() / temperature, dim=1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / max(student_rows.shape[0], 1)
+    return temperature**2 * kl
+
+
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise ``p (log p - log q)`` with ``0 log 0 = 0`` in the value and the gradient."""
+    positive = log_p > -math.inf
+    safe_p = torch.where(positive, log_p, 0.0)
+    terms = safe_p.exp() * (safe_p - torch.where(positive, log_q, 0.0))
+    return torch.where(positive, terms, 0.0)
+
+
+def _check_rows(student_logits: Tensor, a: Tensor, b: Tensor) -> None:
+    if student_logits.ndim != 2 or student_logits.shape[0] == 0:
+        raise ValueError(f"student_logits must be (T >= 1, V), got {tuple(student_logits.shape)}")
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"expected two (T = {student_logits.shape[0]}, k) tensors, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
