@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from softcache._version import __version__
+from softcache.config import BuildConfig, TrainConfig, option_specs
 from softcache.errors import SoftcacheError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,6 +39,42 @@ def _friendly_errors(fn: F) -> F:
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def config_options(cls: type, section: str) -> Callable[[F], F]:
+    """Click options for every command-line field of a config class (`softcache.config`), plus
+    `--config`, `--json`, `--quiet` and `--storage-option`.
+
+    The option, its type, default and help come from the field, so they never drift apart. Every
+    option defaults to None ("not given"), so a TOML file's value and then the field's default
+    apply.
+    """
+
+    def decorate(fn: F) -> F:
+        fn = _storage_option(fn)
+        fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(fn)
+        fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+        fn = click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help=f"TOML file with any of these options (its [{section}] table, or top level); "
+            "options given here win.",
+        )(fn)
+        for spec in reversed(option_specs(cls)):
+            kind = click.Choice(list(spec.type)) if isinstance(spec.type, tuple) else spec.type
+            kwargs: dict[str, Any] = {"default": None, "help": spec.help}
+            if spec.is_flag:
+                if "/" not in spec.flags[0]:  # `--x/--no-x` pairs are flags already
+                    kwargs["is_flag"] = True
+            else:
+                kwargs["type"] = kind
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
+            fn = click.option(*spec.flags, spec.name, **kwargs)(fn)
+        return fn
+
+    return decorate
 
 
 def _storage_option(fn: F) -> F:
@@ -80,123 +117,7 @@ def main() -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option(
-    "--teacher",
-    help="Teacher factory, 'package.module:fn' or 'file.py:fn'; returns an nn.Module giving (B, C) logits.",
-)
-@click.option(
-    "--dataset", help="Dataset factory spec; returns a map-style dataset of (input, label) items."
-)
-@click.option("--output", "-o", help="Where to write the store (a directory).")
-@click.option(
-    "--encoding",
-    type=click.Choice(["dense", "topk", "sampled"]),
-    help="dense keeps all C logits; topk keeps the k largest plus normalisers (with --lm: plus "
-    "the residual mass); sampled (--lm only) keeps --draws ids drawn from the teacher.  "
-    "[default: dense]",
-)
-@click.option(
-    "--top-k", "top_k", type=int, help="Entries kept per row with --encoding topk.  [default: 5]"
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
-    help="Stored value type.  [default: float16]",
-)
-@click.option(
-    "--temperatures",
-    help="Comma-separated temperatures whose normalisers a topk store keeps.  [default: 1,2,4]",
-)
-@click.option("--batch-size", type=int, help="Teacher batch size.  [default: 256]")
-@click.option("--num-workers", type=int, help="DataLoader worker processes.  [default: 0]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--amp/--no-amp", default=None, help="Autocast the teacher on CUDA.  [default: off]")
-@click.option(
-    "--shard-rows",
-    type=int,
-    help="Rows per shard: the unit of writing and of resume.  [default: 4096]",
-)
-@click.option(
-    "--chunk-rows",
-    type=int,
-    help="Rows per compressed chunk inside a shard.  [default: min(shard-rows, 1024)]",
-)
-@click.option(
-    "--writer-threads", type=int, help="Background threads compressing and writing.  [default: 2]"
-)
-@click.option(
-    "--overwrite", is_flag=True, default=None, help="Replace an existing store at --output."
-)
-@click.option(
-    "--views",
-    type=int,
-    help="Augmented views stored per sample, each with the parameters that recreate it (needs "
-    "--augment).  [default: 1]",
-)
-@click.option(
-    "--augment",
-    metavar="SPEC",
-    help='The augmentation making each view: e.g. "crop(size=32,scale=0.35:1);flip", or a '
-    "module:callable spec (see softcache.augment).  [default: none]",
-)
-@click.option(
-    "--augment-seed",
-    type=int,
-    help="Seeds the views' parameters, drawn from (seed, sample, view).  [default: 0]",
-)
-@click.option(
-    "--lm",
-    is_flag=True,
-    default=None,
-    help="The teacher is a causal LM over token sequences: one row per real token (format 3, "
-    "see docs/FORMAT.md); --shard-rows counts tokens, --batch-size sequences.",
-)
-@click.option(
-    "--draws", type=int, help="Ids drawn per token for --encoding sampled.  [default: 32]"
-)
-@click.option(
-    "--value-bits",
-    type=int,
-    help="--lm topk: 0 stores float16 log-probabilities; 1..16 stores square-root codes of that "
-    "many bits (7 costs ~0.0004 nats/token).  [default: 0]",
-)
-@click.option(
-    "--id-coding",
-    type=click.Choice(["elias_fano", "plain"]),
-    help="--lm token ids: Elias-Fano (smallest) or plain integers.  [default: elias_fano]",
-)
-@click.option(
-    "--lm-temperature",
-    type=float,
-    help="Temperature of --lm log-probabilities and draws.  [default: 1]",
-)
-@click.option("--seed", type=int, help="Seeds --encoding sampled's draws.  [default: 0]")
-@click.option(
-    "--workers",
-    type=int,
-    help="Run on a Dask cluster of N worker processes on this machine (one per GPU on a GPU node; "
-    "with dask-cuda installed each is pinned to its GPU).  [default: 0, in this process]",
-)
-@click.option(
-    "--dask-scheduler",
-    metavar="ADDRESS",
-    help="Run on an existing Dask cluster (tcp://host:port). Its workers must import softcache and "
-    "the specs, and reach --output.",
-)
-@click.option(
-    "--shards-per-task",
-    type=int,
-    help="Shards per Dask task; a dying worker loses at most this much.  [default: 0, automatic]",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    help="TOML file with any of these options (its [build] table, or top level); options given here win.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_storage_option
+@config_options(BuildConfig, "build")
 @_friendly_errors
 def build(
     config_file: str | None,
@@ -211,16 +132,15 @@ def build(
     identical to one written in a single run. With --workers or --dask-scheduler the shards are
     computed by Dask workers (a worker that dies has its shards recomputed elsewhere).
     """
-    from softcache.builder.rows import build as run_build
-    from softcache.builder.tokens import build_tokens
-    from softcache.config import BuildConfig, load_config
+    from softcache.builder import build as run_build
+    from softcache.config import load_config
 
     options["storage_options"] = _options_from(storage_option)
     config = load_config(BuildConfig, config_file, options, section="build")
-    if config.lm:
-        _report_lm_build(build_tokens(config, progress=not quiet), config, as_json)
-        return
     result = run_build(config, progress=not quiet)
+    if config.lm:
+        _report_lm_build(result, config, as_json)
+        return
     summary = {
         "store": result.store,
         "encoding": config.encoding,
@@ -305,102 +225,7 @@ def _report_lm_build(result: Any, config: Any, as_json: bool) -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--store", help="The teacher's store (required for --mode offline).")
-@click.option("--student", help="Student factory spec; returns a freshly initialised nn.Module.")
-@click.option("--dataset", help="Training dataset spec: the dataset the store was built from.")
-@click.option("--eval-dataset", help="Held-out dataset spec, evaluated after every epoch.")
-@click.option(
-    "--eval-store", help="A store built over --eval-dataset: teacher agreement without the teacher."
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["offline", "online", "hard"]),
-    help="offline: soft labels from the store; online: teacher in the loop; hard: labels only.  [default: offline]",
-)
-@click.option("--teacher", help="Teacher spec (required for --mode online).")
-@click.option("--epochs", type=int, help="Passes over the data.  [default: 10]")
-@click.option("--batch-size", type=int, help="Student batch size.  [default: 64]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-3]")
-@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), help="[default: adamw]")
-@click.option("--weight-decay", type=float, help="[default: 0]")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), help="[default: cosine]")
-@click.option("--temperature", type=float, help="Distillation temperature T.  [default: 2]")
-@click.option(
-    "--alpha", type=float, help="Weight of the hard-label loss; 1 - alpha weighs KD.  [default: 0]"
-)
-@click.option("--seed", type=int, help="Seeds the student's init and the data order.  [default: 0]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--amp/--no-amp", default=None, help="Autocast on CUDA.  [default: off]")
-@click.option("--num-workers", type=int, help="DataLoader workers for inputs.  [default: 0]")
-@click.option(
-    "--window-blocks", type=int, help="Store blocks whose rows are shuffled together.  [default: 4]"
-)
-@click.option(
-    "--prefetch-blocks", type=int, help="Store blocks read ahead of training.  [default: 4]"
-)
-@click.option(
-    "--dask-scheduler",
-    help="Address of a dask.distributed scheduler to read through.  [default: threads]",
-)
-@click.option(
-    "--output", "-o", help="Directory for checkpoints and metrics.json.  [default: runs/train]"
-)
-@click.option(
-    "--hash-check",
-    type=click.Choice(["all", "first-epoch", "off"]),
-    help="Alignment check: every row always; every row in the first epoch, then every "
-    "--hash-stride-th row; or none.  [default: first-epoch]",
-)
-@click.option(
-    "--hash-stride",
-    type=int,
-    help="Rows between checked rows after the first epoch.  [default: 16]",
-)
-@click.option(
-    "--checkpoint-steps",
-    type=int,
-    help="Also checkpoint every N steps.  [default: 0, epoch ends only]",
-)
-@click.option(
-    "--resume", is_flag=True, default=None, help="Continue from the checkpoint in --output."
-)
-@click.option(
-    "--view-policy",
-    type=click.Choice(["cycle", "random"]),
-    help="With a store of several views per sample: each epoch's view of a sample, cycling "
-    "through them or drawn by (seed, epoch).  [default: cycle]",
-)
-@click.option(
-    "--augment",
-    metavar="SPEC",
-    help="Draw a new augmented view of every sample each epoch (hard, online, or a store "
-    "without views); same SPEC as build --augment.  [default: none]",
-)
-@click.option("--augment-seed", type=int, help="Seeds the views --augment draws.  [default: 0]")
-@click.option(
-    "--ddp-timeout",
-    type=float,
-    help="Under torchrun: seconds a rank waits for the others before failing.  [default: 600]",
-)
-@click.option(
-    "--lm",
-    is_flag=True,
-    default=None,
-    help="Causal-LM student over token sequences: per-token KD from a `build --lm` store (its "
-    "temperature), reporting perplexity and next-token agreement.",
-)
-@click.option(
-    "--max-steps", type=int, help="--lm: stop after N optimiser steps.  [default: 0, all epochs]"
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    help="TOML file (its [train] table, or top level); options given here win.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_storage_option
+@config_options(TrainConfig, "train")
 @_friendly_errors
 def train(
     config_file: str | None,
@@ -420,8 +245,8 @@ def train(
     -m softcache.cli train ...`) each process is one DDP rank: --batch-size is per rank, and rank 0
     reports and writes.
     """
-    from softcache.config import TrainConfig, load_config
-    from softcache.trainer.rows import train as run_train
+    from softcache.config import load_config
+    from softcache.trainer import train as run_train
 
     options["storage_options"] = _options_from(storage_option)
     config = load_config(TrainConfig, config_file, options, section="train")

@@ -1,11 +1,19 @@
 """Configuration: frozen dataclasses loaded from TOML, overridden from the command line.
 
 A config is validated when it is built, so a typo fails before an hour of teacher inference rather than
-after. Unknown keys are an error. `to_dict()` is what a store records as its build provenance.
+after. Unknown keys are an error, and so is a setting that does not apply to the chosen layout (a
+`views` for a language-model build, a `draws` for a row build): each field says which layout it
+belongs to. `to_dict()` is what a store records as its build provenance.
+
+Each field carries its own help text, and the command line's options are generated from the fields
+(`option_specs`): the option, its default and its help come from one place.
 
 Precedence: dataclass defaults < the TOML file (`--config`) < command-line options.
 A TOML file may hold the keys at top level, or in `[build]` / `[train]` tables so one pipeline file
 configures both stages.
+
+From Python, `teacher`, `student` and `dataset` may be objects instead of spec strings: a module or
+dataset used as it is, or a factory called with no arguments (`softcache.runtime.specs.resolve`).
 """
 
 from __future__ import annotations
@@ -25,95 +33,238 @@ SECTIONS = ("build", "train")
 ENCODINGS = ("dense", "topk", "sampled")
 ID_CODINGS = ("elias_fano", "plain")
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
+TRAIN_MODES = ("offline", "online", "hard")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+HASH_CHECKS = ("all", "first-epoch", "off")
+VIEW_POLICIES = ("cycle", "random")
+# The two layouts a config can choose (`lm`): one row per sample, or one row per token.
+ROWS, TOKENS = "rows", "tokens"
 
 C = TypeVar("C")
 
 
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything `softcache build` needs.
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    only: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field with what the command line and the layout check need to know of it.
 
-    Attributes:
-        teacher: spec of a factory returning an `nn.Module` mapping inputs (B, ...) to logits (B, C).
-        dataset: spec of a factory returning a map-style dataset of `(input, label)` items.
-        output: the store's path.
-        encoding: `dense` keeps every logit; `topk` keeps the k largest plus normalisers.
-        top_k: k for `topk`.
-        dtype: how logit values are stored: float16, bfloat16 or float32.
-        temperatures: temperatures whose log-sum-exp normalisers a `topk` store keeps.
-        batch_size: teacher batch size; batches never cross a shard boundary.
-        num_workers: DataLoader worker processes.
-        device: `auto`, `cpu`, `cuda` or `cuda:i`.
-        amp: run the teacher under autocast (CUDA only; ignored on CPU).
-        shard_rows: rows per shard: the unit of writing, of resume and of streaming reads.
-        chunk_rows: rows per compressed inner chunk (defaults to min(shard_rows, 1024)).
-        compression_level: zstd level.
-        writer_threads: background threads compressing and writing shards.
-        overwrite: replace an existing store at `output`.
-        storage_options: options for the fsspec backend of a URL `output` (endpoint, profile,
-            ...); never recorded in the store, since they may hold credentials.
-        workers: run the build on a Dask `LocalCluster` of this many worker processes (0: in
-            this process). On a GPU node, one worker per GPU.
-        dask_scheduler: run the build on an existing Dask cluster (`tcp://host:port`); its
-            workers must import softcache, the specs and reach `output`.
-        shards_per_task: shards one Dask task computes (0: chosen from the number of shards and
-            workers); a worker that dies loses at most this much work.
-        views: augmented views stored per sample (needs `augment`; `shard_rows` must be a
-            multiple, so a shard holds whole samples).
-        augment: the augmentation that makes each view (`softcache.augment.parse_augment`
-            grammar, e.g. "crop(size=32,scale=0.35:1);flip", or a `module:callable` spec).
-        augment_seed: seeds every view's parameters, drawn from (augment_seed, sample, view).
-        lm: the teacher is a causal LM over token sequences (`softcache.sequences`): the store
-            holds one row per real token (format_version 3); `shard_rows` counts tokens and
-            `batch_size` sequences. Encodings `topk` (with the residual mass) or `sampled`.
-        draws: ids drawn per token from the teacher for `sampled`.
-        value_bits: `topk` with `lm`: 0 stores float16 log-probabilities; 1..16 stores
-            square-root codes of that many bits (`softcache.tokens.quantize_logprobs`).
-        id_coding: `lm` token ids as `elias_fano` (smallest) or `plain` integers.
-        lm_temperature: temperature of an `lm` store's log-probabilities and draws.
-        seed: seeds the draws of `sampled` (per shard: a resumed shard draws the same ids).
+    Args:
+        default: the field's default (omit for a required field).
+        help: the option's help text, without its default (added from `default`).
+        only: the layout the field applies to (`rows` or `tokens`); None for both. A field set
+            for the other layout is refused.
+        choices: the values a string field accepts (the option offers exactly these).
+        flag: for a bool: `flag` (`--name` sets it) or `pair` (`--name/--no-name`).
+        short: a one-letter alias (`o` for `-o`).
+        metavar: the option's placeholder in --help.
+        default_text: how --help shows a default computed elsewhere (e.g. `min(shard-rows, 1024)`).
+        cli: False keeps the field out of the command line (Python and TOML only).
     """
+    metadata = {
+        "help": help,
+        "only": only,
+        "choices": choices,
+        "flag": flag,
+        "short": short,
+        "metavar": metavar,
+        "default_text": default_text,
+        "cli": cli,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
 
-    teacher: str
-    dataset: str
-    output: str
-    encoding: str = "dense"
-    top_k: int = 5
-    dtype: str = "float16"
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
-    batch_size: int = 256
-    num_workers: int = 0
-    device: str = "auto"
-    amp: bool = False
-    shard_rows: int = 4096
-    chunk_rows: int | None = None
-    compression_level: int = 3
-    writer_threads: int = 2
-    overwrite: bool = False
-    storage_options: dict[str, Any] | None = None
-    workers: int = 0
-    dask_scheduler: str | None = None
-    ddp_timeout: float = 600.0
-    shards_per_task: int = 0
-    views: int = 1
-    augment: str | None = None
-    augment_seed: int = 0
-    lm: bool = False
-    draws: int = 32
-    value_bits: int = 0
-    id_coding: str = "elias_fano"
-    lm_temperature: float = 1.0
-    seed: int = 0
+
+class _Config:
+    """What both configs share: the layout check and provenance."""
+
+    lm: bool
+
+    @property
+    def layout(self) -> str:
+        """`tokens` for a language model (`lm`), else `rows`."""
+        return TOKENS if self.lm else ROWS
+
+    def _check_layout_fields(self) -> None:
+        """Refuse a field of the other layout set to anything but its default."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            only = f.metadata.get("only")
+            if only is None or only == self.layout:
+                continue
+            if getattr(self, f.name) != f.default:
+                raise ConfigError(_foreign(f.name, only))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able data (tuples become lists), without storage options and
+        without the fields of the other layout."""
+        return _to_plain(_public_fields(self))
+
+
+def _foreign(name: str, only: str) -> str:
+    if only == TOKENS:
+        return (
+            f"{name} applies to language-model (--lm) runs only; drop it, or pass --lm for a "
+            "per-token store"
+        )
+    return f"{name} does not apply to language-model (--lm) runs; drop it"
+
+
+@dataclass(frozen=True)
+class BuildConfig(_Config):
+    """Everything `softcache build` needs. Each field's help says what it does."""
+
+    teacher: Any = setting(
+        help="Teacher factory, 'package.module:fn' or 'file.py:fn' (or hf:DIR with --lm); returns "
+        "an nn.Module giving (B, C) logits, or (B, L, V) with --lm. From Python: also a module "
+        "or a factory."
+    )
+    dataset: Any = setting(
+        help="Dataset factory spec; returns a map-style dataset of (input, label) items (with "
+        "--lm: token sequences). From Python: also the dataset itself."
+    )
+    output: str = setting(help="Where to write the store (a directory or URL).", short="o")
+    encoding: str = setting(
+        "dense",
+        choices=ENCODINGS,
+        help="dense keeps all C logits; topk keeps the k largest plus normalisers (with --lm: "
+        "plus the residual mass); sampled (--lm only) keeps --draws ids drawn from the teacher.",
+    )
+    top_k: int = setting(5, help="Entries kept per row with --encoding topk.")
+    dtype: str = setting(
+        "float16", only=ROWS, choices=VALUE_DTYPES, help="Stored value type of row stores."
+    )
+    temperatures: tuple[float, ...] = setting(
+        (1.0, 2.0, 4.0),
+        only=ROWS,
+        metavar="T1,T2,...",
+        help="Comma-separated temperatures whose normalisers a topk row store keeps.",
+    )
+    batch_size: int = setting(
+        256, help="Teacher batch size (sequences with --lm); batches never cross a shard."
+    )
+    num_workers: int = setting(0, help="DataLoader worker processes.")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
+    amp: bool = setting(False, flag="pair", help="Autocast the teacher on CUDA.")
+    shard_rows: int = setting(
+        4096,
+        help="Rows per shard (tokens with --lm): the unit of writing, resume and streaming reads.",
+    )
+    chunk_rows: int | None = setting(
+        None,
+        default_text="min(shard-rows, 1024)",
+        help="Rows per compressed chunk inside a shard.",
+    )
+    compression_level: int = setting(3, help="zstd level (1..22).")
+    writer_threads: int = setting(2, help="Background threads compressing and writing.")
+    overwrite: bool = setting(False, flag="flag", help="Replace an existing store at --output.")
+    storage_options: dict[str, Any] | None = setting(
+        None,
+        cli=False,
+        help="fsspec options for a URL output (endpoint, profile, ...); never recorded in the "
+        "store, since they may hold credentials.",
+    )
+    workers: int = setting(
+        0,
+        help="Run on a Dask cluster of N worker processes on this machine (one per GPU on a GPU "
+        "node; with dask-cuda installed each is pinned to its GPU); 0: in this process.",
+    )
+    dask_scheduler: str | None = setting(
+        None,
+        metavar="ADDRESS",
+        help="Run on an existing Dask cluster (tcp://host:port). Its workers must import "
+        "softcache and the specs, and reach --output.",
+    )
+    shards_per_task: int = setting(
+        0, help="Shards per Dask task; a dying worker loses at most this much (0: automatic)."
+    )
+    views: int = setting(
+        1,
+        only=ROWS,
+        help="Augmented views stored per sample, each with the parameters that recreate it "
+        "(needs --augment).",
+    )
+    augment: str | None = setting(
+        None,
+        only=ROWS,
+        metavar="SPEC",
+        help='The augmentation making each view: e.g. "crop(size=32,scale=0.35:1);flip", or a '
+        "module:callable spec (see softcache.data.augment).",
+    )
+    augment_seed: int = setting(
+        0, only=ROWS, help="Seeds the views' parameters, drawn from (seed, sample, view)."
+    )
+    lm: bool = setting(
+        False,
+        flag="flag",
+        help="The teacher is a causal LM over token sequences: one row per real token (format 3, "
+        "see docs/FORMAT.md); --shard-rows counts tokens, --batch-size sequences.",
+    )
+    draws: int = setting(32, only=TOKENS, help="Ids drawn per token for --encoding sampled.")
+    value_bits: int = setting(
+        0,
+        only=TOKENS,
+        help="--lm topk: 0 stores float16 log-probabilities; 1..16 stores square-root codes of "
+        "that many bits (7 costs ~0.0004 nats/token).",
+    )
+    id_coding: str = setting(
+        "elias_fano",
+        only=TOKENS,
+        choices=ID_CODINGS,
+        help="--lm token ids: Elias-Fano (smallest) or plain integers.",
+    )
+    lm_temperature: float = setting(
+        1.0, only=TOKENS, help="Temperature of --lm log-probabilities and draws."
+    )
+    seed: int = setting(
+        0, only=TOKENS, help="Seeds --encoding sampled's draws (per shard: a resume draws alike)."
+    )
 
     def __post_init__(self) -> None:
         _check_choice("encoding", self.encoding, ENCODINGS)
-        _check_choice("id_coding", self.id_coding, ID_CODINGS)
+        _check_required(self, ("teacher", "dataset", "output"))
+        self._check_layout_fields()
         if self.lm:
             self._check_lm()
-        elif self.encoding == "sampled":
+        else:
+            self._check_rows()
+        if self.workers < 0 or self.shards_per_task < 0:
+            raise ConfigError(
+                f"workers and shards_per_task must be >= 0, got {self.workers} and "
+                f"{self.shards_per_task}"
+            )
+        if self.workers and self.dask_scheduler:
+            raise ConfigError(
+                "give --workers (a cluster on this machine) or --dask-scheduler (an existing "
+                "cluster), not both"
+            )
+        for name in ("top_k", "batch_size", "shard_rows", "writer_threads"):
+            _check_positive(name, getattr(self, name))
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.chunk_rows is not None:
+            _check_positive("chunk_rows", self.chunk_rows)
+            if self.shard_rows % self.chunk_rows:
+                raise ConfigError(
+                    f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows "
+                    f"({self.chunk_rows}): a shard holds a whole number of chunks"
+                )
+        if not 1 <= self.compression_level <= 22:
+            raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}")
+
+    def _check_rows(self) -> None:
+        if self.encoding == "sampled":
             raise ConfigError(
                 "--encoding sampled is for language models: pass --lm (one row per token)"
             )
+        _check_choice("dtype", self.dtype, VALUE_DTYPES)
         _check_positive("views", self.views)
         if self.views > 1 and not self.augment:
             raise ConfigError(
@@ -127,36 +278,10 @@ class BuildConfig:
             )
         if self.augment_seed < 0:
             raise ConfigError(f"augment_seed must be >= 0, got {self.augment_seed}")
-        if self.workers < 0 or self.shards_per_task < 0:
-            raise ConfigError(
-                f"workers and shards_per_task must be >= 0, got {self.workers} and "
-                f"{self.shards_per_task}"
-            )
-        if self.workers and self.dask_scheduler:
-            raise ConfigError(
-                "give --workers (a cluster on this machine) or --dask-scheduler (an existing "
-                "cluster), not both"
-            )
-        _check_choice("dtype", self.dtype, VALUE_DTYPES)
-        for name in ("top_k", "batch_size", "shard_rows", "writer_threads"):
-            _check_positive(name, getattr(self, name))
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.chunk_rows is not None:
-            _check_positive("chunk_rows", self.chunk_rows)
-            if self.shard_rows % self.chunk_rows:
-                raise ConfigError(
-                    f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows "
-                    f"({self.chunk_rows}): a shard holds a whole number of chunks"
-                )
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise ConfigError(
                 f"temperatures must be positive numbers, got {list(self.temperatures)}"
             )
-        if not 1 <= self.compression_level <= 22:
-            raise ConfigError(f"compression_level must be in 1..22, got {self.compression_level}")
-        if not self.teacher or not self.dataset or not self.output:
-            raise ConfigError("teacher, dataset and output are required")
 
     def _check_lm(self) -> None:
         if self.encoding == "dense":
@@ -164,8 +289,7 @@ class BuildConfig:
                 "--lm stores are sparse: pass --encoding topk (with --top-k) or --encoding "
                 "sampled (with --draws); dense rows of a large vocabulary do not fit"
             )
-        if self.views > 1 or self.augment:
-            raise ConfigError("--lm stores have no augmentation views; drop --views/--augment")
+        _check_choice("id_coding", self.id_coding, ID_CODINGS)
         _check_positive("draws", self.draws)
         if self.encoding == "sampled" and self.value_bits:
             raise ConfigError(
@@ -191,113 +315,120 @@ class BuildConfig:
             chunk -= 1
         return chunk
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-able data (tuples become lists), without storage options."""
-        return _to_plain(_public_fields(self))
-
-
-TRAIN_MODES = ("offline", "online", "hard")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine")
-HASH_CHECKS = ("all", "first-epoch", "off")
-VIEW_POLICIES = ("cycle", "random")
+    def provenance(self) -> dict[str, Any]:
+        """What a store records of the build that wrote it (`build_config`)."""
+        return {k: v for k, v in self.to_dict().items() if k != "overwrite"}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything `softcache train` needs.
+class TrainConfig(_Config):
+    """Everything `softcache train` needs. Each field's help says what it does."""
 
-    Attributes:
-        student: spec of a factory returning a fresh student `nn.Module` (inputs -> (B, C) logits).
-        dataset: spec of the training dataset (the one the store was built from).
-        store: the teacher's store (required for `offline`; in other modes it supplies the block
-            layout, so all modes see the same data order).
-        mode: `offline` (soft labels from the store), `online` (run `teacher` in the loop) or
-            `hard` (labels only).
-        teacher: teacher spec, required for `online`.
-        eval_dataset: spec of a held-out dataset evaluated after each epoch.
-        eval_store: a store built over `eval_dataset`, for teacher agreement without the teacher.
-        epochs: passes over the training data.
-        batch_size: student batch size.
-        lr: peak learning rate.
-        optimizer: adamw, adam or sgd (momentum 0.9).
-        weight_decay: decoupled weight decay (adamw) or L2 (adam, sgd).
-        schedule: constant or cosine (per step, to zero at the end).
-        temperature: distillation temperature T.
-        alpha: weight of the hard-label cross-entropy; (1 - alpha) weighs the KD term.
-        seed: seeds the student's initialisation and the epoch plan.
-        device: auto, cpu, cuda or cuda:N.
-        amp: autocast the student (and an online teacher) on CUDA.
-        num_workers: DataLoader workers for inputs.
-        block_rows: rows per plan block when no store is given (else the store's shard_rows).
-        window_blocks: blocks whose rows are shuffled together.
-        prefetch_blocks: store blocks read ahead of the training loop.
-        dask_scheduler: None (threads), or a `distributed` scheduler address (`tcp://host:port`).
-        ddp_timeout: under torchrun, seconds a rank waits in a collective before failing (rank
-            0's eval pass and checkpoint at an epoch end must fit in it).
-        output: directory for checkpoints and metrics.json.
-        checkpoint_steps: also checkpoint every N steps inside an epoch (0: only at epoch ends).
-        resume: continue from the checkpoint in `output`.
-        hash_check: how much of the alignment check to pay for. `all`: hash every row of every
-            batch. `first-epoch` (default): every row in the run's first epoch, then every
-            `hash_stride`-th row of each batch (the rows at those positions differ from epoch
-            to epoch as the plan reshuffles). `off`: no check (the sample count is still checked).
-        hash_stride: rows between hashed rows after the first epoch, with `first-epoch`.
-        storage_options: fsspec options for URL stores (never recorded: may hold credentials).
-        view_policy: with a store holding several views per sample, which one each sample gets
-            each epoch: `cycle` (every view once in any `views` consecutive epochs) or `random`
-            (drawn from (seed, epoch, sample)).
-        augment: draw a new augmented view of every sample each epoch (hard and online modes,
-            or offline from a store without views: the teacher's labels are then of the
-            unaugmented input). Same grammar as `softcache build --augment`.
-        augment_seed: seeds the views `augment` draws.
-        lm: the student (and teacher) are causal LMs over token sequences
-            (`softcache.lm_train`): per-token losses on the real tokens, a per-token store
-            (`softcache build --lm`) for `offline`, and perplexity and next-token agreement
-            in the evaluation. Offline KD then uses the store's temperature.
-        max_steps: stop after this many optimiser steps (0: run every epoch); `lm` only.
-    """
-
-    student: str
-    dataset: str
-    store: str | None = None
-    mode: str = "offline"
-    teacher: str | None = None
-    eval_dataset: str | None = None
-    eval_store: str | None = None
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    temperature: float = 2.0
-    alpha: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    num_workers: int = 0
-    block_rows: int = 512
-    window_blocks: int = 4
-    prefetch_blocks: int = 4
-    dask_scheduler: str | None = None
-    ddp_timeout: float = 600.0
-    output: str = "runs/train"
-    checkpoint_steps: int = 0
-    resume: bool = False
-    hash_check: str = "first-epoch"
-    hash_stride: int = 16
-    storage_options: dict[str, Any] | None = None
-    view_policy: str = "cycle"
-    augment: str | None = None
-    augment_seed: int = 0
-    lm: bool = False
-    max_steps: int = 0
+    student: Any = setting(
+        help="Student factory spec; returns a freshly initialised nn.Module (hf-init:DIR with "
+        "--lm). From Python: also a factory."
+    )
+    dataset: Any = setting(
+        help="Training dataset spec: the dataset the store was built from. From Python: also "
+        "the dataset itself."
+    )
+    store: str | None = setting(
+        None,
+        help="The teacher's store (required for --mode offline; in other modes it gives the "
+        "block layout, so all modes see the same data order).",
+    )
+    mode: str = setting(
+        "offline",
+        choices=TRAIN_MODES,
+        help="offline: soft labels from the store; online: teacher in the loop; hard: labels only.",
+    )
+    teacher: Any = setting(None, help="Teacher spec (required for --mode online).")
+    eval_dataset: Any = setting(None, help="Held-out dataset spec, evaluated after every epoch.")
+    eval_store: str | None = setting(
+        None, help="A store built over --eval-dataset: teacher agreement without the teacher."
+    )
+    epochs: int = setting(10, help="Passes over the data.")
+    batch_size: int = setting(64, help="Student batch size (per rank under torchrun).")
+    lr: float = setting(1e-3, help="Peak learning rate.")
+    optimizer: str = setting("adamw", choices=OPTIMIZERS, help="adamw, adam or sgd (momentum 0.9).")
+    weight_decay: float = setting(0.0, help="Decoupled weight decay (adamw) or L2 (adam, sgd).")
+    schedule: str = setting(
+        "cosine", choices=SCHEDULES, help="Per-step schedule: constant, or cosine to zero."
+    )
+    temperature: float = setting(
+        2.0, help="Distillation temperature T (--lm offline: the store's temperature is used)."
+    )
+    alpha: float = setting(0.0, help="Weight of the hard-label loss; 1 - alpha weighs KD.")
+    seed: int = setting(0, help="Seeds the student's init and the data order.")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
+    amp: bool = setting(False, flag="pair", help="Autocast on CUDA (fp16, with loss scaling).")
+    num_workers: int = setting(0, help="DataLoader workers for inputs.")
+    block_rows: int = setting(
+        512, help="Samples per plan block when no --store is given (else the store decides)."
+    )
+    window_blocks: int = setting(4, help="Store blocks whose rows are shuffled together.")
+    prefetch_blocks: int = setting(4, help="Store blocks read ahead of training.")
+    dask_scheduler: str | None = setting(
+        None,
+        metavar="ADDRESS",
+        help="Address of a dask.distributed scheduler to read through (default: threads).",
+    )
+    ddp_timeout: float = setting(
+        600.0,
+        help="Under torchrun: seconds a rank waits for the others in a collective before "
+        "failing (rank 0's eval pass and checkpoint must fit in it).",
+    )
+    output: str = setting(
+        "runs/train",
+        short="o",
+        help="Directory for checkpoints, metrics.json and the trained student (student.pt).",
+    )
+    checkpoint_steps: int = setting(
+        0, help="Also checkpoint every N steps inside an epoch (0: epoch ends only)."
+    )
+    resume: bool = setting(False, flag="flag", help="Continue from the checkpoint in --output.")
+    overwrite: bool = setting(
+        False, flag="flag", help="Replace a run already in --output (else it is refused)."
+    )
+    hash_check: str = setting(
+        "first-epoch",
+        choices=HASH_CHECKS,
+        help="Alignment check: every row always; every row in the first epoch, then every "
+        "--hash-stride-th row (--lm: every sample's tokens, once before training); or none.",
+    )
+    hash_stride: int = setting(
+        16, only=ROWS, help="Rows between checked rows after the first epoch."
+    )
+    storage_options: dict[str, Any] | None = setting(
+        None, cli=False, help="fsspec options for URL stores (never recorded: credentials)."
+    )
+    view_policy: str = setting(
+        "cycle",
+        only=ROWS,
+        choices=VIEW_POLICIES,
+        help="With a store of several views per sample: each epoch's view of a sample, cycling "
+        "through them or drawn by (seed, epoch).",
+    )
+    augment: str | None = setting(
+        None,
+        only=ROWS,
+        metavar="SPEC",
+        help="Draw a new augmented view of every sample each epoch (hard, online, or a store "
+        "without views); same SPEC as build --augment.",
+    )
+    augment_seed: int = setting(0, only=ROWS, help="Seeds the views --augment draws.")
+    lm: bool = setting(
+        False,
+        flag="flag",
+        help="Causal-LM student over token sequences: per-token KD from a `build --lm` store (its "
+        "temperature), reporting perplexity and next-token agreement.",
+    )
+    max_steps: int = setting(0, help="Stop after N optimiser steps (0: all epochs).")
 
     def __post_init__(self) -> None:
+        _check_required(self, ("student", "dataset"))
+        self._check_layout_fields()
         _check_choice("mode", self.mode, TRAIN_MODES)
-        if self.max_steps < 0 or (self.max_steps and not self.lm):
-            raise ConfigError(f"max_steps must be >= 0 and needs --lm, got {self.max_steps}")
         _check_choice("view_policy", self.view_policy, VIEW_POLICIES)
         _check_choice("hash_check", self.hash_check, HASH_CHECKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -313,7 +444,7 @@ class TrainConfig:
             _check_positive(name, getattr(self, name))
         if self.mode == "offline" and not self.store:
             raise ConfigError("mode offline trains from a store: pass --store")
-        if self.mode == "online" and not self.teacher:
+        if self.mode == "online" and self.teacher is None:
             raise ConfigError("mode online runs the teacher in the loop: pass --teacher")
         if self.lr <= 0 or self.temperature <= 0 or self.ddp_timeout <= 0:
             raise ConfigError(
@@ -324,10 +455,15 @@ class TrainConfig:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.num_workers < 0 or self.checkpoint_steps < 0 or self.weight_decay < 0:
             raise ConfigError("num_workers, checkpoint_steps and weight_decay must be >= 0")
+        if self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "--resume continues the run in --output, --overwrite replaces it: pass one of them"
+            )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-able data, without storage options."""
-        return _to_plain(_public_fields(self))
+
+# ---- loading -------------------------------------------------------------------------------------
 
 
 def load_config(
@@ -342,7 +478,8 @@ def load_config(
         section: the table to read when the file has `[build]` / `[train]` tables.
 
     Raises:
-        ConfigError: unreadable file, unknown keys, wrong types, or invalid values.
+        ConfigError: unreadable file, unknown keys, keys of the other layout, wrong types, or
+            invalid values.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -352,7 +489,8 @@ def load_config(
 
 
 def config_from_mapping(cls: type[C], values: Mapping[str, Any], *, source: str) -> C:
-    """Build a config dataclass from a mapping, rejecting unknown keys and coercing types."""
+    """Build a config dataclass from a mapping, rejecting unknown keys, keys that do not apply to
+    the chosen layout (even at their default value), and coercing types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -361,6 +499,11 @@ def config_from_mapping(cls: type[C], values: Mapping[str, Any], *, source: str)
         )
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(name, value, hints[name], source) for name, value in values.items()}
+    layout = TOKENS if kwargs.get("lm") else ROWS
+    for name in kwargs:
+        only = fields[name].metadata.get("only")
+        if only is not None and only != layout:
+            raise ConfigError(f"{source}: {_foreign(name, only)}")
     missing = [
         name
         for name, f in fields.items()
@@ -371,6 +514,83 @@ def config_from_mapping(cls: type[C], values: Mapping[str, Any], *, source: str)
     if missing:
         raise ConfigError(f"{source}: missing required setting(s): {', '.join(missing)}")
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One command-line option generated from a config field (`option_specs`)."""
+
+    name: str  # the field
+    flags: tuple[str, ...]  # e.g. ("--output", "-o") or ("--amp/--no-amp",)
+    type: Any  # int, float, str, or a tuple of choices; None for boolean flags
+    help: str
+    is_flag: bool
+    metavar: str | None
+
+
+def option_specs(cls: type, *, exclude: tuple[str, ...] = ()) -> list[OptionSpec]:
+    """The command-line options of a config class, in field order, with their help and defaults.
+
+    The help text ends with the field's default (`[default: X]`), taken from the dataclass, so the
+    two never disagree; fields of one layout say so.
+    """
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or f.name in exclude:
+            continue
+        dashed = "--" + f.name.replace("_", "-")
+        short = (f"-{meta['short']}",) if meta.get("short") else ()
+        hint = hints[f.name]
+        flag = meta.get("flag")
+        is_flag = flag is not None
+        if flag == "pair":
+            flags: tuple[str, ...] = (f"{dashed}/--no-{dashed[2:]}",)
+        else:
+            flags = (dashed, *short)
+        if is_flag:
+            kind: Any = None
+        elif meta.get("choices"):
+            kind = tuple(meta["choices"])
+        else:
+            kind = _scalar(hint)
+        help_text = meta["help"]
+        if meta.get("only") == TOKENS and "--lm" not in help_text:
+            help_text = f"(--lm) {help_text}"
+        default = meta.get("default_text") or _default_text(f.default)
+        if default is not None and flag != "flag":
+            help_text = f"{help_text}  [default: {default}]"
+        out.append(
+            OptionSpec(
+                name=f.name,
+                flags=flags,
+                type=kind,
+                help=help_text,
+                is_flag=is_flag,
+                metavar=meta.get("metavar"),
+            )
+        )
+    return out
+
+
+def _scalar(hint: Any) -> Any:
+    """The click type of a field's annotation: int, float, or str (specs, comma lists, ...)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint if hint in (int, float) else str
+
+
+def _default_text(default: Any) -> str | None:
+    if default is dataclasses.MISSING or default is None:
+        return None
+    if isinstance(default, tuple):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in default)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
 
 
 def _read_toml(path: Path, section: str) -> dict[str, Any]:
@@ -392,6 +612,8 @@ def _read_toml(path: Path, section: str) -> dict[str, Any]:
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     """Coerce TOML / CLI values to the field's type, or say what was wrong."""
+    if hint is Any:
+        return value
     args = typing.get_args(hint)
     optional = type(None) in args
     if optional:
@@ -419,6 +641,12 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
+def _check_required(config: Any, names: tuple[str, ...]) -> None:
+    missing = [n for n in names if getattr(config, n) is None or getattr(config, n) == ""]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -430,8 +658,29 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def _public_fields(config: Any) -> dict[str, Any]:
-    """Fields safe to record as provenance (storage options may hold credentials)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k != "storage_options"}
+    """Fields safe to record as provenance (storage options may hold credentials; the fields of
+    the other layout say nothing); objects given for specs are recorded by what identifies them
+    (`softcache.runtime.specs.describe`)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        only = f.metadata.get("only")
+        if f.name == "storage_options" or (only is not None and only != config.layout):
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = value if _plain_value(value) else _describe(value)
+    return out
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_plain_value(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _describe(value: Any) -> str:
+    from softcache.runtime.specs import describe
+
+    return describe(value)
 
 
 def _to_plain(obj: Any) -> Any:
@@ -442,4 +691,4 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["BuildConfig", "TrainConfig", "config_from_mapping", "load_config"]
+__all__ = ["BuildConfig", "TrainConfig", "config_from_mapping", "load_config", "option_specs"]

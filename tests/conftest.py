@@ -1,6 +1,6 @@
 """Shared fixtures: the repository root as working directory, and tiny stores built in tmp_path.
 
-Stores are built through the library (`softcache.build.build`), from the deterministic factories in
+Stores are built through the library (`softcache.builder.build`), from the deterministic factories in
 `tests/helpers/specs.py`; specs resolve from the current directory, so the fixtures run from the
 repository root.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from softcache.builder.rows import BuildResult, build
+from softcache.builder import BuildResult, build
 from softcache.config import BuildConfig
 
 # CI (`CI=true bash .ci/run`) draws hypothesis examples from a fixed seed, so a landing never hangs

@@ -49,7 +49,10 @@ def main() -> None:
     results = {}
     for name, args in runs.items():
         out = RUNS / name.replace(" ", "").replace("(", "-").replace(")", "")
-        softcache("train", "--config", CONFIG, *args, "--output", str(out), "--quiet")
+        # A pipeline's rerun replaces its previous runs (train refuses that without --overwrite).
+        softcache(
+            "train", "--config", CONFIG, *args, "--output", str(out), "--overwrite", "--quiet"
+        )
         results[name] = json.loads((out / "metrics.json").read_text())
     print()
     print(summary_table(results))

@@ -154,6 +154,7 @@ def run_mode(mode: Mode, out: Path, seed: int, epochs: int) -> dict:
         "--epochs", str(epochs),
         "--seed", str(seed),
         "--output", str(run),
+        "--overwrite",
         "--quiet",
     )  # fmt: skip
     return json.loads((run / "metrics.json").read_text())

@@ -70,7 +70,7 @@ def train(name: str, steps: int, *extra: str) -> dict:
         "train", "--lm", "--student", STUDENT, "--dataset", TRAIN, "--eval-dataset", TEST,
         "--teacher", TEACHER, "--epochs", "100", "--max-steps", str(steps), "--batch-size", "32",
         "--lr", "3e-3", "--temperature", "1", "--seed", "0", "--device", "cpu",
-        "--output", str(out), "--quiet", *extra,
+        "--output", str(out), "--overwrite", "--quiet", *extra,
     )  # fmt: skip
     return json.loads((out / "metrics.json").read_text())
 

@@ -1,29 +1,18 @@
-"""`softcache build`: run the teacher over a dataset once and write its logits into a store.
+"""The row layout of a build: a teacher's (B, C) logits, one store row per sample (or view).
 
 The loop: a DataLoader feeds the device with shard-aligned batches (a batch never crosses a shard
 boundary, so a resumed or distributed build feeds every row the same batch composition and produces the
 same bits); the teacher runs under `inference_mode` (autocast on CUDA when asked); encoding (top-k,
 log-sum-exp, dtype cast) runs on the device; results cross to the host through pinned buffers, one
-batch behind the forward pass; full shards go to background writer threads.
+batch behind the forward pass; full shards go to background writer threads. With `augment`, the
+teacher sees `views` augmented views of every sample, and the store keeps the parameters of each.
 
-Resume: shards are recorded in `shard_done` only after their data is written, so a build killed at any
-moment (SIGKILL included) and started again with the same command skips the recorded shards, recomputes
-the rest, and ends with the store an uninterrupted build writes. `complete` is set last.
-
-Distributed (`workers` / `dask_scheduler`): the same loop runs inside Dask tasks, one task per range
-of whole shards. This process creates the store and sets `complete`; each worker loads the teacher
-and the dataset once and keeps them for its next tasks, and every shard is written by exactly one
-task. A task whose worker dies is rerun elsewhere by Dask; it recomputes the shards of its range not
-yet recorded, so the finished store is the one a single process writes.
+Resume, the cluster and completion are the build frame's (`softcache.builder.frame`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,20 +21,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from softcache._version import __version__
+from softcache.builder.cluster import worker_inputs
+from softcache.builder.teacher import load_teacher, provenance
 from softcache.config import BuildConfig
 from softcache.data.hashing import check_item, collate_with_hashes, fingerprint
 from softcache.errors import (
     ConfigError,
     DatasetFormatError,
-    SoftcacheError,
-    SpecError,
     TeacherOutputError,
 )
-from softcache.runtime.cluster import cluster_client, worker_device
-from softcache.runtime.devices import autocast, resolve_device
+from softcache.runtime.devices import autocast
 from softcache.runtime.progress import Progress
-from softcache.runtime.specs import instantiate
+from softcache.runtime.specs import describe as describe_spec
+from softcache.runtime.specs import resolve
 from softcache.store import (
     SAMPLE_HASH,
     SHARD_DONE,
@@ -53,123 +41,8 @@ from softcache.store import (
     LogitStore,
     StoreMeta,
 )
-from softcache.store.output import open_output
 from softcache.store.row_codec import NONFINITE, OVERFLOW, copy_encoded, encode_batch
 from softcache.store.writer import ShardWriter
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    """What a build did.
-
-    Attributes:
-        store: the store's location.
-        num_samples: rows in the store.
-        shards_total: shards in the store.
-        shards_written: shards this run computed.
-        shards_skipped: shards a previous run had already written.
-        bytes_stored: bytes on disk, all arrays.
-        seconds: wall time of this run's teacher loop and writes.
-        samples_computed: rows this run pushed through the teacher.
-    """
-
-    store: str
-    num_samples: int
-    shards_total: int
-    shards_written: int
-    shards_skipped: int
-    bytes_stored: int
-    seconds: float
-    samples_computed: int
-
-    @property
-    def bytes_per_sample(self) -> float:
-        return self.bytes_stored / self.num_samples
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples_computed / self.seconds if self.seconds > 0 else float("nan")
-
-
-def build(config: BuildConfig, *, progress: bool = True, client: Any | None = None) -> BuildResult:
-    """Run the teacher over the dataset and write (or finish) the store.
-
-    Args:
-        config: the build configuration.
-        progress: show a progress bar on stderr.
-        client: a `distributed.Client` to run the build on (overrides `config.workers` and
-            `config.dask_scheduler`); its workers must import softcache and the specs.
-
-    Returns:
-        A `BuildResult` summary.
-
-    Raises:
-        SoftcacheError: bad specs, teacher output, dataset items or output path; the message says
-            which and what to do. Shards written before the error stay written.
-    """
-    device = resolve_device(config.device)
-    dataset, num_samples, augmentation = teacher_inputs(config)
-    teacher = load_teacher(config.teacher, device)
-    num_classes = _probe_classes(teacher, dataset, device, config)
-    if config.encoding == "topk" and config.top_k > num_classes:
-        raise ConfigError(
-            f"--top-k {config.top_k} exceeds the teacher's {num_classes} classes; "
-            f"use --top-k {num_classes} or less (or --encoding dense)"
-        )
-    meta = StoreMeta(
-        encoding=config.encoding,
-        num_classes=num_classes,
-        k=config.top_k if config.encoding == "topk" else None,
-        num_samples=num_samples,
-        value_dtype=config.dtype,
-        temperatures=config.temperatures if config.encoding == "topk" else (),
-        shard_rows=config.shard_rows,
-        chunk_rows=config.effective_chunk_rows,
-        teacher={
-            "spec": config.teacher,
-            "num_parameters": sum(p.numel() for p in teacher.parameters()),
-            "state_dict_sha256": state_dict_sha256(teacher),
-        },
-        dataset={"spec": config.dataset, "num_samples": num_samples, "fingerprint": None},
-        build_config={k: v for k, v in config.to_dict().items() if k != "overwrite"},
-        softcache_version=__version__,
-        views=config.views,
-        augmentation=augmentation,
-    )
-    store = open_output(
-        config.output,
-        meta,
-        overwrite=config.overwrite,
-        compression_level=config.compression_level,
-        storage_options=config.storage_options,
-    )
-    done = store.done_mask()
-    todo = [s for s in range(meta.num_shards) if not done[s]]
-    rows_done = store.rows_in(np.flatnonzero(done).tolist())
-
-    t0 = time.perf_counter()
-    bar = Progress(meta.num_rows, "build", enabled=progress, initial=rows_done)
-    if client is not None or config.distributed:
-        del teacher  # the workers load their own
-        run_on_cluster(client, config, store, todo, bar, gpus=device.type == "cuda")
-    else:
-        with ShardWriter(store, threads=config.writer_threads) as writer:
-            _run_teacher(teacher, dataset, store, todo, device, config, writer, bar)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    if not store.done_mask().all():  # pragma: no cover - a writer failure raises before this
-        raise SoftcacheError("some shards were not recorded as written; run the command again")
-    store.mark_complete(fingerprint(store.sample_hashes()))
-    return BuildResult(
-        store=store.location,
-        num_samples=num_samples,
-        shards_total=meta.num_shards,
-        shards_written=len(todo),
-        shards_skipped=meta.num_shards - len(todo),
-        bytes_stored=store.nbytes_stored(),
-        seconds=seconds,
-        samples_computed=meta.num_rows - rows_done,
-    )
 
 
 class ShardBatches:
@@ -195,132 +68,6 @@ class ShardBatches:
 
     def __len__(self) -> int:
         return sum(-(-(stop - start) // self.batch_size) for start, stop in self.bounds)
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---- on a Dask cluster --------------------------------------------------------------------------
-
-# Several tasks per worker balance the load and bound what a lost worker costs; a task of a few
-# shards keeps the per-task overhead (opening the store, one round trip) small beside the teacher.
-_TASKS_PER_WORKER = 4
-_MAX_SHARDS_PER_TASK = 8
-
-
-def task_ranges(todo: Sequence[int], workers: int, shards_per_task: int = 0) -> list[list[int]]:
-    """Split the shards to compute into tasks of consecutive shards.
-
-    Args:
-        todo: shard indices still to compute, ascending.
-        workers: workers in the cluster (at least 1).
-        shards_per_task: shards per task; 0 picks about four tasks per worker (so a slow or lost
-            worker holds up little) and at most eight shards per task.
-
-    Returns:
-        Lists of shard indices; each shard is in exactly one list.
-    """
-    size = shards_per_task or max(
-        1, min(_MAX_SHARDS_PER_TASK, -(-len(todo) // (max(workers, 1) * _TASKS_PER_WORKER)))
-    )
-    return [list(todo[i : i + size]) for i in range(0, len(todo), size)]
-
-
-def run_on_cluster(
-    client: Any | None,
-    config: BuildConfig,
-    store: LogitStore,
-    todo: Sequence[int],
-    bar: Progress,
-    *,
-    gpus: bool = False,
-    task: Callable[[BuildConfig, Sequence[int], str], int] | None = None,
-) -> None:
-    """Compute the shards `todo` as Dask tasks of whole shard ranges, updating `bar` by rows.
-
-    `client` None connects to `config.dask_scheduler` or starts a LocalCluster of
-    `config.workers` (one per GPU with `gpus`), closed when done. `task(config, shards,
-    teacher_sha256)` runs on a worker, writes the shards of its range not yet recorded and
-    returns their rows (default: the row build's).
-    """
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            client = stack.enter_context(
-                cluster_client(address=config.dask_scheduler, workers=config.workers, gpus=gpus)
-            )
-        _submit_shards(client, config, store, todo, bar, task or _shard_task)
-
-
-def _submit_shards(
-    client: Any,
-    config: BuildConfig,
-    store: LogitStore,
-    todo: Sequence[int],
-    bar: Progress,
-    task: Callable[[BuildConfig, Sequence[int], str], int],
-) -> None:
-    from distributed import as_completed
-    from distributed.scheduler import KilledWorker
-
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
-    tasks = task_ranges(todo, workers, config.shards_per_task)
-    teacher_sha = store.meta.teacher["state_dict_sha256"]
-    run_id = os.urandom(4).hex()  # task keys must be unique across builds sharing a cluster
-    futures = [
-        client.submit(
-            task,
-            config,
-            shards,
-            teacher_sha,
-            key=f"softcache-build-{shards[0]}-{run_id}",
-        )
-        for shards in tasks
-    ]
-    try:
-        for future in as_completed(futures):
-            bar.update(future.result())
-    except KilledWorker as exc:
-        # Dask reruns a task whose worker died; after `distributed.scheduler.allowed-failures`
-        # deaths (3 by default) it gives up on it.
-        raise SoftcacheError(
-            f"Dask workers kept dying while running {exc.task!r} (out of memory? see the worker "
-            "logs); the shards recorded so far are kept: run the same command again to resume"
-        ) from exc
-    finally:
-        client.cancel(futures)
-
-
-# What a worker keeps between tasks: the last (teacher, dataset) it loaded, by their identity.
-_WORKER_CACHE: dict[tuple[str, str, str, str], tuple[nn.Module, Any]] = {}
-
-
-def worker_inputs(
-    config: BuildConfig, teacher_sha256: str, make_dataset: Callable[[BuildConfig], Any]
-) -> tuple[nn.Module, Any, torch.device]:
-    """On a Dask worker: the teacher (checked against `teacher_sha256`), the dataset and the
-    device, loaded once per worker and kept for its next tasks."""
-    device = worker_device(resolve_device(config.device))
-    key = (config.teacher, teacher_sha256, config.dataset, str(device))
-    if key not in _WORKER_CACHE:
-        _WORKER_CACHE.clear()  # one teacher at a time: a worker's memory stays one model
-        teacher = load_teacher(config.teacher, device)
-        sha = state_dict_sha256(teacher)
-        if sha != teacher_sha256:
-            raise SoftcacheError(
-                f"the teacher {config.teacher!r} loads with other weights on a Dask worker "
-                f"(state dict sha256 {sha[:12]}...) than where the build started "
-                f"({teacher_sha256[:12]}...); give every worker the same checkpoint"
-            )
-        _WORKER_CACHE[key] = (teacher, make_dataset(config))
-    teacher, dataset = _WORKER_CACHE[key]
-    return teacher, dataset, device
 
 
 def _shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
@@ -484,8 +231,8 @@ def teacher_inputs(config: BuildConfig) -> tuple[Any, int, dict[str, Any] | None
         The dataset of store rows (a `ViewDataset` when `config.augment` is set), the number of
         samples, and the augmentation's metadata for the store (None without one).
     """
-    dataset = instantiate(config.dataset, "dataset")
-    num_samples = _check_dataset(dataset, config.dataset)
+    dataset = resolve(config.dataset, "dataset")
+    num_samples = _check_dataset(dataset, describe_spec(config.dataset))
     if not config.augment:
         return dataset, num_samples, None
     from softcache.data.augment import describe, parse_augment
@@ -514,16 +261,6 @@ def _check_dataset(dataset: Any, spec: str) -> int:
     return n
 
 
-def load_teacher(spec: str, device: torch.device) -> nn.Module:
-    """Instantiate a teacher spec, in eval mode on `device`."""
-    teacher = instantiate(spec, "teacher")
-    if not isinstance(teacher, nn.Module):
-        raise SpecError(
-            f"teacher factory {spec!r} returned a {type(teacher).__name__}, not an nn.Module"
-        )
-    return teacher.eval().to(device)
-
-
 def _probe_classes(
     teacher: nn.Module, dataset: Any, device: torch.device, config: BuildConfig
 ) -> int:
@@ -543,3 +280,61 @@ def _probe_classes(
             f"the teacher returned {shape} for a batch of 1; it must return (B, C) logits"
         )
     return int(out.shape[1])
+
+
+# ---- the strategy -------------------------------------------------------------------------------
+
+
+class RowBuild:
+    """The build frame's strategy for row stores (see `softcache.builder.frame.BuildLayout`)."""
+
+    unit = "samples"
+    label = "build"
+
+    def __init__(self, config: BuildConfig, device: torch.device, *, progress: bool) -> None:
+        self.config = config
+        self.device = device
+        self.dataset: Any = None
+        self.teacher: nn.Module | None = None
+
+    def prepare(self) -> StoreMeta:
+        """Load the dataset and the teacher, probe C, and describe the store to write."""
+        config = self.config
+        self.dataset, num_samples, augmentation = teacher_inputs(config)
+        self.teacher = load_teacher(config.teacher, self.device)
+        num_classes = _probe_classes(self.teacher, self.dataset, self.device, config)
+        if config.encoding == "topk" and config.top_k > num_classes:
+            raise ConfigError(
+                f"--top-k {config.top_k} exceeds the teacher's {num_classes} classes; "
+                f"use --top-k {num_classes} or less (or --encoding dense)"
+            )
+        return StoreMeta(
+            encoding=config.encoding,
+            num_classes=num_classes,
+            k=config.top_k if config.encoding == "topk" else None,
+            value_dtype=config.dtype,
+            temperatures=config.temperatures if config.encoding == "topk" else (),
+            views=config.views,
+            augmentation=augmentation,
+            **provenance(config, self.teacher, num_samples),
+        )
+
+    def on_open(self, store: LogitStore, done: np.ndarray) -> None:
+        """Nothing to write before the shards: each shard carries its rows' hashes."""
+
+    def release_teacher(self) -> None:
+        self.teacher = None  # the cluster's workers load their own
+
+    def run(
+        self, store: LogitStore, todo: Sequence[int], writer: ShardWriter, bar: Progress
+    ) -> None:
+        assert self.teacher is not None
+        _run_teacher(self.teacher, self.dataset, store, todo, self.device, self.config, writer, bar)
+
+    @staticmethod
+    def shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
+        """On a Dask worker: compute and write `shards` not yet recorded; return their rows."""
+        return _shard_task(config, shards, teacher_sha256)
+
+    def fingerprint(self, store: LogitStore) -> str:
+        return fingerprint(store.sample_hashes())

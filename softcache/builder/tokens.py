@@ -1,8 +1,8 @@
-"""`softcache build --lm`: run a causal-LM teacher over token sequences, one store row per token.
+"""The token layout of a build: a causal-LM teacher over token sequences, one store row per token.
 
 The store's rows are the real tokens of every sample, in dataset order (CSR: `offsets` maps
 sample i to rows ``offsets[i]:offsets[i+1]``; the alignment convention is in
-`softcache.sequences`). Shards are ranges of ``shard_rows`` tokens, so samples of any length
+`softcache.data.sequences`). Shards are ranges of ``shard_rows`` tokens, so samples of any length
 share them.
 
 The build:
@@ -11,22 +11,19 @@ The build:
    ``offsets`` and the number of rows, and writes both before any shard;
 2. for each shard not yet recorded, runs the teacher over the samples that overlap its token
    range, in batches of ``batch_size`` samples that never cross the shard's sample list, codes
-   the real tokens' logits on the device (`softcache.token_codec`) and writes the shard's rows.
-   A sample that straddles shards is run by each of them (a sample longer than a shard once per
-   shard it touches: keep ``shard_rows`` well above the longest sample), so every shard is
+   the real tokens' logits on the device (`softcache.store.token_codec`) and writes the shard's
+   rows. A sample that straddles shards is run by each of them (a sample longer than a shard once
+   per shard it touches: keep ``shard_rows`` well above the longest sample), so every shard is
    computed alone: a resumed shard sees the same batches, and for ``sampled`` the same
    generator seed ``(seed, shard)``, and so holds the bytes an uninterrupted build writes.
 
-With ``workers`` or ``dask_scheduler`` the shards are Dask tasks, as in a row build (ranges of
-whole shards; each worker loads the teacher once and checks its weights hash); the store is the
-one a single process writes. Resume works as for row stores (`softcache.build`): killed at any moment, the same command skips
-the recorded shards. If the dataset changed in between (another length or hash for any sample),
-it refuses to mix the two.
+Resume, the cluster and completion are the build frame's (`softcache.builder.frame`); if the
+dataset changed between a killed build and its resume (another length or hash for any sample), the
+resume is refused rather than mixing the two.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,135 +31,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from softcache._version import __version__
-from softcache.builder.rows import (
-    BuildResult,
-    load_teacher,
-    run_on_cluster,
-    state_dict_sha256,
-    worker_inputs,
-)
+from softcache.builder.cluster import worker_inputs
+from softcache.builder.teacher import load_teacher, provenance
 from softcache.config import BuildConfig
 from softcache.data.hashing import fingerprint
 from softcache.data.sequences import causal_logits, collate_sequences, offsets_of, scan
 from softcache.errors import DatasetFormatError, DatasetMismatchError, TeacherOutputError
-from softcache.runtime.devices import autocast, resolve_device
+from softcache.runtime.devices import autocast
 from softcache.runtime.progress import Progress
-from softcache.runtime.specs import instantiate
+from softcache.runtime.specs import dataset_from, describe
 from softcache.store import LogitStore, StoreMeta, token_arrays
-from softcache.store.output import open_output
 from softcache.store.token_codec import TokenCodec
 from softcache.store.writer import ShardWriter
-
-
-def build_tokens(
-    config: BuildConfig, *, progress: bool = True, client: Any | None = None
-) -> BuildResult:
-    """Run a causal-LM teacher over a sequence dataset and write (or finish) a per-token store.
-
-    Args:
-        config: the build configuration, with ``lm = True``.
-        progress: show progress bars on stderr.
-        client: a `distributed.Client` to compute the shards on (overrides `config.workers` and
-            `config.dask_scheduler`); its workers must import softcache and the specs.
-
-    Returns:
-        A `BuildResult` (``samples_computed`` counts the tokens this run coded).
-
-    Raises:
-        SoftcacheError: bad specs, items or teacher output, or a partial store built from
-            other data; shards written before the error stay written.
-    """
-    device = resolve_device(config.device)
-    dataset = instantiate(config.dataset, "dataset")
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise DatasetFormatError(
-            f"dataset {config.dataset!r} must be map-style (with __len__ and __getitem__)"
-        )
-    teacher = load_teacher(config.teacher, device)
-    lengths, hashes = scan(dataset, progress=progress)
-    offsets = offsets_of(lengths)
-    if offsets[-1] == 0:
-        raise DatasetFormatError(f"dataset {config.dataset!r} holds no tokens")
-    codec = TokenCodec(
-        encoding=config.encoding,
-        width=config.top_k if config.encoding == "topk" else config.draws,
-        vocab_size=_probe_vocab(teacher, dataset, lengths, device, config),
-        temperature=config.lm_temperature,
-        ids=config.id_coding,
-        value_bits=config.value_bits if config.encoding == "topk" else 0,
-        seed=config.seed,
-    )
-    meta = StoreMeta(
-        encoding=config.encoding,
-        num_classes=codec.vocab_size,
-        k=codec.width,
-        num_samples=len(dataset),
-        value_dtype="float16",
-        temperatures=(config.lm_temperature,),
-        shard_rows=config.shard_rows,
-        chunk_rows=config.effective_chunk_rows,
-        teacher={
-            "spec": config.teacher,
-            "num_parameters": sum(p.numel() for p in teacher.parameters()),
-            "state_dict_sha256": state_dict_sha256(teacher),
-        },
-        dataset={"spec": config.dataset, "num_samples": len(dataset), "fingerprint": None},
-        build_config={k: v for k, v in config.to_dict().items() if k != "overwrite"},
-        softcache_version=__version__,
-        layout="tokens",
-        num_tokens=int(offsets[-1]),
-        token_codec=codec.to_dict(),
-    )
-    store = open_output(
-        config.output,
-        meta,
-        overwrite=config.overwrite,
-        compression_level=config.compression_level,
-        storage_options=config.storage_options,
-    )
-    done = store.done_mask()
-    if done.any():
-        _check_same_samples(store, lengths, hashes)
-    else:  # new, or killed before its first shard: (re)write the per-sample arrays
-        store.write_samples(offsets, hashes)
-    todo = [s for s in range(meta.num_shards) if not done[s]]
-    rows_done = store.rows_in(np.flatnonzero(done).tolist())
-
-    t0 = time.perf_counter()
-    bar = Progress(
-        meta.num_rows, "build tokens", enabled=progress, initial=rows_done, unit="tokens"
-    )
-    if client is not None or config.distributed:
-        del teacher  # the workers load their own
-        run_on_cluster(
-            client, config, store, todo, bar, gpus=device.type == "cuda", task=_token_shard_task
-        )
-    else:
-        with ShardWriter(store, threads=config.writer_threads) as writer:
-            for shard in todo:
-                rows = _code_shard(teacher, dataset, store, offsets, shard, codec, device, config)
-                writer.submit(shard, rows)
-                bar.update(store.rows_in([shard]))
-    bar.close()
-    seconds = time.perf_counter() - t0
-    store.mark_complete(fingerprint(hashes, offsets))
-    return BuildResult(
-        store=store.location,
-        num_samples=len(dataset),
-        shards_total=meta.num_shards,
-        shards_written=len(todo),
-        shards_skipped=meta.num_shards - len(todo),
-        bytes_stored=store.nbytes_stored(),
-        seconds=seconds,
-        samples_computed=meta.num_rows - rows_done,
-    )
 
 
 def _token_shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
     """On a Dask worker: code and write `shards` not yet recorded; return their tokens."""
     teacher, dataset, device = worker_inputs(
-        config, teacher_sha256, lambda c: instantiate(c.dataset, "dataset")
+        config, teacher_sha256, lambda c: dataset_from(c.dataset, "dataset")
     )
     store = LogitStore.open(
         config.output, mode="r+", require_complete=False, storage_options=config.storage_options
@@ -260,3 +146,88 @@ def _check_same_samples(store: LogitStore, lengths: np.ndarray, hashes: np.ndarr
             f"sample(s) differ in length or tokens (first: {changed[0]}); resume it with the "
             "original dataset, or pass --overwrite to start again"
         )
+
+
+# ---- the strategy -------------------------------------------------------------------------------
+
+
+class TokenBuild:
+    """The build frame's strategy for token stores (see `softcache.builder.frame.BuildLayout`)."""
+
+    unit = "tokens"
+    label = "build tokens"
+
+    def __init__(self, config: BuildConfig, device: torch.device, *, progress: bool) -> None:
+        self.config = config
+        self.device = device
+        self.progress = progress
+        self.dataset: Any = None
+        self.teacher: nn.Module | None = None
+        self.codec: TokenCodec | None = None
+        self.offsets = np.zeros(1, dtype=np.int64)
+        self.hashes = np.zeros(0, dtype=np.uint64)
+
+    def prepare(self) -> StoreMeta:
+        """Load the dataset and the teacher, scan every sample's tokens, probe V, and describe
+        the store to write."""
+        config = self.config
+        self.dataset = dataset_from(config.dataset, "dataset")
+        self.teacher = load_teacher(config.teacher, self.device)
+        lengths, self.hashes = scan(self.dataset, progress=self.progress)
+        self.offsets = offsets_of(lengths)
+        if self.offsets[-1] == 0:
+            raise DatasetFormatError(f"dataset {describe(config.dataset)!r} holds no tokens")
+        self.lengths = lengths
+        vocab = _probe_vocab(self.teacher, self.dataset, lengths, self.device, config)
+        codec = TokenCodec(
+            encoding=config.encoding,
+            width=config.top_k if config.encoding == "topk" else config.draws,
+            vocab_size=vocab,
+            temperature=config.lm_temperature,
+            ids=config.id_coding,
+            value_bits=config.value_bits if config.encoding == "topk" else 0,
+            seed=config.seed,
+        )
+        self.codec = codec
+        num_samples = len(self.dataset)
+        return StoreMeta(
+            encoding=config.encoding,
+            num_classes=codec.vocab_size,
+            k=codec.width,
+            value_dtype="float16",
+            temperatures=(config.lm_temperature,),
+            layout="tokens",
+            num_tokens=int(self.offsets[-1]),
+            token_codec=codec.to_dict(),
+            **provenance(config, self.teacher, num_samples),
+        )
+
+    def on_open(self, store: LogitStore, done: np.ndarray) -> None:
+        """Write the per-sample arrays, or check that a resumed store was built from this data."""
+        if done.any():
+            _check_same_samples(store, self.lengths, self.hashes)
+        else:  # new, or killed before its first shard: (re)write the per-sample arrays
+            store.write_samples(self.offsets, self.hashes)
+
+    def release_teacher(self) -> None:
+        self.teacher = None  # the cluster's workers load their own
+
+    def run(
+        self, store: LogitStore, todo: Sequence[int], writer: ShardWriter, bar: Progress
+    ) -> None:
+        assert self.teacher is not None and self.codec is not None
+        for shard in todo:
+            rows = _code_shard(
+                self.teacher, self.dataset, store, self.offsets, shard, self.codec, self.device,
+                self.config,
+            )  # fmt: skip
+            writer.submit(shard, rows)
+            bar.update(store.rows_in([shard]))
+
+    @staticmethod
+    def shard_task(config: BuildConfig, shards: Sequence[int], teacher_sha256: str) -> int:
+        """On a Dask worker: compute and write `shards` not yet recorded; return their rows."""
+        return _token_shard_task(config, shards, teacher_sha256)
+
+    def fingerprint(self, store: LogitStore) -> str:
+        return fingerprint(self.hashes, self.offsets)

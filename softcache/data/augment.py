@@ -702,7 +702,7 @@ def _external(spec: str) -> Augmentation:
             f"augmentation factory {spec!r} returned {type(aug).__name__}, which is not an "
             "Augmentation: it needs param_names (a tuple of distinct str) and methods sample, apply "
             f"and output_shape{' (missing: ' + ', '.join(missing) + ')' if missing else ''}; "
-            "see softcache.augment"
+            "see softcache.data.augment"
         )
     return _External(spec, aug)
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from softcache.data.labels import NO_LABEL
 from softcache.errors import DatasetFormatError
 
-MISSING_LABEL = -1
+MISSING_LABEL = NO_LABEL  # what collation gives for a None (or negative) label
 
 
 def hash_rows(inputs: torch.Tensor) -> np.ndarray:
@@ -104,7 +105,7 @@ def _stack(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         check_item(item)
         x, y = item
         inputs.append(torch.as_tensor(x))
-        labels.append(MISSING_LABEL if y is None else int(y))
+        labels.append(MISSING_LABEL if y is None or int(y) < 0 else int(y))
     try:
         batch = torch.stack(inputs)
     except RuntimeError as exc:

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from softcache.data.hashing import hash_rows
+from softcache.data.labels import NO_LABEL
 from softcache.errors import DatasetFormatError, TeacherOutputError
 from softcache.runtime.progress import Progress
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = NO_LABEL  # a position without a target (`softcache.data.labels`)
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,20 @@ class SequenceBatch:
     def num_tokens(self) -> int:
         return int(self.lengths.sum())
 
-    def to(self, device: torch.device | str) -> SequenceBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:
         return SequenceBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.attention_mask.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.lengths,
+        )
+
+    def pin_memory(self) -> SequenceBatch:
+        """A copy in pinned host memory (a DataLoader with ``pin_memory=True`` calls this)."""
+        return SequenceBatch(
+            self.input_ids.pin_memory(),
+            self.attention_mask.pin_memory(),
+            self.labels.pin_memory(),
             self.lengths,
         )
 
@@ -122,7 +132,7 @@ def scan(dataset: Any, *, progress: bool = False) -> tuple[np.ndarray, np.ndarra
 
     Returns:
         ``(lengths, hashes)``: ``(N,)`` int64 real tokens per item and ``(N,)`` uint64 hashes
-        of each item's real ``input_ids`` as int64 (`softcache.hashing.hash_rows`).
+        of each item's real ``input_ids`` as int64 (`softcache.data.hashing.hash_rows`).
     """
     n = len(dataset)
     lengths = np.empty(n, dtype=np.int64)
@@ -161,8 +171,10 @@ def causal_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
 
 
 def _takes_attention_mask(model: nn.Module) -> bool:
+    # A DistributedDataParallel wrapper's forward takes (*inputs, **kwargs): ask the model inside.
+    inner = getattr(model, "module", model)
     try:
-        return "attention_mask" in inspect.signature(model.forward).parameters
+        return "attention_mask" in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return False
 

@@ -2,7 +2,7 @@
 
 A store built with `views = V` and an augmentation holds V rows per sample: row `i * V + v` is
 view v of sample i, the augmentation applied to the sample's input with parameters drawn from
-`softcache.augment.view_generator(seed, i, v)`. The parameters are stored (`view_params`), so a
+`softcache.data.augment.view_generator(seed, i, v)`. The parameters are stored (`view_params`), so a
 student replays exactly the input the teacher saw (`replay`), and the row's `sample_hash` is the
 hash of that input, which is what the alignment check compares.
 """

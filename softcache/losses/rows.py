@@ -5,9 +5,10 @@ in (float16 or bfloat16 from a store, bfloat16 from a student under autocast), t
 done in float32: a softmax over a 32k-class row in float16 loses most of the tail, and the tail is
 exactly what distillation transfers.
 
-Labels may be missing. A target of ``-1`` (or ``targets=None``) means "no label", the normal case
-when a teacher labels a new domain's unlabelled data: those samples train from the soft labels
-alone, and the hard cross-entropy term averages over the labelled samples only.
+Labels may be missing. A negative target (``-100`` or ``-1``; or ``targets=None``) means "no
+label", the normal case when a teacher labels a new domain's unlabelled data: those samples train
+from the soft labels alone, and the hard cross-entropy term averages over the labelled samples
+only.
 
 Top-k stores keep the ``k`` largest teacher logits of each row plus, per temperature, the
 log-sum-exp of the full row. With it the kept probabilities are exact and the probability of
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from softcache.data.labels import NO_LABEL
+
 __all__ = ["hard_loss", "kd_loss_dense", "kd_loss_topk", "topk_teacher_probs"]
 
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.int64)
@@ -33,14 +36,15 @@ _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32
 def hard_loss(student_logits: Tensor, targets: Tensor | None) -> Tensor:
     """Cross-entropy with the hard labels, averaged over the labelled samples only.
 
-    ``CE = -(1 / |L|) * sum_{n in L} log softmax(s_n)[y_n]`` with ``L = {n : y_n != -1}``.
-    When no sample is labelled (every target is ``-1``, or ``targets`` is None) the loss is a zero
+    ``CE = -(1 / |L|) * sum_{n in L} log softmax(s_n)[y_n]`` with ``L = {n : y_n >= 0}``.
+    When no sample is labelled (every target is negative, or ``targets`` is None) the loss is a zero
     that still belongs to the autograd graph, so ``loss.backward()`` works and gives zero gradients:
     unlabelled data trains from soft labels alone.
 
     Args:
         student_logits: ``(B, C)`` any float dtype; computed in float32.
-        targets: ``(B,)`` integer class indices in ``[0, C)``, ``-1`` meaning "no label"; or None.
+        targets: ``(B,)`` integer class indices in ``[0, C)``; a negative value (``-100``,
+            `softcache.data.labels.NO_LABEL`, or ``-1``) means "no label"; or None.
 
     Returns:
         A float32 scalar.
@@ -75,7 +79,7 @@ def kd_loss_dense(
     Args:
         student_logits: ``(B, C)`` any float dtype.
         teacher_logits: ``(B, C)`` float16, bfloat16 or float32 raw teacher logits.
-        targets: ``(B,)`` integer labels, ``-1`` for "no label"; or None.
+        targets: ``(B,)`` integer labels, negative (-100 or -1) for "no label"; or None.
         temperature: softening temperature ``T > 0``.
         alpha: weight of the hard-label term, in ``[0, 1]``.
 
@@ -150,7 +154,7 @@ def kd_loss_topk(
             supports little more than conversion on uint16 tensors.
         lse: ``(B,)`` float32 ``logsumexp(teacher_logits / T)`` over the full row at this
             temperature; or None for the renormalised fallback.
-        targets: ``(B,)`` integer labels, ``-1`` for "no label"; or None.
+        targets: ``(B,)`` integer labels, negative (-100 or -1) for "no label"; or None.
         temperature: softening temperature ``T > 0``; must be the one ``lse`` was computed for.
         alpha: weight of the hard-label term, in ``[0, 1]``.
 
@@ -247,9 +251,10 @@ def _tail_mass(log_p: Tensor) -> Tensor:
 def _hard_loss(student_logits: Tensor, targets: Tensor | None) -> Tensor:
     if targets is None:
         return student_logits[:0].float().sum()  # a zero that is part of the graph
-    targets = targets.long()
-    total = F.cross_entropy(student_logits.float(), targets, ignore_index=-1, reduction="sum")
-    labelled = (targets != -1).sum().clamp_min(1)  # a tensor: no host sync on an accelerator
+    labelled_mask = targets >= 0
+    targets = torch.where(labelled_mask, targets.long(), NO_LABEL)  # -1 and -100 alike
+    total = F.cross_entropy(student_logits.float(), targets, ignore_index=NO_LABEL, reduction="sum")
+    labelled = labelled_mask.sum().clamp_min(1)  # a tensor: no host sync on an accelerator
     return total / labelled
 
 
@@ -328,5 +333,5 @@ def _check_targets(targets: Tensor | None, batch: int) -> None:
         )
     if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(
-            f"targets must be an integer tensor (int64, -1 = no label), got {targets.dtype}"
+            f"targets must be an integer tensor (int64, negative = no label), got {targets.dtype}"
         )

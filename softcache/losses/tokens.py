@@ -1,31 +1,16 @@
-"""Per-token soft labels for language models: sparse encodings of big-vocabulary rows, and losses.
+"""Per-token KD losses for language models, over the sparse rows a token store keeps.
 
-A 128k-vocabulary teacher row is 256 KiB in fp16, so an LM cache keeps a few entries per token:
+- `topk_residual_kl`: the exact KL over the k kept tokens plus one residual bin (the teacher's
+  left-out mass against the student's), like Megatron-LM's "ghost" bin. Biased: the tail's shape
+  is lost (`benchmarks/tokens.py` measures how much: loss/KL 0.91 at top-32 of a 128k teacher).
+- `sampled_kl`: ids drawn from the teacher with replacement; their frequencies make the loss an
+  unbiased estimate of the full KL (Anshumann et al., "Sparse Logit Sampling", 2025), at the
+  price of variance. `sampled_ce` is the cross-entropy part.
+- `dense_kl`: the full per-token KL (Hinton et al., 2015), for online KD and evaluation.
 
-- ``topk``: the k largest log-probabilities, their ids, and the log of the mass left out (the
-  *residual*: one extra bin, so the loss is an exact KL over k + 1 outcomes, like Megatron-LM's
-  "ghost" bin). Biased: the tail's shape is lost.
-- ``sampled``: ids drawn from the teacher with replacement, and their counts. The frequencies are
-  an unbiased estimate of the teacher's distribution, so the loss is an unbiased estimate of the
-  full cross-entropy (Anshumann et al., 2025); the price is variance.
-
-Values are log-probabilities at the build temperature, not raw logits: normalised, so a kept
-probability needs no per-row normaliser; in ``(-inf, 0]``, so a fixed scale quantises them with
-no per-row scale; and with the tail mass stored on its own, quantising them cannot corrupt the
-tail bin (``1 - sum p`` would). A cache is tied to its build temperature: at another one the kept
-probabilities keep their ratios but the residual and a sampled set's distribution are wrong.
-
-The trade-off, measured by ``benchmarks/tokens.py`` (V = 2^17, a synthetic LM teacher, bytes per
-token on disk under zstd + crc32c). Ids: a set of k ids of V carries ``log2 C(V, k)`` bits, 53 B
-at k = 32. Elias-Fano coding of the sorted ids takes a fixed 56 B (`encode_elias_fano`), against
-68 B bit-packed (`pack_indices`), 70 B as delta-coded int32 and 78 B as int32, each under zstd,
-which cannot shrink ids that rarely recur. Values then follow id order, and their order costs
-``log2 k!`` bits (15 B at k = 32) whatever the code. Top-32: 109 B with fp16 values; 77.5 B with
-7-bit `quantize_logprobs` ``"sqrt"`` codes and the residual in 8-bit ``"log"`` codes, at a KL
-cost of 0.0004 nats per token (0.0013 at 6 bits, 74 B), against the 0.42 nats of the lost tail. Sampled, 32 draws (11.5
-unique ids): 33 B with the ids in Elias-Fano and uint8 counts (25 + 7) and an fp16 entropy (2).
-
-Every function is pure torch, runs on the tensors' device and computes losses in float32.
+Every loss scales by ``tau^2`` (so gradients keep their size across temperatures), computes in
+float32 on the tensors' device, and takes ``reduction="mean"`` (over tokens) or ``"none"``. The
+encodings themselves are in `softcache.store.token_coding`.
 """
 
 from __future__ import annotations

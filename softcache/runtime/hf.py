@@ -3,14 +3,14 @@
 A model directory is what ``save_pretrained`` writes: a ``config.json`` and, for trained weights,
 ``model.safetensors`` (or ``pytorch_model.bin``, or sharded files with their index). Nothing is
 ever downloaded: loading passes ``local_files_only=True``. Specs name such a directory (see
-`softcache.specs`):
+`softcache.runtime.specs`):
 
 - ``hf:DIR``: the pretrained model in ``DIR`` (a teacher, or a student to fine-tune);
 - ``hf-init:DIR``: a fresh, randomly initialised model of ``DIR``'s config (a student trained
   from scratch); ``DIR`` needs only its ``config.json``.
 
 The models return a ``CausalLMOutput`` whose ``logits`` are ``(B, L, V)``, and their ``forward``
-takes ``attention_mask``, so `softcache.sequences.causal_logits` calls them as they are.
+takes ``attention_mask``, so `softcache.data.sequences.causal_logits` calls them as they are.
 
 `transformers` is imported only when a model is loaded, so ``import softcache`` and every other
 spec work without it.

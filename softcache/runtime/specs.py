@@ -5,7 +5,7 @@ Teachers, students and datasets are named by a spec rather than registered by an
 loads a file. The callable is called with no arguments and returns the object.
 
 Two prefixes name Hugging Face `transformers` causal LMs in a local directory instead (the optional
-`hf` extra, `softcache.hf`): `hf:DIR` is the pretrained model `save_pretrained` wrote to `DIR`, and
+`hf` extra, `softcache.runtime.hf`): `hf:DIR` is the pretrained model `save_pretrained` wrote to `DIR`, and
 `hf-init:DIR` a fresh, randomly initialised model of `DIR`'s `config.json` (a student trained from
 scratch). They are reserved: a module of your own named `hf` is reached by its file, `hf.py:fn`.
 `transformers` is imported only when such a spec is instantiated.
@@ -115,7 +115,7 @@ def instantiate(spec: str, what: str) -> Any:
     Args:
         spec: the spec string: `package.module:fn` or `file.py:fn`, called with no arguments;
             `hf:DIR`, the pretrained Hugging Face causal LM saved in `DIR`; or `hf-init:DIR`, a
-            fresh model of `DIR`'s config (both need `transformers`: `softcache.hf`).
+            fresh model of `DIR`'s config (both need `transformers`: `softcache.runtime.hf`).
         what: a word for messages ("teacher", "dataset", ...).
 
     Raises:
@@ -128,3 +128,79 @@ def instantiate(spec: str, what: str) -> Any:
         raise  # a factory's own message (for example a missing checkpoint) is already clear
     except Exception as exc:
         raise SpecError(f"{what} factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
+
+
+# ---- specs or objects ----------------------------------------------------------------------------
+#
+# From Python, a config may name a teacher, student or dataset by the object itself rather than by a
+# spec string: an `nn.Module` (used as it is), a dataset object (used as it is), or a factory (a
+# function or class, called with no arguments). A spec is still required where the object must be
+# rebuilt in another process (the workers of a Dask cluster).
+
+
+def is_spec(value: Any) -> bool:
+    """Whether `value` is a spec string (rather than an object or a factory)."""
+    return isinstance(value, str)
+
+
+def resolve(value: Any, what: str) -> Any:
+    """The object a config field names: a spec's product, a factory's product, or the object.
+
+    Args:
+        value: a spec string, a factory (function or class; called with no arguments), or the
+            object itself (an `nn.Module`, a dataset, ...).
+        what: a word for messages ("teacher", "dataset", ...).
+    """
+    if is_spec(value):
+        return instantiate(value, what)
+    import torch.nn as nn
+
+    if isinstance(value, nn.Module) or not callable(value):
+        return value
+    try:
+        return value()
+    except SoftcacheError:
+        raise
+    except Exception as exc:
+        raise SpecError(
+            f"{what} factory {describe(value)} raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def module_from(value: Any, what: str) -> Any:
+    """`resolve` for a config field that must give an `nn.Module` (`what` names it in errors)."""
+    import torch.nn as nn
+
+    module = resolve(value, what)
+    if not isinstance(module, nn.Module):
+        raise SpecError(
+            f"{what} {describe(value)} gave a {type(module).__name__}, not an nn.Module"
+        )
+    return module
+
+
+def dataset_from(value: Any, what: str = "dataset") -> Any:
+    """`resolve` for a config field that must give a map-style dataset."""
+    dataset = resolve(value, what)
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise SpecError(
+            f"{what} {describe(value)} gave a {type(dataset).__name__}; expected a map-style "
+            "dataset (with __len__ and __getitem__)"
+        )
+    return dataset
+
+
+def describe(value: Any) -> str:
+    """A config field as provenance: the spec string, or what identifies an object.
+
+    A module-level function or class is named as the spec that imports it
+    (`package.module:name`); an instance by its class (`<package.module.Class object>`).
+    """
+    if is_spec(value):
+        return value
+    if callable(value) and hasattr(value, "__qualname__") and hasattr(value, "__module__"):
+        if "<" not in value.__qualname__ and value.__module__ != "__main__":
+            return f"{value.__module__}:{value.__qualname__}"
+        return f"<{value.__module__}.{value.__qualname__}>"
+    cls = type(value)
+    return f"<{cls.__module__}.{cls.__qualname__} object>"

@@ -93,7 +93,7 @@ class StoreMeta:
         complete: true once every shard is written and the fingerprint recorded.
         views: stored views per sample (1 without augmentation).
         augmentation: None, or {"spec", "param_names", "seed"}: the augmentation whose parameters
-            `view_params` holds (`softcache.augment.parse_augment(spec)` rebuilds it).
+            `view_params` holds (`softcache.data.augment.parse_augment(spec)` rebuilds it).
         layout: `rows` (one row per sample or view) or `tokens` (one row per token of a
             sequence, format_version 3: `offsets` (N+1,) maps sample i to rows
             `offsets[i]:offsets[i+1]`; `encoding` is then `topk` or `sampled`).
@@ -210,7 +210,7 @@ class StoreMeta:
         return meta
 
 
-# Array name of each row field of a token store (`softcache.token_codec`).
+# Array name of each row field of a token store (`softcache.store.token_codec`).
 _TOKEN_FIELDS = {
     "ids": TOKEN_IDS,
     "values": TOKEN_VALUES,

@@ -1,23 +1,10 @@
-"""The store format: the only module that knows Zarr array names and attributes.
+"""`LogitStore`: an open store, for a build to create and fill or a reader to read.
 
-A softcache store is a Zarr v3 group (specified in docs/FORMAT.md, the contract between teams):
-
-- group attribute `softcache`: a JSON object of metadata (`StoreMeta`), written first with
-  `complete = false` and rewritten with `complete = true` as the very last step of a build;
-- data arrays, sharded along rows (`shard_rows` per shard file, `chunk_rows` per compressed inner
-  chunk), each inner chunk zstd-compressed and followed by a crc32c checksum, so a flipped bit is a
-  read error rather than a wrong soft label:
-  `logits` (N, C) for `dense`; `topk_values` (N, k), `topk_indices` (N, k), `lse` (N, len(T)) for
-  `topk`; and `sample_hash` (N,) uint64 for every encoding;
-- with stored augmentation views (format_version 2): every sample has `views` consecutive rows (row
-  `i * views + v` is view v of sample i, so N above counts rows) and `view_params` (N, P) float64
-  holds the parameters that recreate each view's input; `sample_hash` is the hash of that input;
-- `shard_done` (num_shards,) uint8, one element per chunk: the resume record. Each shard's writer
-  sets only its own element, after its data is written. With `write_empty_chunks=False` an all-zero
-  shard and a never-written shard look alike, so completion is read from here, never from the data.
-
-bfloat16 values are stored as their uint16 bit patterns (numpy has no bfloat16); `value_dtype` in the
-metadata says so, and `decode_values` turns them back into float32.
+The format it writes and reads (array names, the `softcache` attribute, layouts) is in
+`softcache.store.format` and docs/FORMAT.md. Writes follow the rules that make builds resumable:
+one writer per shard, every shard written whole and then recorded in `shard_done`, and `complete`
+set last (`mark_complete`). Arrays opened for writing write every chunk, zeros included, so a
+missing chunk object always means loss, which `verify` can then detect.
 """
 
 from __future__ import annotations
@@ -311,7 +298,7 @@ class LogitStore:
 
     def changed_samples(self, lengths: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Indices of the samples of a token store whose length or input hash differs from
-        ``lengths`` / ``hashes`` (``(N,)`` each, from `softcache.sequences.scan`), ascending."""
+        ``lengths`` / ``hashes`` (``(N,)`` each, from `softcache.data.sequences.scan`), ascending."""
         stored_lengths = np.diff(self.offsets())
         return np.flatnonzero((stored_lengths != lengths) | (self.sample_hashes() != hashes))
 

@@ -1,6 +1,6 @@
 """How a per-token store codes its rows: teacher logits in, fixed-width row fields out, and back.
 
-A row is one token's soft label, in one of two encodings (`softcache.tokens` explains both):
+A row is one token's soft label, in one of two encodings (`softcache.store.token_coding` explains both):
 
 - ``topk``: fields ``ids`` (the k kept token ids), ``values`` (their log-probabilities, in id
   order) and ``residual`` (the log of the probability mass left out);
@@ -12,7 +12,7 @@ Ids are sorted ascending within a row and coded as Elias-Fano (``ids = "elias_fa
 smallest: 56 B for 32 ids of 2^17 against 68 B bit-packed and 78 B as int32 under zstd) or kept
 as plain integers (``ids = "plain"``, readable with nothing but zarr). Values are float16
 log-probabilities, or, with ``value_bits``, ``"sqrt"`` codes of ``value_bits`` bits and a
-residual in ``residual_bits``-bit ``"log"`` codes (`softcache.tokens.quantize_logprobs`).
+residual in ``residual_bits``-bit ``"log"`` codes (`softcache.store.token_coding.quantize_logprobs`).
 
 The field names here are neutral: only `softcache.store` maps them to array names.
 """
@@ -47,7 +47,7 @@ class TokenCodec:
         vocab_size: V, the teacher's vocabulary.
         temperature: the temperature the log-probabilities were taken (and ids drawn) at.
         ids: ``elias_fano`` (bytes per row: `id_bytes`) or ``plain`` (uint16 / int32 per id).
-        ef_low_bits: the Elias-Fano low-bit width (`softcache.tokens.elias_fano_low_bits`).
+        ef_low_bits: the Elias-Fano low-bit width (`softcache.store.token_coding.elias_fano_low_bits`).
         value_bits: 0 keeps float16 log-probabilities; 1..16 stores ``sqrt`` codes (``topk``).
         residual_bits: bits of the residual's ``log`` code when ``value_bits`` is set.
         log_floor: the lowest log-probability a ``log`` code represents.

@@ -10,7 +10,7 @@ Per-token stores (format_version 3, `layout = "tokens"`) are checked the same wa
 and also: the per-sample arrays `offsets` and `sample_hash` are read chunk by chunk and `offsets`
 must be a valid CSR index over the store's tokens; the stored log-probabilities hold no NaN or
 +inf and every sampled row's counts add up to the draws; and, given a dataset, every sample's
-length (from `softcache.sequences.scan`) must equal its stored one, ``diff(offsets)``, as well as
+length (from `softcache.data.sequences.scan`) must equal its stored one, ``diff(offsets)``, as well as
 its hash.
 """
 

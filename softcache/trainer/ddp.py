@@ -1,6 +1,6 @@
 """DDP for `softcache train`: joining torchrun's process group, and the few numbers ranks share.
 
-Under `torchrun` every process runs `softcache.train.train` as one rank. This module finds the rank
+Under `torchrun` every process runs `softcache.trainer.train` as one rank. This module finds the rank
 (RANK, WORLD_SIZE, LOCAL_RANK from torchrun's environment), joins the process group (gloo on CPU,
 nccl on CUDA, where rank r uses cuda:LOCAL_RANK) unless the caller made one, and holds the
 arithmetic every rank must agree on without talking: the steps of an epoch (`equal_steps`, the

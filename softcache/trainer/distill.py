@@ -1,7 +1,7 @@
 """The Python API for a training loop of your own: aligned batches and the matching KD loss.
 
     store = softcache.open_store("teacher.zarr")
-    plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=store.meta.shard_rows,
+    plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=store.meta.shard_samples,
                                batch_size=64, seed=0)
     aligned = softcache.AlignedBatches(dataset, store)
     for epoch in range(epochs):
@@ -11,6 +11,10 @@
                                                temperatures=store.meta.temperatures,
                                                temperature=2.0, alpha=0.1)
 
+`block_rows` is the store's samples per shard (`shard_samples`: `shard_rows` over the views per
+sample). A framework that iterates its loader once per epoch (Lightning, Accelerate, a `for` over
+epochs) takes `aligned.loader(plan)`: a re-iterable whose every `iter()` runs the next epoch.
+
 `AlignedBatches` zips a DataLoader over the inputs with the store's soft-label stream; both follow the
 same plan, and the batches' input hashes are checked against the store's, so a reordered or altered
 dataset stops training at its first wrong sample (every row by default; `hash_stride` trades
@@ -18,14 +22,14 @@ coverage for speed, see `TrainConfig.hash_check`).
 
 Under DDP (e.g. `torchrun --nproc_per_node 4 train.py`), give the plan the process's rank and world
 size; each rank then loads the inputs and reads the soft-label blocks of its own rows only, and every
-rank takes the same number of steps (`aligned.steps(plan)`; see `softcache.stream.equal_steps`), so
+rank takes the same number of steps (`aligned.steps(plan)`; see `softcache.trainer.stream.equal_steps`), so
 DDP's gradient all-reduce never waits for a rank that has run out of batches:
 
     dist.init_process_group("nccl")  # "gloo" on CPU; torchrun sets RANK, WORLD_SIZE, ...
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.manual_seed(0)  # the same initial student on every rank
     model = DistributedDataParallel(student.to(device), device_ids=[device.index])
-    plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=store.meta.shard_rows,
+    plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=store.meta.shard_samples,
                                batch_size=64, seed=0, rank=dist.get_rank(),
                                world_size=dist.get_world_size())
     aligned = softcache.AlignedBatches(dataset, store)
@@ -52,7 +56,7 @@ from torch.utils.data import DataLoader
 from softcache import losses
 from softcache.data.hashing import collate_pairs, hash_rows, sampled_collate
 from softcache.data.views import augmentation_of, replay
-from softcache.errors import DatasetMismatchError
+from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabels, SoftLabelStream
@@ -130,7 +134,7 @@ class AlignedBatches:
             (False: all of this rank's batches, which differ between ranks). No difference with
             one rank.
         view_policy: for a store with views, which view each sample gets in an epoch (`cycle`
-            or `random`, see `softcache.augment.choose_views`). The inputs are replayed with
+            or `random`, see `softcache.data.augment.choose_views`). The inputs are replayed with
             the view's stored parameters, and their hashes checked against the view's.
         values: what the stream delivers, `float32` or `stored` (see `SoftLabelStream`):
             `stored` for a GPU student, whose `soft.to(device)` then widens on the device.
@@ -152,6 +156,13 @@ class AlignedBatches:
         view_policy: str = "cycle",
         values: str = "float32",
     ) -> None:
+        if store.meta.tokens:
+            raise ConfigError(
+                f"store {store.location} holds per-token soft labels of a language model; "
+                "AlignedBatches pairs row stores with their datasets. For a token store, read "
+                "`SoftLabelStream(store).batches(plan)` (it yields `TokenLabels`: each sample's "
+                "decoded rows) beside your own input loader over the same plan"
+            )
         if len(dataset) != store.meta.num_samples:
             raise DatasetMismatchError(
                 f"the dataset has {len(dataset)} samples but store {store.location} was built from "
@@ -175,6 +186,14 @@ class AlignedBatches:
     def steps(self, plan: EpochPlan) -> int:
         """Batches `epoch` yields for the plan's epoch, counted from its start."""
         return self.stream.stop(plan)
+
+    def loader(self, plan: EpochPlan, **epoch_kwargs: Any) -> AlignedLoader:
+        """A re-iterable over the plan's epochs: each `iter()` runs one, from the plan's epoch on.
+
+        For frameworks that iterate a loader once per epoch (`trainer.fit(model, aligned.loader(
+        plan))` in Lightning). `epoch_kwargs` go to `epoch` (`hash_stride`).
+        """
+        return AlignedLoader(self, plan, epoch_kwargs)
 
     def epoch(
         self, plan: EpochPlan, *, hash_stride: int | None = None, then: EpochPlan | None = None
@@ -208,6 +227,7 @@ class AlignedBatches:
         for (inputs, labels, hashes), soft in zip(
             loader, self.stream.batches(plan, then=then), strict=True
         ):
+            assert isinstance(soft, SoftLabels)  # a row store's (checked in __init__)
             if augmentation is not None:
                 assert soft.view_params is not None
                 inputs = replay(augmentation, inputs, soft.view_params)
@@ -215,3 +235,36 @@ class AlignedBatches:
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
             yield inputs, labels, soft
+
+
+class AlignedLoader:
+    """`AlignedBatches.loader`: each `iter()` sets the plan to the next epoch and yields it.
+
+    The first `iter()` runs the plan's current epoch (from its cursor); `set_epoch` chooses the
+    epoch of the next `iter()`, as with a `DistributedSampler`. `len()` is the batches of the
+    coming epoch.
+    """
+
+    def __init__(
+        self, aligned: AlignedBatches, plan: EpochPlan, epoch_kwargs: dict[str, Any]
+    ) -> None:
+        self.aligned = aligned
+        self.plan = plan
+        self.epoch_kwargs = epoch_kwargs
+        self._next_epoch = plan.epoch
+        self._started = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Run epoch `epoch` at the next `iter()`."""
+        self._next_epoch = epoch
+        self._started = False
+
+    def __len__(self) -> int:
+        return self.aligned.steps(self.plan)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, SoftLabels]]:
+        if self._started or self.plan.epoch != self._next_epoch:
+            self.plan.set_epoch(self._next_epoch)
+        self._started = True
+        self._next_epoch += 1
+        return self.aligned.epoch(self.plan, **self.epoch_kwargs)

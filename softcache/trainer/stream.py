@@ -1,4 +1,9 @@
-"""The soft-label stream: a store's rows, in epoch-plan order, read by Dask a bounded number ahead.
+"""The soft-label stream: a store's soft labels, in epoch-plan order, read by Dask a bounded number ahead.
+
+One engine for every layout: what differs between a row store and a token store (what a block is,
+how it is decoded, how a batch's rows are gathered) is a source object (`row_labels.RowBlocks`,
+`token_labels.TokenBlocks`) the engine calls; reading ahead, the memory bound, the epoch boundary and
+DDP are written once, here.
 
 Reading random rows from a chunked store decompresses a whole chunk per row; computing a Dask graph
 per batch pays scheduling overhead per batch. Both are orders of magnitude slower than what the
@@ -32,104 +37,17 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
-import torch
 
 from softcache.errors import DatasetMismatchError
-from softcache.store import (
-    LOGITS,
-    LSE,
-    SAMPLE_HASH,
-    TOPK_INDICES,
-    TOPK_VALUES,
-    VIEW_PARAMS,
-    LogitStore,
-)
+from softcache.store import LogitStore
 from softcache.trainer.plan import EpochPlan
-
-# What `SoftLabelStream` delivers: decoded float32 / int64, or the store's own dtypes.
-VALUE_MODES = ("float32", "stored")
-
-
-@dataclass
-class SoftLabels:
-    """One batch of soft labels, aligned with the plan's batch of row indices.
-
-    Attributes:
-        indices: (B,) int64 dataset indices of the rows.
-        sample_hash: (B,) uint64 hashes of the inputs the teacher saw.
-        logits: (B, C) float32 teacher logits (`dense` stores), else None.
-        topk_values: (B, k) float32 kept teacher logits, descending (`topk` stores), else None.
-        topk_indices: (B, k) int64 class ids of `topk_values`, else None.
-            (From a stream with `values="stored"` these three hold the store's dtypes until
-            `to(device)` widens them.)
-        lse: (B, len(temperatures)) float32 full-row log-sum-exp per stored temperature, else None.
-        views: (B,) int64 view of each sample these labels belong to (stores with views), else
-            None.
-        view_params: (B, P) float64 parameters that recreate each row's view from the sample
-            (stores with views), else None: apply them to the inputs before the student sees them.
-    """
-
-    indices: np.ndarray
-    sample_hash: np.ndarray
-    logits: torch.Tensor | None = None
-    topk_values: torch.Tensor | None = None
-    topk_indices: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
-    views: np.ndarray | None = None
-    view_params: np.ndarray | None = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
-        """A copy with the tensors on `device`, as the losses take them.
-
-        Values and `lse` become float32 and class ids int64 on the device, whatever dtype the
-        stream delivered (see `SoftLabelStream`'s `values`): a stored-dtype batch is copied in
-        its small dtype and widened where it lands.
-        """
-
-        def move(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-            if t is None:
-                return None
-            return t.to(device, non_blocking=non_blocking).to(dtype)
-
-        return SoftLabels(
-            self.indices,
-            self.sample_hash,
-            move(self.logits, torch.float32),
-            move(self.topk_values, torch.float32),
-            move(self.topk_indices, torch.int64),
-            move(self.lse, torch.float32),
-            self.views,
-            self.view_params,
-        )
-
-    def check_alignment(self, input_hashes: np.ndarray, stride: int = 1) -> None:
-        """Raise unless the batch's inputs hash to what the teacher saw.
-
-        Args:
-            input_hashes: uint64 hashes of rows 0, stride, 2 * stride, ... of the batch, from
-                `softcache.hashing.sampled_collate(stride)` (`collate_with_hashes` for stride 1).
-            stride: which rows were hashed.
-
-        Raises:
-            DatasetMismatchError: naming the first mismatching dataset index.
-        """
-        expected = self.sample_hash[::stride]
-        indices = self.indices[::stride]
-        if len(input_hashes) != len(expected) or not np.array_equal(input_hashes, expected):
-            bad = np.flatnonzero(input_hashes[: len(expected)] != expected[: len(input_hashes)])
-            first = int(indices[bad[0]]) if bad.size else int(indices[0])
-            raise DatasetMismatchError(
-                f"dataset sample {first} does not match the store: its input hashes differ from "
-                "what the teacher saw when the store was built (the dataset was reordered, "
-                "changed, or is not the one the store was built from); rebuild the store from "
-                "this dataset or use the dataset it was built from"
-            )
+from softcache.trainer.row_labels import VALUE_MODES, RowBlocks, SoftLabels
+from softcache.trainer.token_labels import TokenBlocks, TokenLabels
 
 
 def equal_steps(plan: EpochPlan) -> int:
@@ -166,19 +84,22 @@ class SoftLabelStream:
     """Read a store's soft labels batch by batch, in the order of an epoch plan.
 
     Args:
-        store: an open, complete store.
+        store: an open, complete store (rows or tokens).
         prefetch_blocks: blocks read ahead of the training loop (memory bound).
         client: a `distributed.Client` to read through; None uses Dask's threaded scheduler.
         equal_steps: stop each epoch after `equal_steps(plan)` batches, the same count on every
             DDP rank (False: all of this rank's batches). No difference with one rank.
         view_policy: for stores with views, which view of each sample an epoch uses: `cycle` or
-            `random` (see `softcache.augment.choose_views`).
-        values: `float32` (values float32, class ids int64, decoded on the reader thread) or
-            `stored` (the store's dtypes: float16 / bfloat16 values, uint16 / int32 ids, for
-            `SoftLabels.to(device)` to widen on the device).
+            `random` (see `softcache.data.augment.choose_views`).
+        values: row stores: `float32` (values float32, class ids int64, decoded on the reader
+            thread) or `stored` (the store's dtypes: float16 / bfloat16 values, uint16 / int32
+            ids, for `SoftLabels.to(device)` to widen on the device). Token stores always
+            deliver `TokenCodec.decode`'s tensors.
 
-    With stored views the plan runs over samples (`block_rows = shard_rows // views`): a shard
-    holds whole samples, all their views, and each batch row is the chosen view's row.
+    A row store's plan runs over samples in blocks of one shard (`block_rows =
+    store.meta.shard_samples`: a shard holds whole samples, all their views, and each batch row
+    is the chosen view's row); it yields `SoftLabels`. A token store's plan runs over samples in
+    blocks of any size (`token_labels.block_samples_for` picks one); it yields `TokenLabels`.
     """
 
     def __init__(
@@ -201,36 +122,35 @@ class SoftLabelStream:
         self.client = client
         self.equal_steps = equal_steps
         self.view_policy = view_policy
-        self.views = store.meta.views
-        # Samples per block: the plan's unit (a shard holds `views` rows per sample).
-        self.block_samples = store.meta.shard_samples
         # (plan key, reader, rows left per block) of an epoch read ahead of its `batches` call.
         self._ahead: tuple[tuple[Any, ...], _BlockReader, dict[int, int]] | None = None
-        names = store.row_array_names
         # Dask chunks = shards: one task per (array, shard), never per row or per batch.
-        self._arrays = {
-            name: da.from_zarr(store.array(name), chunks=store.array(name).shards) for name in names
+        arrays = {
+            name: da.from_zarr(store.array(name), chunks=store.array(name).shards)
+            for name in store.row_array_names
         }
+        self.source: RowBlocks | TokenBlocks = (
+            TokenBlocks(store, arrays)
+            if store.meta.tokens
+            else RowBlocks(store, arrays, view_policy=view_policy, values=values)
+        )
 
     def _check_plan(self, plan: EpochPlan) -> None:
-        store = self.store
-        if plan.block_rows != self.block_samples:
-            per_view = f" / {self.views} views" if self.views > 1 else ""
-            raise ValueError(
-                f"the plan's block_rows ({plan.block_rows}) must equal the store's shard_rows "
-                f"({store.meta.shard_rows}{per_view}): the stream reads whole shards"
-            )
-        if plan.num_samples != store.meta.num_samples:
+        self.source.check_block_rows(plan.block_rows)
+        if plan.num_samples != self.store.meta.num_samples:
             raise DatasetMismatchError(
                 f"the plan covers {plan.num_samples} samples but the store holds "
-                f"{store.meta.num_samples}; the dataset is not the one the store was built from"
+                f"{self.store.meta.num_samples}; the dataset is not the one the store was built "
+                "from"
             )
 
     def stop(self, plan: EpochPlan) -> int:
         """The batch count at which this stream ends the plan's epoch (see `equal_steps`)."""
         return equal_steps(plan) if self.equal_steps else len(plan)
 
-    def batches(self, plan: EpochPlan, *, then: EpochPlan | None = None) -> Iterator[SoftLabels]:
+    def batches(
+        self, plan: EpochPlan, *, then: EpochPlan | None = None
+    ) -> Iterator[SoftLabels | TokenLabels]:
         """The soft labels of the plan's remaining batches in its current epoch.
 
         The stream follows a private copy of the plan from its current cursor, so the same plan
@@ -245,9 +165,16 @@ class SoftLabelStream:
                 begin by waiting for them (at most `prefetch_blocks` more blocks in memory).
         """
         self._check_plan(plan)
+        if then is not None:
+            self._check_plan(then)
         reader, remaining = self._take_or_start(plan)
         iterator = self._iterate(
-            PlanSampler(plan, self.stop(plan)), (plan.seed, plan.epoch), reader, remaining, then
+            PlanSampler(plan, self.stop(plan)),
+            plan.block_rows,
+            (plan.seed, plan.epoch),
+            reader,
+            remaining,
+            then,
         )
         weakref.finalize(iterator, reader.close)  # also stops a reader whose batches go unread
         return iterator
@@ -265,13 +192,13 @@ class SoftLabelStream:
     def _iterate(
         self,
         batches: PlanSampler,
+        rows: int,
         seed_epoch: tuple[int, int],
         reader: _BlockReader,
         remaining: dict[int, int],
         then: EpochPlan | None,
-    ) -> Iterator[SoftLabels]:
-        rows = self.block_samples
-        cache: dict[int, dict[str, np.ndarray]] = {}
+    ) -> Iterator[SoftLabels | TokenLabels]:
+        cache: dict[int, Any] = {}
         try:
             for batch in batches:
                 block_ids = batch // rows
@@ -282,7 +209,7 @@ class SoftLabelStream:
                         if then is not None and reader.delivered_all:
                             self._ahead = (_plan_key(then), *self._start(then))
                             then = None
-                yield self._gather(batch, block_ids, cache, rows, seed_epoch)
+                yield self.source.gather(batch, block_ids, cache, rows, seed_epoch)
                 for b, n in zip(*np.unique(block_ids, return_counts=True), strict=True):
                     remaining[int(b)] -= int(n)
                     if remaining[int(b)] == 0:
@@ -295,75 +222,17 @@ class SoftLabelStream:
         # Rows of each block still to be consumed this epoch: a block leaves memory at zero, and
         # one with none (already consumed, or only rows past the stop) is never read.
         batches = PlanSampler(plan, self.stop(plan))
-        remaining = _rows_left(batches, blocks, self.block_samples)
-        return _BlockReader(self, [b for b in blocks if remaining[b] > 0]), remaining
+        remaining = _rows_left(batches, blocks, plan.block_rows)
+        todo = [b for b in blocks if remaining[b] > 0]
+        return _BlockReader(self, todo, plan.block_rows), remaining
 
-    def _gather(
-        self,
-        batch: np.ndarray,
-        block_ids: np.ndarray,
-        cache: dict[int, dict[str, np.ndarray]],
-        rows: int,
-        seed_epoch: tuple[int, int],
-    ) -> SoftLabels:
-        offsets = batch - block_ids * rows
-        views = None
-        if self.store.meta.augmentation:
-            from softcache.data.augment import choose_views
-
-            views = choose_views(self.view_policy, self.views, batch, *seed_epoch)
-            offsets = offsets * self.views + views  # the chosen view's row inside the shard
-        unique = np.unique(block_ids)
-        cols: dict[str, np.ndarray] = {}
-        for name in self._arrays:
-            if unique.size == 1:
-                cols[name] = cache[int(unique[0])][name][offsets]
-                continue
-            first = cache[int(unique[0])][name]
-            col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
-            for b in unique:
-                mask = block_ids == b
-                col[mask] = cache[int(b)][name][offsets[mask]]
-            cols[name] = col
-        meta = self.store.meta
-        out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
-        if VIEW_PARAMS in cols:
-            out.view_params = cols[VIEW_PARAMS]
-        if meta.encoding == "dense":
-            out.logits = self._values(cols[LOGITS])
-        else:
-            out.topk_values = self._values(cols[TOPK_VALUES])
-            out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
-            out.lse = torch.from_numpy(cols[LSE])
-        return out
-
-    def _decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Storage dtypes -> what `_gather` wraps as tensors (runs on the reader thread)."""
-        if self.values == "stored":
-            if self.store.meta.value_dtype == "bfloat16":  # uint16 bits, as torch's bfloat16
-                for name in (LOGITS, TOPK_VALUES):
-                    if name in data:
-                        data[name] = data[name].view(np.int16)
-            return data
-        for name in (LOGITS, TOPK_VALUES):
-            if name in data:
-                data[name] = self.store.decode_values(data[name])
-        if TOPK_INDICES in data:
-            data[TOPK_INDICES] = data[TOPK_INDICES].astype(np.int64)
-        return data
-
-    def _values(self, col: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(col)
-        if self.values == "stored" and self.store.meta.value_dtype == "bfloat16":
-            return tensor.view(torch.bfloat16)
-        return tensor
-
-    def _compute(self, blocks: list[int]) -> list[dict[str, np.ndarray]]:
-        graph = [{name: arr.blocks[b] for name, arr in self._arrays.items()} for b in blocks]
+    def _compute(self, blocks: list[int], block_rows: int) -> list[Any]:
+        graph = [self.source.graph(b, block_rows) for b in blocks]
         if self.client is not None:
-            return self.client.gather(self.client.compute(graph))
-        (results,) = dask.compute(graph, scheduler="threads")
-        return list(results)
+            results = self.client.gather(self.client.compute(graph))
+        else:
+            (results,) = dask.compute(graph, scheduler="threads")
+        return [self.source.decode(dict(r)) for r in results]
 
 
 class _BlockReader:
@@ -371,24 +240,27 @@ class _BlockReader:
 
     _DONE = object()
 
-    def __init__(self, stream: SoftLabelStream, blocks: list[int]) -> None:
+    def __init__(self, stream: SoftLabelStream, blocks: list[int], block_rows: int) -> None:
         self._expected = len(blocks)
         self._delivered = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=stream.prefetch_blocks)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(stream, blocks), name="softcache-stream", daemon=True
+            target=self._run,
+            args=(stream, blocks, block_rows),
+            name="softcache-stream",
+            daemon=True,
         )
         self._thread.start()
 
-    def _run(self, stream: SoftLabelStream, blocks: list[int]) -> None:
+    def _run(self, stream: SoftLabelStream, blocks: list[int], block_rows: int) -> None:
         try:
             # Read a few blocks per compute so Dask decodes them in parallel.
             group = max(1, min(stream.prefetch_blocks // 2, 4))
             for i in range(0, len(blocks), group):
                 ids = blocks[i : i + group]
-                for b, data in zip(ids, stream._compute(ids), strict=True):
-                    if not self._put((b, stream._decode(data))):
+                for b, data in zip(ids, stream._compute(ids, block_rows), strict=True):
+                    if not self._put((b, data)):
                         return
             self._put(self._DONE)
         except BaseException as exc:
@@ -441,3 +313,13 @@ def plan_from_state(state: dict[str, Any]) -> EpochPlan:
     plan = EpochPlan(**{k: v for k, v in state.items() if k not in ("epoch", "cursor")})
     plan.load_state_dict(state)
     return plan
+
+
+__all__ = [
+    "PlanSampler",
+    "SoftLabelStream",
+    "SoftLabels",
+    "TokenLabels",
+    "equal_steps",
+    "plan_from_state",
+]

@@ -43,8 +43,8 @@ def _log(name: str, line: str) -> None:
 
 
 class _Recorded(Dataset):
-    def __init__(self, record: bool) -> None:
-        self.base = specs.dataset()
+    def __init__(self, record: bool, base: Any = None) -> None:
+        self.base = specs.dataset() if base is None else base
         self.record = record
 
     def __len__(self) -> int:
@@ -58,12 +58,23 @@ class _Recorded(Dataset):
 
 def recorded_dataset() -> Dataset:
     """`tests.helpers.specs:dataset`, recording rows, stream reads and writes (see the module)."""
+    return _Recorded(_install_recorders())
+
+
+def recorded_token_dataset() -> Dataset:
+    """`tests.helpers.token_specs:ragged_dataset`, recorded like `recorded_dataset`."""
+    from tests.helpers import token_specs
+
+    return _Recorded(_install_recorders(), token_specs.ragged_dataset())
+
+
+def _install_recorders() -> bool:
     record = "SOFTCACHE_TEST_LOG_DIR" in os.environ
     if record and not _installed:
         _installed.append(True)
         _record_stream_reads()
         _record_writes(os.environ.get("SOFTCACHE_TEST_WATCH"))
-    return _Recorded(record)
+    return record
 
 
 def _record_stream_reads() -> None:
@@ -71,9 +82,9 @@ def _record_stream_reads() -> None:
 
     compute = SoftLabelStream._compute
 
-    def logged(self: SoftLabelStream, blocks: list[int]) -> Any:
+    def logged(self: SoftLabelStream, blocks: list[int], *args: Any) -> Any:
         _log("blocks", " ".join(map(str, blocks)))
-        return compute(self, blocks)
+        return compute(self, blocks, *args)
 
     SoftLabelStream._compute = logged  # type: ignore[method-assign]
 
@@ -112,11 +123,11 @@ def _record_writes(watch: str | None) -> None:
 
 
 class _Student(nn.Module):
-    """flatten -> linear(64 -> 16) -> ReLU -> linear(16 -> 10); fails where told (see module)."""
+    """`net` (a module made by `make`), failing where told (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        self.net = net
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,5 +140,13 @@ class _Student(nn.Module):
 
 
 def student() -> nn.Module:
-    """A tiny MLP for the 8x8 synthetic inputs (about 1.2k parameters)."""
-    return _Student()
+    """A tiny MLP for the 8x8 synthetic inputs (about 1.2k parameters):
+    flatten -> linear(64 -> 16) -> ReLU -> linear(16 -> 10)."""
+    return _Student(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)))
+
+
+def causal_student() -> nn.Module:
+    """`tests.helpers.lm_train_specs:causal_student`, failing where told."""
+    from tests.helpers import lm_train_specs
+
+    return _Student(lm_train_specs.causal_student())

@@ -5,7 +5,7 @@ by `hf:DIR` / `hf-init:DIR` specs; these factories give the data, seeded, so the
 processes see the same tokens. Ids are below `VOCAB` (the tests' model vocabulary) and sequences
 are at most `MAX_LEN` (below the models' `n_positions`) tokens long.
 
-`ragged_dataset` mixes the item formats of `softcache.sequences`: even samples are
+`ragged_dataset` mixes the item formats of `softcache.data.sequences`: even samples are
 `(input_ids, labels)` tuples (labels the shifted inputs, `-100` last), odd ones right-padded dicts
 of `input_ids`, `attention_mask` and `labels` (padding tokens are `PAD_ID` and labelled `-100`).
 Lengths vary, with empty and one-token samples among them.

@@ -91,7 +91,7 @@ def _apply_variant(seqs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class Sequences(Dataset):
-    """A map-style dataset of token sequences, in one of the item formats of `softcache.sequences`."""
+    """A map-style dataset of token sequences, in one of the item formats of `softcache.data.sequences`."""
 
     def __init__(self, seqs: list[torch.Tensor], style: str = "tuple", pad_to: int = 0) -> None:
         self.seqs = seqs

@@ -19,7 +19,7 @@ import torch
 import zarr
 from click.testing import CliRunner, Result
 
-from softcache.builder.rows import state_dict_sha256
+from softcache.builder.teacher import state_dict_sha256
 from softcache.cli import main
 from softcache.data.hashing import fingerprint, hash_rows
 from softcache.store import LogitStore
@@ -602,7 +602,7 @@ def test_interrupted_build_exits_130(in_root: Path, tmp_path: Path, monkeypatch)
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("softcache.builder.rows.build", interrupt)
+    monkeypatch.setattr("softcache.builder.build", interrupt)
     result = _invoke(_args(tmp_path / "s.zarr"))
     assert result.exit_code == 130
     assert "run the same command again to resume" in result.output

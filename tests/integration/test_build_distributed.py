@@ -20,7 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from softcache.builder.rows import BuildResult, build, task_ranges
+from softcache.builder import BuildResult, build
+from softcache.builder.cluster import task_ranges
 from softcache.config import BuildConfig
 from softcache.errors import ConfigError, TeacherOutputError
 from softcache.store import LogitStore

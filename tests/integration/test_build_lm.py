@@ -337,7 +337,10 @@ def test_resume_with_a_changed_dataset_is_refused(
         (("--encoding", "sampled", "--draws", "65536"), ("draws must be in [1, 65535]",)),
         (("--encoding", "topk", "--top-k", "301"), ("top-k must be in [1, 300]",)),
         (("--encoding", "topk", "--lm-temperature", "0"), ("lm_temperature must be > 0",)),
-        (("--encoding", "topk", "--views", "2", "--augment", "flip"), ("augmentation views",)),
+        (
+            ("--encoding", "topk", "--views", "2", "--augment", "flip"),
+            ("views does not apply to language-model (--lm) runs",),
+        ),
     ],
     ids=[
         "dense",

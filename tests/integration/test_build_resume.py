@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from softcache.builder.rows import build
+from softcache.builder import build
 from softcache.config import BuildConfig
 from softcache.errors import IncompleteStoreError
 from softcache.store import ATTR_KEY, LogitStore

@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 import torch
 
-from softcache.builder.rows import build
+from softcache.builder import build
 from softcache.config import BuildConfig, TrainConfig
 from softcache.errors import ConfigError
 from softcache.store import LogitStore
+from softcache.trainer import train
+from softcache.trainer.checkpoint import CHECKPOINT, METRICS, STUDENT_WEIGHTS
 from softcache.trainer.distill import AlignedBatches, distillation_loss
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.rows import CHECKPOINT, METRICS, train
 from softcache.trainer.stream import PlanSampler, SoftLabelStream, equal_steps
 from tests.helpers import ROOT, ddp_specs, snapshot, specs
 
@@ -147,10 +148,13 @@ def test_only_rank_0_writes_and_reports(ddp_run):
     rate, seconds = metrics["samples_per_second"][0], metrics["epoch_seconds"][0]
     assert rate * seconds == pytest.approx(both, rel=1e-9)
 
-    assert sorted(p.name for p in ddp_run.out.iterdir()) == [CHECKPOINT, METRICS]
+    assert sorted(p.name for p in ddp_run.out.iterdir()) == [CHECKPOINT, METRICS, STUDENT_WEIGHTS]
     assert not (ddp_run.record / "writes.1").exists()  # rank 1 touched nothing under out/
     written = {Path(line.split()[1]).name for line in (ddp_run.record / "writes.0").open()}
-    assert written <= {"out", CHECKPOINT, CHECKPOINT + ".tmp", METRICS, "metrics.tmp"}
+    assert written <= {
+        "out", CHECKPOINT, CHECKPOINT + ".tmp", METRICS, "metrics.tmp", STUDENT_WEIGHTS,
+        STUDENT_WEIGHTS + ".tmp",
+    }  # fmt: skip
 
     assert f"epoch {EPOCHS}/{EPOCHS}" in _rank_output(ddp_run.logs, 0, "stderr")
     assert f"{both}/{both}" in _rank_output(ddp_run.logs, 0, "stderr")  # the bar counts all ranks
@@ -267,13 +271,13 @@ def test_resume_with_another_number_of_processes_is_refused(ddp_run, store, tmp_
 
 
 def test_python_api_ranks_read_disjoint_blocks_and_stop_together(store, monkeypatch):
-    """The own-loop recipe of `softcache.distill`, one rank at a time, two epochs each."""
+    """The own-loop recipe of `softcache.trainer.distill`, one rank at a time, two epochs each."""
     reads: list[int] = []
     compute = SoftLabelStream._compute
 
-    def record(self, blocks):
+    def record(self, blocks, *args):
         reads.extend(blocks)
-        return compute(self, blocks)
+        return compute(self, blocks, *args)
 
     monkeypatch.setattr(SoftLabelStream, "_compute", record)
     opened = LogitStore.open(str(store))

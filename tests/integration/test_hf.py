@@ -264,7 +264,7 @@ def test_missing_transformers_says_what_to_install(
 
 def test_hf_specs_import_transformers_only_when_instantiated() -> None:
     code = (
-        "import sys, softcache.cli, softcache.specs as s\n"
+        "import sys, softcache.cli, softcache.runtime.specs as s\n"
         "s.load_callable('hf:some/dir'); s.load_callable('hf-init:some/dir')\n"
         "print('transformers' in sys.modules)\n"
     )

@@ -29,11 +29,11 @@ import pytest
 import zarr
 from click.testing import CliRunner, Result
 
-from softcache.builder.rows import build
+from softcache.builder import build
 from softcache.cli import main
 from softcache.config import BuildConfig, TrainConfig
 from softcache.store import ATTR_KEY, LogitStore
-from softcache.trainer.rows import train
+from softcache.trainer import train
 from tests.conftest import ROOT, SMALL, spec
 from tests.helpers import snapshot
 

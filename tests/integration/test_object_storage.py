@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import zarr
 
-from softcache.builder.rows import build
+from softcache.builder import build
 from softcache.config import BuildConfig
 from softcache.store import LogitStore
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from softcache.builder.rows import build
+from softcache.builder import build
 from softcache.cli import main
 from softcache.config import BuildConfig, TrainConfig
 from softcache.errors import DatasetMismatchError, IncompleteStoreError
-from softcache.trainer.rows import CHECKPOINT, train
+from softcache.trainer import train
+from softcache.trainer.checkpoint import CHECKPOINT
 from tests.helpers import train_specs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,7 +257,7 @@ def test_cli_train_prints_a_summary_and_json(digits_stores, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "teacher agreement" in result.output
-    result = runner.invoke(main, [*args, "--json"])
+    result = runner.invoke(main, [*args, "--json", "--overwrite"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["mode"] == "offline" and len(data["eval_accuracy"]) == 1

@@ -4,7 +4,7 @@ Covered: offline KD from topk and sampled stores moves the student towards the t
 the teacher, measured here independently of the trainer, falls well below an untrained student's);
 the hard and online baselines; ``--max-steps``; resume to bitwise the same weights, and refusing
 a checkpoint made with other settings; the refusals (a per-token store without ``--lm``, a row
-store with it, a dataset or eval store the store was not built from); `TokenLabelStream` handing
+store with it, a dataset or eval store the store was not built from); the token stream handing
 out exactly each sample's rows; and the alignment in training: with the known next-token
 teacher, KD alone teaches the next-token rule, which a stream shifted by one row would not.
 """
@@ -24,10 +24,12 @@ from softcache.cli import main
 from softcache.config import TrainConfig
 from softcache.errors import DatasetMismatchError
 from softcache.store import LogitStore, decode_token_rows
-from softcache.trainer import tokens as lm_train
+from softcache.trainer import checkpoint as lm_train
+from softcache.trainer import train
+from softcache.trainer.checkpoint import CHECKPOINT, METRICS
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.rows import CHECKPOINT, METRICS, train
-from softcache.trainer.token_stream import BLOCK_TOKENS, TokenLabelStream, block_samples_for
+from softcache.trainer.stream import SoftLabelStream
+from softcache.trainer.token_labels import BLOCK_TOKENS, TokenBlocks, block_samples_for
 from tests.helpers import lm_train_specs as ls
 from tests.helpers import one_line_error, snapshot
 from tests.helpers import token_specs as ts
@@ -45,7 +47,7 @@ BATCH = 4
 STEPS_PER_EPOCH = -(-ts.NUM_SEQUENCES // BATCH)  # every sample once per epoch, empty ones too
 FAST = ("--batch-size", str(BATCH), "--lr", "5e-2")
 
-# Documented in `softcache.lm_train.train_lm` (per epoch) and the CLI's summary.
+# Documented in `softcache.trainer.loop.train` (per epoch) and the CLI's summary.
 PER_EPOCH_KEYS = (
     "train_loss",
     "eval_perplexity",
@@ -251,12 +253,22 @@ def test_max_steps_stops_after_exactly_that_many_steps(
     assert metrics["steps"] == max_steps
     assert len(metrics["train_loss"]) == epochs_run  # an epoch cut short still reports
     state = torch.load(out / CHECKPOINT, weights_only=False)
-    assert state["step"] == max_steps and state["epoch"] == epochs_run
+    assert state["step"] == max_steps and state["plan"]["epoch"] == epochs_run
 
 
-def test_max_steps_needs_lm(in_root: Path, tmp_path: Path, stores: dict[str, str]) -> None:
-    result = _invoke(_args(tmp_path / "x", "--store", stores["topk"], "--max-steps", "2", lm=False))
-    one_line_error(result, "max_steps must be >= 0 and needs --lm")
+def test_max_steps_stops_a_row_run_too(in_root: Path, tmp_path: Path, make_store) -> None:
+    """One trainer for both layouts: --max-steps is no longer an LM-only setting."""
+    rows, _ = make_store("rows.zarr")
+    result = _invoke(
+        [
+            "train", "--store", str(rows), "--student", "tests.helpers.specs:teacher",
+            "--dataset", "tests.helpers.specs:dataset", "--epochs", "3", "--max-steps", "2",
+            "--device", "cpu", "--output", str(tmp_path / "r"), "-q", "--json",
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["steps"] == 2 and len(metrics["train_loss"]) == 1
 
 
 # ---- resume ---------------------------------------------------------------------------------------
@@ -273,19 +285,19 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(
     full = _train(tmp_path / "full", *settings)
 
     part = tmp_path / "part"
-    save = lm_train._save_checkpoint
+    save = lm_train.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
-        if args[-2] == 1:  # the epoch the checkpoint resumes at
+        if args[5]["epoch"] == 1:  # the epoch the checkpoint resumes at
             raise _Killed
 
-    monkeypatch.setattr(lm_train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(lm_train, "save_checkpoint", save_then_die)
     result = _invoke(_args(part, *settings))
     assert isinstance(result.exception, _Killed), (result.output, result.exception)
-    monkeypatch.setattr(lm_train, "_save_checkpoint", save)
+    monkeypatch.setattr(lm_train, "save_checkpoint", save)
     state = torch.load(part / CHECKPOINT, weights_only=False)
-    assert state["epoch"] == 1 and state["step"] == STEPS_PER_EPOCH
+    assert state["plan"]["epoch"] == 1 and state["step"] == STEPS_PER_EPOCH
 
     resumed = _train(part, *settings, "--resume")
     assert resumed["steps"] == full["steps"] == 2 * STEPS_PER_EPOCH
@@ -470,7 +482,7 @@ def test_an_eval_store_of_another_dataset_is_refused(
     assert not (tmp_path / "e" / CHECKPOINT).exists()
 
 
-# ---- TokenLabelStream -----------------------------------------------------------------------------
+# ---- the token stream ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("encoding", ["topk", "sampled"])
@@ -494,41 +506,50 @@ def test_stream_labels_are_each_samples_rows_in_batch_order(
         window_blocks=window_blocks,
     )
     assert 1 < plan.block_rows < n // 4  # many blocks, so batches cross blocks and windows
-    stream = TokenLabelStream(store, plan.block_rows, prefetch_blocks=prefetch)
+    stream = SoftLabelStream(store, prefetch_blocks=prefetch)
     orders, empty_batches = [], 0
-    try:
-        for epoch in (0, 1):
-            plan.set_epoch(epoch)
-            stream.start_epoch(plan)
-            seen: list[int] = []
-            for batch in plan:
-                samples = batch.tolist()
-                got = stream.labels(samples)
-                assert got.keys() == own[0].keys()
-                for key, tensor in got.items():
-                    want = torch.cat([own[i][key] for i in samples])
-                    assert tensor.dtype == want.dtype and torch.equal(tensor, want), (key, samples)
-                assert len(next(iter(got.values()))) == sum(
-                    int(offsets[i + 1] - offsets[i]) for i in samples
-                )
-                empty_batches += any(i in ts.EMPTY_SAMPLES for i in samples)
-                seen += samples
-            assert sorted(seen) == list(range(n))
-            orders.append(seen)
-        # A batch of empty samples only: zero rows of every field, of the right widths.
-        got = stream.labels([7, 8])
-        for key, tensor in got.items():
-            assert tensor.shape == (0, *own[0][key].shape[1:]), key
-    finally:
-        stream.close()
+    for epoch in (0, 1):
+        plan.set_epoch(epoch)
+        seen: list[int] = []
+        for got in stream.batches(plan):
+            samples = got.indices.tolist()
+            assert got.fields.keys() == own[0].keys()
+            for key, tensor in got.fields.items():
+                want = torch.cat([own[i][key] for i in samples])
+                assert tensor.dtype == want.dtype and torch.equal(tensor, want), (key, samples)
+            assert got.lengths.tolist() == [int(offsets[i + 1] - offsets[i]) for i in samples]
+            assert len(next(iter(got.fields.values()))) == int(got.lengths.sum())
+            empty_batches += any(i in ts.EMPTY_SAMPLES for i in samples)
+            seen += samples
+        assert sorted(seen) == list(range(n))
+        orders.append(seen)
     assert orders[0] != orders[1]  # the second epoch is another order, read again
     assert empty_batches >= len(ts.EMPTY_SAMPLES)  # empty samples were among those handed out
 
 
-def test_stream_refuses_a_row_store(make_store) -> None:
+def test_a_batch_of_empty_samples_has_no_rows_of_the_right_widths(stores: dict[str, str]) -> None:
+    store = LogitStore.open(stores["topk"])
+    plan = EpochPlan(num_samples=store.meta.num_samples, block_rows=4, batch_size=2, seed=0)
+    stream = SoftLabelStream(store)
+    source = stream.source
+    assert isinstance(source, TokenBlocks)
+    block = 7 // 4
+    (decoded,) = stream._compute([block], plan.block_rows)
+    got = source.gather(
+        np.array([7, 8]),
+        np.array([block, 8 // 4]),
+        {block: decoded, 8 // 4: stream._compute([8 // 4], 4)[0]},
+        4,
+        (0, 0),
+    )
+    for key, tensor in got.fields.items():
+        assert tensor.shape[0] == 0 and tensor.shape[1:] == decoded[key].shape[1:], key
+
+
+def test_token_blocks_refuse_a_row_store(make_store) -> None:
     rows, _ = make_store("rows.zarr")
     with pytest.raises(ValueError, match="one row per sample, not per token"):
-        TokenLabelStream(LogitStore.open(rows), 4)
+        TokenBlocks(LogitStore.open(rows), {})
 
 
 # ---- alignment in training ------------------------------------------------------------------------
@@ -562,12 +583,14 @@ def test_rows_shifted_by_one_would_not_teach_it(
     in_root: Path, tmp_path: Path, stores: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The control for the test above: a stream one row off teaches the student another map."""
-    labels = TokenLabelStream.labels
+    gather = TokenBlocks.gather
 
-    def shifted(self, samples):
-        return {k: torch.roll(v, 1, dims=0) for k, v in labels(self, samples).items()}
+    def shifted(self, *args):
+        got = gather(self, *args)
+        got.fields = {k: torch.roll(v, 1, dims=0) for k, v in got.fields.items()}
+        return got
 
-    monkeypatch.setattr(TokenLabelStream, "labels", shifted)
+    monkeypatch.setattr(TokenBlocks, "gather", shifted)
     metrics = _next_token_run(tmp_path / "shifted", stores)
     accuracy = _next_token_accuracy(_trained(tmp_path / "shifted", ls.next_token_student))
     assert accuracy < 0.1, accuracy
@@ -626,19 +649,19 @@ def test_a_run_killed_inside_an_epoch_resumes_to_the_same_weights(
     assert STEPS_PER_EPOCH > 3  # the checkpoint at step 3 is inside epoch 1
     full = _train(tmp_path / "full", *settings)
     part = tmp_path / "part"
-    save = lm_train._save_checkpoint
+    save = lm_train.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
-        if args[-1] == 3:  # the step
+        if args[6] == 3:  # the step
             raise _Killed
 
-    monkeypatch.setattr(lm_train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(lm_train, "save_checkpoint", save_then_die)
     result = _invoke(_args(part, *settings))
     assert isinstance(result.exception, _Killed), (result.output, result.exception)
-    monkeypatch.setattr(lm_train, "_save_checkpoint", save)
+    monkeypatch.setattr(lm_train, "save_checkpoint", save)
     state = torch.load(part / CHECKPOINT, weights_only=False)
-    assert state["epoch"] == 0 and state["plan"]["cursor"] == 3 and state["step"] == 3
+    assert state["plan"]["epoch"] == 0 and state["plan"]["cursor"] == 3 and state["step"] == 3
 
     resumed = _train(part, *settings, "--resume")
     want = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)

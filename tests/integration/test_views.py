@@ -29,8 +29,8 @@ from softcache.store import (
     decode_values,
 )
 from softcache.tools.verify import verify
+from softcache.trainer import train
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.rows import train
 from softcache.trainer.stream import SoftLabelStream
 from tests.conftest import spec
 from tests.helpers import cli
@@ -158,9 +158,9 @@ def test_offline_training_replays_views_and_resumes(
     full = train(config, progress=False)
     assert len(full.metrics["train_loss"]) == 3
     # The same run, stopped right after its fifth checkpoint (mid-epoch 2), then resumed.
-    import softcache.trainer.rows as train_module
+    import softcache.trainer.checkpoint as train_module
 
-    save = train_module._save_checkpoint
+    save = train_module.save_checkpoint
     calls = []
 
     def save_then_stop(*args, **kwargs):
@@ -171,7 +171,7 @@ def test_offline_training_replays_views_and_resumes(
 
     part = dataclasses.replace(config, output=str(tmp_path / "part"))
     with monkeypatch.context() as m:
-        m.setattr(train_module, "_save_checkpoint", save_then_stop)
+        m.setattr(train_module, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             train(part, progress=False)
     resumed = train(dataclasses.replace(part, resume=True), progress=False)

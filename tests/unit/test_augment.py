@@ -1,4 +1,4 @@
-"""Tests for softcache.augment: seeding, crop boxes, bit-exact replay, view policies, spec strings."""
+"""Tests for softcache.data.augment: seeding, crop boxes, bit-exact replay, view policies, spec strings."""
 
 from __future__ import annotations
 

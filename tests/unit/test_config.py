@@ -137,7 +137,7 @@ def test_optional_int_accepts_none_and_ints() -> None:
         ({"temperatures": (1.0, -2.0)}, "temperatures must be positive"),
         ({"compression_level": 0}, "compression_level must be in 1..22"),
         ({"compression_level": 23}, "compression_level must be in 1..22"),
-        ({"teacher": ""}, "teacher, dataset and output are required"),
+        ({"teacher": ""}, "teacher is required"),
     ],
 )
 def test_validation(changes: dict, fragment: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for softcache.encoding: dense casts, exact top-k and log-sum-exp, and the row flags."""
+"""Tests for softcache.store.row_codec: dense casts, exact top-k and log-sum-exp, and the row flags."""
 
 from __future__ import annotations
 

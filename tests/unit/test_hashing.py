@@ -1,4 +1,4 @@
-"""Tests for softcache.hashing: per-sample hashes, the dataset fingerprint, and collation."""
+"""Tests for softcache.data.hashing: per-sample hashes, the dataset fingerprint, and collation."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_collate() -> None:
 def test_collate_numpy_labels_and_lists() -> None:
     x = torch.zeros(2, 3)
     inputs, labels, _ = collate_with_hashes([[x[0], np.int64(2)], (x[1], np.array(-1))])
-    assert labels.tolist() == [2, -1]
+    assert labels.tolist() == [2, MISSING_LABEL]  # a -1 label is "no label", spelled one way
     assert inputs.shape == (2, 3)
 
 

@@ -1,4 +1,4 @@
-"""Tests for softcache.plan.EpochPlan: coverage, determinism, locality, resume, DataLoader use."""
+"""Tests for softcache.trainer.plan.EpochPlan: coverage, determinism, locality, resume, DataLoader use."""
 
 from __future__ import annotations
 

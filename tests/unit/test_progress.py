@@ -1,4 +1,4 @@
-"""softcache.progress: the lines a long job prints to a log."""
+"""softcache.runtime.progress: the lines a long job prints to a log."""
 
 from __future__ import annotations
 

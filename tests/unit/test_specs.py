@@ -1,4 +1,4 @@
-"""Tests for softcache.specs: resolving `module:callable` and `file.py:callable` specs."""
+"""Tests for softcache.runtime.specs: resolving `module:callable` and `file.py:callable` specs."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.textlm.fidelity import measure
-from softcache.builder.tokens import build_tokens
+from softcache.builder import build as build_tokens
 from softcache.config import BuildConfig
 from softcache.store import LogitStore
 from tests.helpers import lm_train_specs as ls

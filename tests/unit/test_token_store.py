@@ -1,5 +1,5 @@
 """The per-token store (format_version 3) below the build: CSR rows written shard by shard and read
-back sample by sample, the row codec (`softcache.token_codec`), and token-sequence items.
+back sample by sample, the row codec (`softcache.store.token_codec`), and token-sequence items.
 
 Property-based where the layout has corners: ragged lengths with empty samples (all but one empty,
 too), shards and chunks of any size, both encodings, both id codings, float16 and quantised values.

@@ -1,4 +1,4 @@
-"""Tests for softcache.tokens: codecs round-trip, quantisers keep their bounds, losses are exact.
+"""Tests for softcache.store.token_coding: codecs round-trip, quantisers keep their bounds, losses are exact.
 
 The top-k loss at k = V is the dense loss; the sampled estimator is unbiased, checked against the
 standard error computed from the full rows (and an estimator that ignores the counts is caught).

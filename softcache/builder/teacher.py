@@ -1,0 +1,80 @@
+"""The teacher of a build: loaded from what the config names, and identified by its weights; and
+the provenance every store records (teacher, dataset, build settings, softcache version)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from softcache._version import __version__
+from softcache.config import BuildConfig
+from softcache.errors import SoftcacheError
+from softcache.runtime.specs import describe, is_spec, load_callable, module_from
+
+log = logging.getLogger("softcache")
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_teacher(spec: Any, device: torch.device) -> nn.Module:
+    """The teacher a config names (a spec, a factory or a module), in eval mode on `device`.
+
+    A spec or factory that names an `nn.Module` class builds a randomly initialised teacher:
+    almost never what a build wants, so it is said.
+    """
+    if isinstance(spec, type) or (is_spec(spec) and _names_a_class(spec)):
+        log.warning(
+            "teacher %s is an nn.Module class: it builds a randomly initialised teacher. Name a "
+            "factory that loads trained weights (a function returning the module), or pass the "
+            "trained module itself",
+            describe(spec),
+        )
+    teacher = module_from(spec, "teacher")
+    return teacher.eval().to(device)
+
+
+def _names_a_class(spec: str) -> bool:
+    try:
+        return isinstance(load_callable(spec), type)
+    except SoftcacheError:
+        return False
+
+
+def teacher_identity(spec: Any, teacher: nn.Module) -> dict[str, Any]:
+    """What a store records of its teacher: the spec (or what identifies an object), its size
+    and the sha256 of its weights."""
+    return {
+        "spec": describe(spec),
+        "num_parameters": sum(p.numel() for p in teacher.parameters()),
+        "state_dict_sha256": state_dict_sha256(teacher),
+    }
+
+
+def provenance(config: BuildConfig, teacher: nn.Module, num_samples: int) -> dict[str, Any]:
+    """The `StoreMeta` fields every layout fills alike: the shard layout, the teacher's and the
+    dataset's identity, the build settings and the softcache version."""
+    return {
+        "num_samples": num_samples,
+        "shard_rows": config.shard_rows,
+        "chunk_rows": config.effective_chunk_rows,
+        "teacher": teacher_identity(config.teacher, teacher),
+        "dataset": {
+            "spec": describe(config.dataset),
+            "num_samples": num_samples,
+            "fingerprint": None,
+        },
+        "build_config": config.provenance(),
+        "softcache_version": __version__,
+    }

@@ -1,0 +1,388 @@
+"""The training loop, written once for every layout: plan, steps, checkpoints, metrics, DDP.
+
+Three modes share everything but the loss: the same student initialisation (seeded), the same data
+order (one epoch plan), the same optimiser and schedule, so their numbers compare:
+
+- `offline`: soft labels streamed from the store (the point of softcache);
+- `online`: the teacher runs in the loop on every batch (the baseline offline KD replaces);
+- `hard`: hard labels only.
+
+What differs between row stores and token stores (what a batch is, how its loss is computed, what
+the evaluation reports) is a layout object the loop calls: `softcache.trainer.rows.RowLayout` or
+`softcache.trainer.tokens.TokenLayout`. A new layout is one new class, not edits across the loop.
+
+A checkpoint (student, optimiser, schedule, RNG, the plan's epoch and cursor, metrics so far) is
+written atomically at each epoch end (and every `checkpoint_steps` steps when asked); `--resume`
+continues from it and ends with the weights an uninterrupted run reaches.
+
+Distributed (DDP): run the same command under torchrun
+(`torchrun --nproc_per_node P -m softcache.cli train ...`; see `softcache.trainer.ddp`), for row
+and token stores alike. Each rank trains a `DistributedDataParallel` student from the same seeded
+weights, loads the inputs and reads the soft-label blocks of its own samples only (the epoch plan
+gives ranks disjoint whole blocks), and all ranks take `equal_steps(plan)` steps per epoch, so at
+most about a block of samples per rank is left out of an epoch (different ones each epoch).
+`batch_size` is per rank. Train loss and throughput are global; metrics, checkpoints, the eval pass
+and the progress bar come from rank 0, and no other rank writes to the output directory. Resuming
+with another number of processes is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from softcache.config import TrainConfig
+from softcache.errors import ConfigError
+from softcache.runtime.cluster import connect
+from softcache.runtime.devices import autocast
+from softcache.runtime.progress import Progress
+from softcache.runtime.specs import module_from
+from softcache.trainer import checkpoint as ckpt
+from softcache.trainer import ddp
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import equal_steps, plan_from_state
+
+# Settings a resumed run must share with its checkpoint, or its result would be another run's.
+RESUME_KEYS = (
+    "student", "dataset", "store", "mode", "teacher", "epochs", "batch_size", "lr", "optimizer",
+    "weight_decay", "schedule", "temperature", "alpha", "seed", "block_rows", "window_blocks",
+    "max_steps",
+)  # fmt: skip
+
+
+class TrainLayout(Protocol):
+    """What the loop needs from a layout (rows or tokens)."""
+
+    #: what a loss is a mean over, and throughput is counted in: "samples" or "tokens"
+    unit: str
+    #: settings beyond `RESUME_KEYS` a resumed run must share
+    resume_keys: tuple[str, ...]
+    #: the keys of the evaluation's results, recorded per epoch in metrics.json
+    eval_keys: tuple[str, ...]
+    num_samples: int
+    #: samples per plan block
+    block_rows: int
+
+    def batches(
+        self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
+    ) -> Iterator[Any]:
+        """The epoch's batches from the plan's cursor up to batch `steps` (the plan is not
+        advanced); `then` is the next epoch's plan, for read-ahead."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any, teacher: nn.Module | None) -> tuple[Any, int]:
+        """The batch's loss (a scalar tensor, a mean) and what it is a mean over (its count)."""
+        ...
+
+    def evaluator(self, teacher: nn.Module | None) -> Callable[[nn.Module], dict[str, Any]]:
+        """The per-epoch evaluation of the student (run on rank 0 only)."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """The layout's own entries of metrics.json (store size, ...)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced: the metrics (as in metrics.json) and where it wrote them.
+
+    The trained weights are also in `output / "student.pt"` (a plain state dict). Under DDP every
+    rank gets one; only rank 0's metrics hold the eval results.
+    """
+
+    metrics: dict[str, Any]
+    output: Path
+    student: nn.Module
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process reports (rank 0, or the only process): print results only there."""
+        return self.rank == 0
+
+
+def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
+    """Train a student as `config` says; write checkpoints, metrics.json and student.pt under
+    `config.output`.
+
+    Under `torchrun` (RANK, WORLD_SIZE and LOCAL_RANK set, WORLD_SIZE > 1) every process runs this
+    as one DDP rank; see the module docstring. Without them it trains in this one process.
+
+    Args:
+        config: the training configuration (`config.lm` picks the token layout).
+        progress: show a progress bar on stderr (rank 0 only).
+        client: a `distributed.Client` for the soft-label stream (overrides `dask_scheduler`).
+
+    Returns:
+        A `TrainResult`. Row runs record per epoch `train_loss`, `eval_accuracy`,
+        `teacher_agreement`, `samples_per_second`; token runs `train_loss`, `eval_perplexity`,
+        `eval_bits_per_token`, `eval_accuracy`, `teacher_agreement`, `eval_kl_to_teacher`,
+        `tokens_per_second` (None where not measurable).
+
+    Raises:
+        SoftcacheError: bad specs, a store that is incomplete or does not match the dataset, an
+            output that holds another run, or a checkpoint that belongs to another
+            configuration or another number of ranks.
+    """
+    with contextlib.ExitStack() as stack:
+        ranks, device = ddp.join(config, stack)
+        if client is None and config.dask_scheduler:
+            client = connect(config.dask_scheduler)
+            stack.callback(client.close)  # a client we opened, we close
+        return _train(config, ranks, device, progress=progress, client=client, stack=stack)
+
+
+def open_layout(
+    config: TrainConfig, ranks: ddp.Ranks, device: torch.device, client: Any | None
+) -> TrainLayout:
+    """The layout `config` trains on: token sequences with `lm`, else rows."""
+    if config.lm:
+        from softcache.trainer.tokens import TokenLayout
+
+        return TokenLayout(config, ranks, device, client)
+    from softcache.trainer.rows import RowLayout
+
+    return RowLayout(config, ranks, device, client)
+
+
+def _train(
+    config: TrainConfig,
+    ranks: ddp.Ranks,
+    device: torch.device,
+    *,
+    progress: bool,
+    client: Any | None,
+    stack: contextlib.ExitStack,
+) -> TrainResult:
+    cuda = device.type == "cuda"
+    output = Path(config.output)
+    _check_output(output, config)
+    layout = open_layout(config, ranks, device, client)
+    stack.callback(layout.close)
+    torch.manual_seed(config.seed)  # the same initial student on every rank
+    student = module_from(config.student, "student").to(device)
+    teacher = None
+    if config.teacher:
+        teacher = module_from(config.teacher, "teacher").eval().to(device)
+        teacher.requires_grad_(False)
+    try:
+        plan = EpochPlan(
+            num_samples=layout.num_samples,
+            block_rows=layout.block_rows,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            window_blocks=config.window_blocks,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
+    except ValueError as exc:  # e.g. a batch wider than a shuffle window: a setting to change
+        raise ConfigError(f"{exc} (--batch-size, --window-blocks)") from exc
+    ddp.check_ranks(plan, ranks)
+    steps_total = ddp.total_steps(plan, config.epochs)
+    if config.max_steps:
+        steps_total = min(steps_total, config.max_steps)
+    optimizer = make_optimizer(config, student)
+    schedule = make_schedule(config, optimizer, steps_total)
+    # fp16 autocast needs loss scaling, or small gradients underflow to zero (a no-op elsewhere).
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+    if ranks.main:
+        output.mkdir(parents=True, exist_ok=True)
+    metrics = _new_metrics(config, layout, ranks)
+    partial, step = ckpt.EpochStats(), 0
+    resume_keys = RESUME_KEYS + layout.resume_keys
+    if config.resume:  # every rank reads the checkpoint; only rank 0 ever writes it
+        state = ckpt.load_checkpoint(
+            output, config.to_dict(), resume_keys, rank=ranks.rank, world_size=ranks.world_size
+        )
+        student.load_state_dict(state.student)
+        optimizer.load_state_dict(state.optimizer)
+        schedule.load_state_dict(state.schedule)
+        scaler.load_state_dict(state.scaler)
+        plan.load_state_dict({**state.plan, "rank": ranks.rank})
+        torch.set_rng_state(state.torch_rng)
+        metrics, step = state.metrics, state.step
+        if ranks.main:  # the saved sums are global: counted once, on rank 0
+            partial = state.partial
+    model: nn.Module = student
+    if ranks.world_size > 1:
+        # Broadcasts rank 0's weights and buffers (identical anyway: same seed or checkpoint).
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if cuda else None
+        )
+    evaluate = layout.evaluator(teacher) if ranks.main else None
+
+    first_epoch = plan.epoch
+    for epoch in range(plan.epoch, config.epochs):
+        if step >= steps_total:
+            break
+        if plan.epoch != epoch:
+            plan.set_epoch(epoch)
+        steps = equal_steps(plan)  # the same on every rank: collectives stay in step
+        rows = ddp.RowCount(plan, steps)
+        start_cursor = plan.cursor
+        stats, partial = partial, ckpt.EpochStats()
+        bar = Progress(
+            rows.total,
+            f"epoch {epoch + 1}/{config.epochs}",
+            enabled=progress and ranks.main,
+            initial=rows.before(start_cursor),
+        )
+        then = None
+        if epoch + 1 < config.epochs:
+            then = plan_from_state(dict(plan.state_dict(), cursor=0))
+            then.set_epoch(epoch + 1)
+        t_epoch = time.perf_counter()
+        t_ready = t_epoch
+        model.train()
+        stride = _hash_stride(config, first_epoch=epoch == first_epoch)
+        batches = layout.batches(plan, steps, hash_stride=stride, then=then)
+        for i, batch in enumerate(batches):
+            stats.wait += time.perf_counter() - t_ready
+            with autocast(device, config.amp):
+                loss, count = layout.loss(model, batch, teacher)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            step += 1
+            loss_value = float(loss.detach())  # syncs the device: the step is done here
+            if metrics["first_step_loss"] is None:
+                metrics["first_step_loss"] = ddp.global_mean(loss_value, count, ranks, device)
+            stats.loss_sum += loss_value * count
+            stats.count += count
+            cursor = start_cursor + i + 1
+            bar.update(rows.at(cursor - 1))
+            if step >= steps_total:
+                break
+            every = config.checkpoint_steps
+            if every and cursor % every == 0 and cursor < steps:
+                stats.seconds += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                so_far = _global_stats(stats, ranks, device)  # a collective: on every rank
+                if ranks.main:
+                    metrics["steps"] = step
+                    at = dict(plan.state_dict(), cursor=cursor)
+                    ckpt.save_checkpoint(
+                        output, student, optimizer, schedule, scaler, at, step, metrics, so_far
+                    )
+            t_ready = time.perf_counter()
+        bar.close()
+        stats.seconds += time.perf_counter() - t_epoch
+        epoch_stats = _global_stats(stats, ranks, device)
+        # Rank 0 evaluates and writes while the others go on to the next epoch's first
+        # all-reduce, where they wait for it (within the process group's timeout).
+        results = evaluate(student) if evaluate else dict.fromkeys(layout.eval_keys)
+        _record_epoch(metrics, epoch_stats, results, layout.unit)
+        metrics["steps"] = step
+        plan.set_epoch(epoch + 1)
+        if ranks.main:
+            ckpt.save_checkpoint(
+                output,
+                student,
+                optimizer,
+                schedule,
+                scaler,
+                plan.state_dict(),
+                step,
+                metrics,
+                ckpt.EpochStats(),
+            )
+            ckpt.save_student(output, student)
+            ckpt.write_json(output / ckpt.METRICS, metrics)
+    if ranks.main:
+        ckpt.write_json(output / ckpt.METRICS, metrics)
+    return TrainResult(
+        metrics=metrics,
+        output=output,
+        student=student,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
+
+
+def _check_output(output: Path, config: TrainConfig) -> None:
+    """Refuse to write over another run unless told to (`resume` continues it, `overwrite`
+    replaces it)."""
+    if config.resume or config.overwrite:
+        return
+    held = [name for name in (ckpt.CHECKPOINT, ckpt.METRICS) if (output / name).exists()]
+    if held:
+        raise ConfigError(
+            f"{output} already holds a training run ({', '.join(held)}); pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --output"
+        )
+
+
+def _hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:
+    """Rows between alignment-checked rows this epoch (1: all, 0: none); see `hash_check`."""
+    if config.hash_check == "all" or (config.hash_check == "first-epoch" and first_epoch):
+        return 1
+    return config.hash_stride if config.hash_check == "first-epoch" else 0
+
+
+def _new_metrics(config: TrainConfig, layout: TrainLayout, ranks: ddp.Ranks) -> dict[str, Any]:
+    return {
+        "mode": config.mode,
+        "world_size": ranks.world_size,
+        "epoch": [],
+        "train_loss": [],
+        **{key: [] for key in layout.eval_keys},
+        "epoch_seconds": [],
+        f"{layout.unit}_per_second": [],
+        "data_wait_fraction": [],
+        "first_step_loss": None,
+        "steps": 0,
+        **layout.metrics(),
+        "config": config.to_dict(),
+    }
+
+
+def _record_epoch(
+    metrics: dict[str, Any], stats: ckpt.EpochStats, results: dict[str, Any], unit: str
+) -> None:
+    metrics["epoch"].append(len(metrics["epoch"]) + 1)
+    metrics["train_loss"].append(stats.loss_sum / max(stats.count, 1))
+    for key, value in results.items():
+        metrics[key].append(value)
+    metrics["epoch_seconds"].append(stats.seconds)
+    metrics[f"{unit}_per_second"].append(stats.count / stats.seconds if stats.seconds else None)
+    metrics["data_wait_fraction"].append(stats.wait / stats.seconds if stats.seconds else None)
+
+
+def _global_stats(
+    stats: ckpt.EpochStats, ranks: ddp.Ranks, device: torch.device
+) -> ckpt.EpochStats:
+    """Loss and count sums over all ranks (a collective); times are this rank's."""
+    if ranks.world_size == 1:
+        return ckpt.EpochStats(**vars(stats))
+    loss_sum, count = ddp.all_sum([stats.loss_sum, stats.count], device)
+    return ckpt.EpochStats(loss_sum, round(count), stats.wait, stats.seconds)
+
+
+def make_optimizer(config: TrainConfig, student: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser `config` names, over the student's parameters."""
+    params = student.parameters()
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def make_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    """The per-step learning-rate schedule `config` names, over `steps` steps."""
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))

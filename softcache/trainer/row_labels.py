@@ -1,0 +1,199 @@
+"""Row layout of the stream: per-sample (or per-view) soft labels of dense and top-k stores.
+
+A plan block is one shard: `shard_samples` samples, all `views` rows of each. The source reads a
+shard's arrays as one Dask task each, decodes them on the reader thread (or hands over the stored
+dtypes for a GPU student, see `SoftLabelStream`'s `values`), and gathers a batch's rows (the chosen
+view's, with views) into `SoftLabels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from softcache.errors import DatasetMismatchError
+from softcache.store import (
+    LOGITS,
+    LSE,
+    SAMPLE_HASH,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    VIEW_PARAMS,
+    LogitStore,
+)
+
+# What a stream delivers: decoded float32 / int64, or the store's own dtypes.
+VALUE_MODES = ("float32", "stored")
+
+
+@dataclass
+class SoftLabels:
+    """One batch of soft labels, aligned with the plan's batch of row indices.
+
+    Attributes:
+        indices: (B,) int64 dataset indices of the rows.
+        sample_hash: (B,) uint64 hashes of the inputs the teacher saw.
+        logits: (B, C) float32 teacher logits (`dense` stores), else None.
+        topk_values: (B, k) float32 kept teacher logits, descending (`topk` stores), else None.
+        topk_indices: (B, k) int64 class ids of `topk_values`, else None.
+            (From a stream with `values="stored"` these three hold the store's dtypes until
+            `to(device)` widens them.)
+        lse: (B, len(temperatures)) float32 full-row log-sum-exp per stored temperature, else None.
+        views: (B,) int64 view of each sample these labels belong to (stores with views), else
+            None.
+        view_params: (B, P) float64 parameters that recreate each row's view from the sample
+            (stores with views), else None: apply them to the inputs before the student sees them.
+    """
+
+    indices: np.ndarray
+    sample_hash: np.ndarray
+    logits: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    views: np.ndarray | None = None
+    view_params: np.ndarray | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
+        """A copy with the tensors on `device`, as the losses take them.
+
+        Values and `lse` become float32 and class ids int64 on the device, whatever dtype the
+        stream delivered (see `SoftLabelStream`'s `values`): a stored-dtype batch is copied in
+        its small dtype and widened where it lands.
+        """
+
+        def move(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device, non_blocking=non_blocking).to(dtype)
+
+        return SoftLabels(
+            self.indices,
+            self.sample_hash,
+            move(self.logits, torch.float32),
+            move(self.topk_values, torch.float32),
+            move(self.topk_indices, torch.int64),
+            move(self.lse, torch.float32),
+            self.views,
+            self.view_params,
+        )
+
+    def check_alignment(self, input_hashes: np.ndarray, stride: int = 1) -> None:
+        """Raise unless the batch's inputs hash to what the teacher saw.
+
+        Args:
+            input_hashes: uint64 hashes of rows 0, stride, 2 * stride, ... of the batch, from
+                `softcache.data.hashing.sampled_collate(stride)` (`collate_with_hashes` for stride 1).
+            stride: which rows were hashed.
+
+        Raises:
+            DatasetMismatchError: naming the first mismatching dataset index.
+        """
+        expected = self.sample_hash[::stride]
+        indices = self.indices[::stride]
+        if len(input_hashes) != len(expected) or not np.array_equal(input_hashes, expected):
+            bad = np.flatnonzero(input_hashes[: len(expected)] != expected[: len(input_hashes)])
+            first = int(indices[bad[0]]) if bad.size else int(indices[0])
+            raise DatasetMismatchError(
+                f"dataset sample {first} does not match the store: its input hashes differ from "
+                "what the teacher saw when the store was built (the dataset was reordered, "
+                "changed, or is not the one the store was built from); rebuild the store from "
+                "this dataset or use the dataset it was built from"
+            )
+
+
+class RowBlocks:
+    """How the stream reads, decodes and gathers a row store's blocks (one shard each).
+
+    Args:
+        store: an open, complete row store.
+        arrays: the store's per-row arrays as Dask arrays chunked by shard.
+        view_policy: which view of each sample an epoch uses (`softcache.data.augment.choose_views`).
+        values: `float32` or `stored` (see `SoftLabelStream`).
+    """
+
+    def __init__(
+        self, store: LogitStore, arrays: dict[str, Any], *, view_policy: str, values: str
+    ) -> None:
+        self.store = store
+        self._arrays = arrays
+        self.view_policy = view_policy
+        self.values = values
+        self.views = store.meta.views
+
+    def check_block_rows(self, block_rows: int) -> None:
+        """A plan over this store must take whole shards as its blocks."""
+        meta = self.store.meta
+        if block_rows != meta.shard_samples:
+            per_view = f" / {self.views} views" if self.views > 1 else ""
+            raise ValueError(
+                f"the plan's block_rows ({block_rows}) must equal the store's shard_rows "
+                f"({meta.shard_rows}{per_view}): the stream reads whole shards"
+            )
+
+    def graph(self, block: int, block_rows: int) -> dict[str, Any]:
+        """The Dask graph of one block: every per-row array's shard `block`."""
+        return {name: arr.blocks[block] for name, arr in self._arrays.items()}
+
+    def gather(
+        self,
+        batch: np.ndarray,
+        block_ids: np.ndarray,
+        cache: dict[int, dict[str, np.ndarray]],
+        rows: int,
+        seed_epoch: tuple[int, int],
+    ) -> SoftLabels:
+        offsets = batch - block_ids * rows
+        views = None
+        if self.store.meta.augmentation:
+            from softcache.data.augment import choose_views
+
+            views = choose_views(self.view_policy, self.views, batch, *seed_epoch)
+            offsets = offsets * self.views + views  # the chosen view's row inside the shard
+        unique = np.unique(block_ids)
+        cols: dict[str, np.ndarray] = {}
+        for name in self._arrays:
+            if unique.size == 1:
+                cols[name] = cache[int(unique[0])][name][offsets]
+                continue
+            first = cache[int(unique[0])][name]
+            col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
+            for b in unique:
+                mask = block_ids == b
+                col[mask] = cache[int(b)][name][offsets[mask]]
+            cols[name] = col
+        meta = self.store.meta
+        out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
+        if VIEW_PARAMS in cols:
+            out.view_params = cols[VIEW_PARAMS]
+        if meta.encoding == "dense":
+            out.logits = self._values(cols[LOGITS])
+        else:
+            out.topk_values = self._values(cols[TOPK_VALUES])
+            out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
+            out.lse = torch.from_numpy(cols[LSE])
+        return out
+
+    def decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Storage dtypes -> what `_gather` wraps as tensors (runs on the reader thread)."""
+        if self.values == "stored":
+            if self.store.meta.value_dtype == "bfloat16":  # uint16 bits, as torch's bfloat16
+                for name in (LOGITS, TOPK_VALUES):
+                    if name in data:
+                        data[name] = data[name].view(np.int16)
+            return data
+        for name in (LOGITS, TOPK_VALUES):
+            if name in data:
+                data[name] = self.store.decode_values(data[name])
+        if TOPK_INDICES in data:
+            data[TOPK_INDICES] = data[TOPK_INDICES].astype(np.int64)
+        return data
+
+    def _values(self, col: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(col)
+        if self.values == "stored" and self.store.meta.value_dtype == "bfloat16":
+            return tensor.view(torch.bfloat16)
+        return tensor
