@@ -1,4 +1,4 @@
-"""Build overhead: `softcache.build.build` next to a bare forward loop of the same teacher.
+"""Build overhead: `softcache.builder.build` next to a bare forward loop of the same teacher.
 
 The bare loop is what any inference script pays anyway: the same dataset through a DataLoader of
 the same batch size, the teacher under `torch.inference_mode()`, forward only, keeping nothing.
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.harness import Figure, ratio_figure, timed
-from softcache.builder.rows import BuildResult, build
+from softcache.builder import BuildResult, build
 from softcache.config import BuildConfig
 from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore

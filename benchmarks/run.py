@@ -2,8 +2,9 @@
 
 Prints one table (each figure next to its goal) and writes the figures, the raw timings and the
 machine's load to JSON. `--quick` (under a minute) is a smoke run on small workloads; `--full`
-(the default, about seven minutes) gives the figures to report. `--only` picks sections. `--profile SECTION:CASE` runs one case
-under cProfile instead, to see where its time goes. See benchmarks/README.md for how to read it.
+(the default, about seven minutes, and two more for the `lm` section) gives the figures to report.
+`--only` picks sections. `--profile SECTION:CASE` runs one case under cProfile instead, to see
+where its time goes. See benchmarks/README.md for how to read it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from benchmarks.harness import (
     table,
     write_json,
 )
+from benchmarks.lm import LMBuildBench, LMTrainBench, bytes_workload, v32k_workload
 from benchmarks.scaling import ScalingBench
 from benchmarks.speedup import SpeedupBench
 from benchmarks.storage import StorageBench
@@ -39,7 +41,7 @@ from benchmarks.stream import StreamBench
 from benchmarks.train import TrainBench, TrainWorkload
 from benchmarks.views import ViewsBench
 
-SECTIONS = ("build", "views", "train", "speedup", "stream", "storage", "scaling", "digits")
+SECTIONS = ("build", "views", "train", "speedup", "stream", "storage", "scaling", "digits", "lm")
 DEFAULT_JSON = Path("data/bench/results.json")
 # A 1-minute load average above this (the benchmark itself keeps about one core busy) means that
 # other processes shared the machine.
@@ -77,6 +79,11 @@ class Settings:
     scaling_phases: tuple[str, ...]
     digits_rounds: int
     digits_epochs: int
+    lm_bytes: str
+    lm_tokens: str
+    lm_build_rounds: int
+    lm_train_rounds: int
+    lm_epochs: int
 
 
 QUICK = Settings(
@@ -97,6 +104,11 @@ QUICK = Settings(
     scaling_phases=("build", "stream"),
     digits_rounds=2,
     digits_epochs=4,
+    lm_bytes="benchmarks.lm:bytes_quick",
+    lm_tokens="benchmarks.lm:tokens_32k_quick",
+    lm_build_rounds=2,
+    lm_train_rounds=2,
+    lm_epochs=2,
 )
 FULL = Settings(
     mode="full",
@@ -116,6 +128,11 @@ FULL = Settings(
     scaling_phases=("build", "stream", "train"),
     digits_rounds=3,
     digits_epochs=6,
+    lm_bytes="benchmarks.lm:bytes_full",
+    lm_tokens="benchmarks.lm:tokens_32k_full",
+    lm_build_rounds=5,
+    lm_train_rounds=4,
+    lm_epochs=2,
 )
 
 
@@ -132,7 +149,7 @@ def benches(
 ) -> list[tuple[Bench, int]]:
     """The benches of a section with their number of rounds (setup, such as store builds, runs here).
 
-    `device` is where the teacher and student run in the build, views, train and speedup sections;
+    `device` is where the teacher and student run in the build, views, train, speedup and lm sections;
     stream, storage and scaling measure the host side (reading, bytes, memory) and digits the fixed
     costs, all on the CPU.
     """
@@ -168,6 +185,14 @@ def benches(
         return [(StorageBench(PEAKED_TEACHER, s.peaked, workdir), 1)]
     if section == "scaling":
         return [(ScalingBench(s.scaling_sizes, s.scaling_phases, workdir), 1)]
+    if section == "lm":
+        workloads = (
+            bytes_workload(s.lm_bytes, s.lm_epochs, device),
+            v32k_workload(s.lm_tokens, s.lm_epochs, device),
+        )
+        return [(LMBuildBench(w, workdir), s.lm_build_rounds) for w in workloads] + [
+            (LMTrainBench(w, workdir), s.lm_train_rounds) for w in workloads
+        ]
     digits.ensure_teacher()
     return [
         (BuildBench(digits.build_workload(), workdir), s.digits_rounds),
@@ -215,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="where teachers and students run in build, views, train and speedup (auto: cuda "
+        help="where teachers and students run in build, views, train, speedup and lm (auto: cuda "
         "when a GPU is present)",
     )
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ report at least 760 MB); `ru_maxrss` elsewhere. The child imports everything any
 it starts the clock, so every child starts from the same footprint (`start` in the detail: the peak
 after the imports). Phases:
 
-- `build`: `softcache.build.build` of the store, wall time from call to return;
+- `build`: `softcache.builder.build` of the store, wall time from call to return;
 - `stream`: one epoch of `SoftLabelStream.batches(plan)` over that store, no student (batch 256);
-- `train`: one epoch of `softcache.train.train(mode="offline")` of the linear student from that
+- `train`: one epoch of `softcache.trainer.train(mode="offline")` of the linear student from that
   store (batch 256; the first epoch hashes every input for the alignment check).
 
 Figures, for each phase and each step N -> 10N: time per sample at 10N over N (flat is 1; below 1
@@ -43,11 +43,11 @@ import torch
 
 from benchmarks.harness import Figure, format_seconds, median, timed
 from benchmarks.models import SCALE_DATASETS
-from softcache.builder.rows import build
+from softcache.builder import build
 from softcache.config import BuildConfig, TrainConfig
 from softcache.store import LogitStore
+from softcache.trainer import train
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.rows import train
 from softcache.trainer.stream import SoftLabelStream
 
 PHASES = ("build", "stream", "train")

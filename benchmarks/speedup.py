@@ -7,7 +7,7 @@ is printed next to the cost ratio measured in the same run, since the targets ar
 the teacher's forward were the only difference, online / offline would be about
 `1 + teacher forward / student step`; the detail gives that expectation too.
 
-Both modes run through `softcache.train.train` with the same student, data order, optimiser and
+Both modes run through `softcache.trainer.train` with the same student, data order, optimiser and
 batch size. The offline store is built by the cheapest teacher: what an offline epoch costs depends
 on the store's shape, not on whose logits it holds, and online mode reads only its block layout.
 """

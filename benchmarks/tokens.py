@@ -1,7 +1,7 @@
 """LM soft labels at a 128k vocabulary: bytes per token on disk, and the KL each encoding costs.
 
 `python -m benchmarks.tokens [--quick] [--json PATH]` from the repo root (full: T = 4,096 tokens,
-about 2.5 minutes on two cores; quick: 512, 20 s). Uses `softcache.tokens` for every encoding and loss.
+about 2.5 minutes on two cores; quick: 512, 20 s). Uses `softcache.store.token_coding` for every encoding and `softcache.losses.tokens` for every loss.
 
 **The synthetic teacher** (`Teacher`) mimics an LM's next-token distribution: a fixed Zipf
 log-frequency ``-0.9 log(1 + rank)`` over a random permutation of the V = 131,072 ids (frequent

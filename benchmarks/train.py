@@ -1,6 +1,6 @@
 """Train overhead: offline-KD epochs next to hard-label epochs of the same student.
 
-Every mode runs through `softcache.train.train` with the same student, data order (the plan comes
+Every mode runs through `softcache.trainer.train` with the same student, data order (the plan comes
 from the store's shard layout in every mode), optimiser and batch size; only the loss's source
 differs (online KD, the teacher in the loop, is measured by `benchmarks.speedup`). A run's epoch
 time is the median of its epochs after the first (the first pays imports, allocator growth and the
@@ -10,7 +10,7 @@ Timed in the same rounds, to say where an offline epoch's extra time goes:
 
 - `stream`: the soft-label stream alone (`SoftLabelStream.batches` over the dense store, no
   student): the reading the stream's thread has to hide behind the student's steps;
-- `hash`: hashing every input of an epoch (`softcache.hashing.hash_rows`, batch by batch): the
+- `hash`: hashing every input of an epoch (`softcache.data.hashing.hash_rows`, batch by batch): the
   alignment check, which offline training runs on the training thread when `num_workers` is 0.
 
 `model_costs` times a teacher's and the student's passes on one batch, so an online figure can
@@ -36,8 +36,8 @@ from softcache.config import TrainConfig
 from softcache.data.hashing import collate_pairs, hash_rows
 from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore
+from softcache.trainer import train
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.rows import train
 from softcache.trainer.stream import SoftLabelStream
 
 TRAIN_GOAL = 1.05
@@ -85,7 +85,7 @@ def run_training(
     teacher: str | None = None,
     epochs: int | None = None,
 ) -> dict[str, Any]:
-    """Train the workload's student once with `softcache.train.train`; return its metrics.
+    """Train the workload's student once with `softcache.trainer.train`; return its metrics.
 
     Args:
         workload: student, dataset and batch size.

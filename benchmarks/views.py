@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.build import BUILD_GOAL, BuildWorkload, forward_only
 from benchmarks.harness import Figure, ratio_figure, timed
-from softcache.builder.rows import BuildResult, build
+from softcache.builder import BuildResult, build
 from softcache.data.augment import parse_augment
 from softcache.data.views import ViewDataset
 from softcache.runtime.specs import instantiate
