@@ -9,8 +9,12 @@ training attached. Its baselines:
   of these bytes can be (no decompression at all);
 - `zstd`: `numcodecs.Zstd().decode` of the store's own compressed chunks (the zstd frames read out
   of its shard files beforehand, crc32c stripped), one after another on one thread: the one cost a
-  reader of a compressed store cannot avoid. The stream decodes on all cores (Dask's threads), so
-  it is held to that decode spread ideally over `os.cpu_count()` cores.
+  reader of a compressed store cannot avoid;
+- `zstd-pool`: the same frames decoded by a thread pool of `os.cpu_count()` threads, measured in
+  the same run (numcodecs releases the GIL while it decodes). The stream decodes on all cores
+  (Dask's threads, zarrs' where installed), so it is held to this: what the machine actually gives
+  on all cores, not one thread's rate times the core count (two threads here decode only
+  1.1-1.35x faster than one).
 
 Every case covers the same rows, so the ratio of two times is the ratio of two throughputs.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +109,7 @@ class StreamBench:
         self.stored_bytes = sum(len(f) for f in self.frames)
         self.decoded_bytes = sum(len(self.zstd.decode(f)) for f in self.frames)
         self.cpus = os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=self.cpus, thread_name_prefix="bench-zstd")
 
     def _read_stream(self, stream: SoftLabelStream, nbytes: int) -> None:
         delivered = 0
@@ -120,6 +126,9 @@ class StreamBench:
         for frame in self.frames:
             self.zstd.decode(frame)
 
+    def _decode_pool(self) -> None:
+        list(self.pool.map(self.zstd.decode, self.frames))
+
     def cases(self) -> dict[str, Callable[[], float]]:
         return {
             "stream": lambda: timed(lambda: self._read_stream(self.stream, self.nbytes)),
@@ -128,17 +137,19 @@ class StreamBench:
             ),
             "np.load": lambda: timed(self._read_npy),
             "zstd": lambda: timed(self._decode),
+            "zstd-pool": lambda: timed(self._decode_pool),
         }
 
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
         meta = self.store.meta
         shape = f"N={meta.num_samples}, C={meta.num_classes}, shard {meta.shard_rows} rows"
         rows = meta.num_samples / 1e3
-        zstd = median(samples["zstd"])
+        zstd, pool = median(samples["zstd"]), median(samples["zstd-pool"])
         baseline = (
-            f"zstd on 1 thread {rows / zstd:,.0f}k rows/s ({self.decoded_bytes / 1e6 / zstd:,.0f} "
-            f"MB/s decoded from {self.stored_bytes / 1e6:.0f} MB of {len(self.frames)} frames), "
-            f"x {self.cpus} cores = {self.cpus * rows / zstd:,.0f}k rows/s"
+            f"zstd on {self.cpus} threads {rows / pool:,.0f}k rows/s "
+            f"({self.decoded_bytes / 1e6 / pool:,.0f} MB/s decoded from "
+            f"{self.stored_bytes / 1e6:.0f} MB of {len(self.frames)} frames; "
+            f"{zstd / pool:.2f}x one thread's {rows / zstd:,.0f}k rows/s)"
         )
         figures = []
         for case, label, nbytes in (
@@ -164,11 +175,10 @@ class StreamBench:
                 ratio_figure(
                     f"stream {label} / zstd decode, all cores",
                     samples,
-                    "zstd",
+                    "zstd-pool",
                     case,
                     goal=DECODE_GOAL,
                     higher_is_better=True,
-                    scale=1 / self.cpus,
                     note=f"stream {rows / t:,.0f}k rows/s; {baseline}; {shape}, fp16 stored",
                 )
             )

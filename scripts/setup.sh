@@ -17,3 +17,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 extras="pipelines${1:+,$1}"
 "${PIP[@]}" -e ".[${extras}]"
+# zarrs (the fast extra) reads stores faster; where it cannot install, softcache reads without it.
+"${PIP[@]}" "zarrs>=0.2" || echo "setup: zarrs did not install; stores are read with zarr-python" >&2

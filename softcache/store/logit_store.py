@@ -42,6 +42,7 @@ from softcache.store.format import (
     row_layout,
 )
 from softcache.store.location import exists, is_local, local_path, object_size, open_location
+from softcache.store.read_pipeline import read_pipeline
 
 
 class LogitStore:
@@ -215,7 +216,11 @@ class LogitStore:
         """The Zarr array called `name` (one of `array_names`)."""
         # Cached: every lookup through the group re-reads the array's metadata from the store.
         if name not in self._arrays:
-            arr = self._group[name]
+            if self.read_only:
+                with read_pipeline():  # zarrs where installed (see `read_pipeline`)
+                    arr = self._group[name]
+            else:
+                arr = self._group[name]
             assert isinstance(arr, zarr.Array)
             if not self.read_only:
                 # Write every chunk, zeros included, so a missing chunk object always means loss

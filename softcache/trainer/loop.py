@@ -46,6 +46,7 @@ from softcache.runtime.progress import Progress
 from softcache.runtime.specs import module_from
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
+from softcache.trainer.ahead import Ahead
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 
@@ -246,7 +247,10 @@ def _train(
         t_ready = t_epoch
         model.train()
         stride = _hash_stride(config, first_epoch=epoch == first_epoch)
-        batches = layout.batches(plan, steps, hash_stride=stride, then=then)
+        # Inputs and soft labels are made on a background thread (`Ahead`): the step only takes
+        # finished batches, so their collation, hashing and gathering overlap with it.
+        source = layout.batches(plan, steps, hash_stride=stride, then=then)
+        batches = Ahead(source, depth=2, name="batches").results()
         for i, batch in enumerate(batches):
             stats.wait += time.perf_counter() - t_ready
             with autocast(device, config.amp):
@@ -265,6 +269,7 @@ def _train(
             cursor = start_cursor + i + 1
             bar.update(rows.at(cursor - 1))
             if step >= steps_total:
+                batches.close()  # stops the background thread before the epoch's bookkeeping
                 break
             every = config.checkpoint_steps
             if every and cursor % every == 0 and cursor < steps:

@@ -1,15 +1,14 @@
 """Row layout of the stream: per-sample (or per-view) soft labels of dense and top-k stores.
 
-A plan block is one shard: `shard_samples` samples, all `views` rows of each. The source reads a
-shard's arrays as one Dask task each, decodes them on the reader thread (or hands over the stored
-dtypes for a GPU student, see `SoftLabelStream`'s `values`), and gathers a batch's rows (the chosen
-view's, with views) into `SoftLabels`.
+A plan block is one shard: `shard_samples` samples, all `views` rows of each. The stream reads a
+shard's rows of every array; this source gathers a batch's rows (the chosen view's, with views) into
+`SoftLabels`, widening them to float32 / int64 on the way (or handing over the stored dtypes for a
+GPU student, see `SoftLabelStream`'s `values`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from softcache.store import (
     TOPK_VALUES,
     VIEW_PARAMS,
     LogitStore,
+    decode_values,
 )
 
 # What a stream delivers: decoded float32 / int64, or the store's own dtypes.
@@ -110,16 +110,13 @@ class RowBlocks:
 
     Args:
         store: an open, complete row store.
-        arrays: the store's per-row arrays as Dask arrays chunked by shard.
         view_policy: which view of each sample an epoch uses (`softcache.data.augment.choose_views`).
         values: `float32` or `stored` (see `SoftLabelStream`).
     """
 
-    def __init__(
-        self, store: LogitStore, arrays: dict[str, Any], *, view_policy: str, values: str
-    ) -> None:
+    def __init__(self, store: LogitStore, *, view_policy: str, values: str) -> None:
         self.store = store
-        self._arrays = arrays
+        self._names = store.row_array_names
         self.view_policy = view_policy
         self.values = values
         self.views = store.meta.views
@@ -134,9 +131,9 @@ class RowBlocks:
                 f"({meta.shard_rows}{per_view}): the stream reads whole shards"
             )
 
-    def graph(self, block: int, block_rows: int) -> dict[str, Any]:
-        """The Dask graph of one block: every per-row array's shard `block`."""
-        return {name: arr.blocks[block] for name, arr in self._arrays.items()}
+    def rows(self, block: int, block_rows: int) -> tuple[int, int]:
+        """The store rows `[start, stop)` of block `block`: shard `block`, every view."""
+        return self.store.shard_bounds(block)
 
     def gather(
         self,
@@ -155,7 +152,7 @@ class RowBlocks:
             offsets = offsets * self.views + views  # the chosen view's row inside the shard
         unique = np.unique(block_ids)
         cols: dict[str, np.ndarray] = {}
-        for name in self._arrays:
+        for name in self._names:
             if unique.size == 1:
                 cols[name] = cache[int(unique[0])][name][offsets]
                 continue
@@ -173,27 +170,31 @@ class RowBlocks:
             out.logits = self._values(cols[LOGITS])
         else:
             out.topk_values = self._values(cols[TOPK_VALUES])
-            out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
+            out.topk_indices = self._indices(cols[TOPK_INDICES])
             out.lse = torch.from_numpy(cols[LSE])
         return out
 
     def decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Storage dtypes -> what `_gather` wraps as tensors (runs on the reader thread)."""
-        if self.values == "stored":
-            if self.store.meta.value_dtype == "bfloat16":  # uint16 bits, as torch's bfloat16
-                for name in (LOGITS, TOPK_VALUES):
-                    if name in data:
-                        data[name] = data[name].view(np.int16)
-            return data
-        for name in (LOGITS, TOPK_VALUES):
-            if name in data:
-                data[name] = self.store.decode_values(data[name])
-        if TOPK_INDICES in data:
-            data[TOPK_INDICES] = data[TOPK_INDICES].astype(np.int64)
+        """What the reader thread does to a block after Dask decoded it: nothing.
+
+        Widening (fp16 -> fp32, uint16 ids -> int64) happens per batch in `gather`, on the
+        assembler thread, so the reader thread (zstd, zarrs) and the assembler thread (gather,
+        widening) share the work on two cores rather than one doing both.
+        """
         return data
 
     def _values(self, col: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(col)
-        if self.values == "stored" and self.store.meta.value_dtype == "bfloat16":
-            return tensor.view(torch.bfloat16)
-        return tensor
+        """A batch's stored values as delivered: float32, or the stored dtype (bfloat16 as
+        torch's bfloat16, from its uint16 bits)."""
+        value_dtype = self.store.meta.value_dtype
+        if self.values == "stored":
+            if value_dtype == "bfloat16":
+                return torch.from_numpy(col.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(col)
+        return torch.from_numpy(decode_values(col, value_dtype))
+
+    def _indices(self, col: np.ndarray) -> torch.Tensor:
+        """A batch's stored class ids: int64, or the stored dtype (uint16 / int32)."""
+        if self.values == "stored":
+            return torch.from_numpy(col)
+        return torch.from_numpy(col.astype(np.int64))

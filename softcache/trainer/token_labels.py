@@ -2,15 +2,14 @@
 
 The training plan (`softcache.trainer.plan.EpochPlan`) runs over samples in blocks of consecutive
 samples. A block's tokens are one contiguous range of rows (CSR `offsets`), so reading a block is
-one slice per array, which Dask computes from the whole shards it overlaps (never per row or per
-batch). The reader thread decodes the block (`TokenCodec.decode`); a batch then only gathers its
+one slice per array, decoded from the whole shards it overlaps (never per row or per batch). The
+reader thread decodes the block (`TokenCodec.decode`); the assembler thread then gathers a batch's
 samples' rows, with one `index_select` per (block, field).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,26 +70,23 @@ class TokenBlocks:
 
     Args:
         store: an open, complete store with ``layout = "tokens"``.
-        arrays: its per-token arrays as Dask arrays chunked by shard.
     """
 
-    def __init__(self, store: LogitStore, arrays: dict[str, Any]) -> None:
+    def __init__(self, store: LogitStore) -> None:
         if not store.meta.tokens:
             raise ValueError(f"store {store.location} has one row per sample, not per token")
         self.store = store
-        self._arrays = arrays
         self.offsets = store.offsets()
 
     def check_block_rows(self, block_rows: int) -> None:
         """Any block size reads: a block of samples is one contiguous token range."""
 
-    def graph(self, block: int, block_rows: int) -> dict[str, Any]:
-        """The Dask graph of one block: its samples' token range of every per-token array."""
+    def rows(self, block: int, block_rows: int) -> tuple[int, int]:
+        """The store rows `[start, stop)` of block `block`: its samples' tokens."""
         num_samples = len(self.offsets) - 1
         s0 = block * block_rows
         s1 = min(s0 + block_rows, num_samples)
-        r0, r1 = int(self.offsets[s0]), int(self.offsets[s1])
-        return {name: arr[r0:r1] for name, arr in self._arrays.items()}
+        return int(self.offsets[s0]), int(self.offsets[s1])
 
     def decode(self, data: dict[str, np.ndarray]) -> dict[str, Tensor]:
         """Stored rows -> the loss's tensors (on the reader thread)."""

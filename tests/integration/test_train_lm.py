@@ -549,7 +549,7 @@ def test_a_batch_of_empty_samples_has_no_rows_of_the_right_widths(stores: dict[s
 def test_token_blocks_refuse_a_row_store(make_store) -> None:
     rows, _ = make_store("rows.zarr")
     with pytest.raises(ValueError, match="one row per sample, not per token"):
-        TokenBlocks(LogitStore.open(rows), {})
+        TokenBlocks(LogitStore.open(rows))
 
 
 # ---- alignment in training ------------------------------------------------------------------------
