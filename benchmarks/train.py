@@ -122,6 +122,7 @@ class TrainBench:
     def __init__(self, workload: TrainWorkload, workdir: Path) -> None:
         self.workload = workload
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         build = workload.build_workload()
         self.stores = {
             "dense": fresh_store(build, "dense", workdir / "train-dense.zarr"),
