@@ -125,7 +125,7 @@ class AlignedBatches:
         dataset: the map-style dataset the store was built from.
         store: an open, complete store.
         num_workers: DataLoader workers for the inputs (they open nothing from the store).
-        pin_memory: pin input batches (for CUDA).
+        pin_memory: pin input and soft-label batches (for CUDA: non-blocking copies).
         prefetch_blocks: store blocks read ahead.
         client: a `distributed.Client` for the stream, or None for threads.
         hash_stride: check the input hashes of every `hash_stride`-th row of each batch against
@@ -179,6 +179,7 @@ class AlignedBatches:
             equal_steps=equal_steps,
             view_policy=view_policy,
             values=values,
+            pin_memory=pin_memory,
         )
         self.hash_stride = hash_stride
         self.augmentation = augmentation_of(store.meta.augmentation)

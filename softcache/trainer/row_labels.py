@@ -57,6 +57,24 @@ class SoftLabels:
     views: np.ndarray | None = None
     view_params: np.ndarray | None = None
 
+    def pin_memory(self) -> SoftLabels:
+        """A copy with the tensors in pinned host memory, so `to(cuda, non_blocking=True)` copies
+        asynchronously (the assembler thread pins when the stream is told to)."""
+
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return SoftLabels(
+            self.indices,
+            self.sample_hash,
+            pin(self.logits),
+            pin(self.topk_values),
+            pin(self.topk_indices),
+            pin(self.lse),
+            self.views,
+            self.view_params,
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
         """A copy with the tensors on `device`, as the losses take them.
 

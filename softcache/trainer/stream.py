@@ -41,6 +41,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import torch
 
 from softcache.errors import DatasetMismatchError
 from softcache.store import LogitStore
@@ -98,6 +99,8 @@ class SoftLabelStream:
             deliver `TokenCodec.decode`'s tensors.
         assemble_ahead: batches gathered ahead of the training loop, on a thread of their own
             (at least 1): the training thread only takes finished batches from a queue.
+        pin_memory: deliver row batches in pinned host memory (pinned on the assembler thread),
+            for non-blocking copies to a GPU; ignored where CUDA is not available.
 
     A row store's plan runs over samples in blocks of one shard (`block_rows =
     store.meta.shard_samples`: a shard holds whole samples, all their views, and each batch row
@@ -115,6 +118,7 @@ class SoftLabelStream:
         view_policy: str = "cycle",
         values: str = "float32",
         assemble_ahead: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
@@ -130,6 +134,8 @@ class SoftLabelStream:
         self._ahead: tuple[tuple[Any, ...], _BlockReader, dict[int, int]] | None = None
         self._ahead_lock = threading.Lock()
         self.assemble_ahead = assemble_ahead
+        # Pinned batches copy to a GPU asynchronously; only a CUDA build can pin.
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self._zarr = {name: store.array(name) for name in store.row_array_names}
         # For a cluster: Dask chunks = shards, one task per (array, shard), never per row or batch.
         self._dask = (
@@ -223,7 +229,8 @@ class SoftLabelStream:
                             with self._ahead_lock:
                                 self._ahead = (_plan_key(then), *self._start(then))
                             then = None
-                yield self.source.gather(batch, block_ids, cache, rows, seed_epoch)
+                out = self.source.gather(batch, block_ids, cache, rows, seed_epoch)
+                yield out.pin_memory() if self.pin_memory and isinstance(out, SoftLabels) else out
                 for b, n in zip(*np.unique(block_ids, return_counts=True), strict=True):
                     remaining[int(b)] -= int(n)
                     if remaining[int(b)] == 0:
