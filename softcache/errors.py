@@ -40,6 +40,10 @@ class UnsupportedVersionError(StoreFormatError):
     """A softcache store written in a format version this reader does not know."""
 
 
+class CorruptChunkError(StoreFormatError, ValueError):
+    """A chunk of a store failed its checksum or could not be decoded."""
+
+
 class IncompleteStoreError(SoftcacheError):
     """A store's build has not finished (its `complete` flag is unset)."""
 

@@ -20,6 +20,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from softcache.errors import (
+    CorruptChunkError,
     IncompleteStoreError,
     MissingArrayError,
     NotAStoreError,
@@ -52,12 +53,19 @@ class LogitStore:
     """
 
     def __init__(
-        self, group: zarr.Group, meta: StoreMeta, location: str, *, read_only: bool = True
+        self,
+        group: zarr.Group,
+        meta: StoreMeta,
+        location: str,
+        *,
+        read_only: bool = True,
+        fast_reads: bool = True,
     ) -> None:
         self._group = group
         self.meta = meta
         self.location = location
         self.read_only = read_only
+        self.fast_reads = fast_reads
         self._arrays: dict[str, zarr.Array] = {}
 
     # ---- opening -------------------------------------------------------------------------------
@@ -137,6 +145,7 @@ class LogitStore:
         mode: str = "r",
         require_complete: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        fast_reads: bool = True,
     ) -> LogitStore:
         """Open an existing store.
 
@@ -144,6 +153,8 @@ class LogitStore:
             path: the store's location: a path, `file://`, an fsspec URL or a `.zip` archive.
             mode: `r` to read (the store object is read-only), `r+` to resume a build.
             require_complete: refuse a store whose build has not finished.
+            fast_reads: decode reads with zarrs where installed (`read_pipeline`); False keeps
+                zarr-python's reference pipeline (`verify` uses it).
 
         Raises:
             StoreFormatError: not a softcache store, or an unknown format version.
@@ -170,7 +181,7 @@ class LogitStore:
         if not isinstance(raw, Mapping):
             raise StoreFormatError(f"{where}: the '{ATTR_KEY}' attribute is not a JSON object")
         meta = StoreMeta.from_dict(raw, where=where)
-        store = cls(group, meta, location, read_only=read_only)
+        store = cls(group, meta, location, read_only=read_only, fast_reads=fast_reads)
         missing = [name for name in store.array_names if name not in group]
         if missing:
             raise MissingArrayError(
@@ -216,7 +227,7 @@ class LogitStore:
         """The Zarr array called `name` (one of `array_names`)."""
         # Cached: every lookup through the group re-reads the array's metadata from the store.
         if name not in self._arrays:
-            if self.read_only:
+            if self.read_only and self.fast_reads:
                 with read_pipeline():  # zarrs where installed (see `read_pipeline`)
                     arr = self._group[name]
             else:
@@ -245,8 +256,23 @@ class LogitStore:
     # ---- writing -------------------------------------------------------------------------------
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
-        """Rows of array `name` as a numpy array, in storage dtype."""
-        return np.asarray(self.array(name)[rows])
+        """Rows of array `name` as a numpy array, in storage dtype.
+
+        Raises:
+            CorruptChunkError: a chunk failed its checksum or could not be decoded (the message
+                is the same whichever codec pipeline read it).
+        """
+        try:
+            return np.asarray(self.array(name)[rows])
+        except (RuntimeError, ValueError) as exc:
+            text = str(exc).lower()
+            if not any(word in text for word in ("checksum", "corrupt", "decompress", "zstd")):
+                raise
+            raise CorruptChunkError(
+                f"store {self.location}: array {name}, rows {rows.start}..{rows.stop}: a chunk "
+                f"failed its checksum or could not be decoded ({exc}); the store is damaged: "
+                "`softcache verify` names every damaged shard"
+            ) from exc
 
     def done_mask(self) -> np.ndarray:
         """(num_shards,) bool: which shards a writer has recorded as written."""

@@ -86,7 +86,10 @@ def verify(
     """
     report = VerifyReport(location)
     try:
-        store = LogitStore.open(location, require_complete=False, storage_options=storage_options)
+        # The reference pipeline (zarr-python): verification reports what any reader would see.
+        store = LogitStore.open(
+            location, require_complete=False, storage_options=storage_options, fast_reads=False
+        )
     except SoftcacheError as exc:
         report.problems.append(str(exc))
         return report

@@ -261,7 +261,8 @@ class SoftLabelStream:
             graph = [{n: d[r0:r1] for n, d in self._dask.items()} for r0, r1 in bounds]
             results = self.client.gather(self.client.compute(graph))
         else:
-            results = [{n: a[r0:r1] for n, a in self._zarr.items()} for r0, r1 in bounds]
+            read = self.store.read
+            results = [{n: read(n, slice(r0, r1)) for n in self._zarr} for r0, r1 in bounds]
         return [self.source.decode({k: np.asarray(v) for k, v in r.items()}) for r in results]
 
 
