@@ -26,14 +26,23 @@ if TYPE_CHECKING:
     from softcache.losses import hard_loss, kd_loss_dense, kd_loss_topk
     from softcache.store import LogitStore, StoreMeta
     from softcache.trainer import TrainResult
-    from softcache.trainer.distill import AlignedBatches, distillation_loss
+    from softcache.trainer.distill import (
+        AlignedBatches,
+        AlignedTokenBatches,
+        distillation_loss,
+        token_distillation_loss,
+    )
     from softcache.trainer.plan import EpochPlan
     from softcache.trainer.stream import SoftLabels, SoftLabelStream
+    from softcache.trainer.token_targets import TokenTargets
 
 # name -> the module that defines it
 _LAZY = {
     "AlignedBatches": "softcache.trainer.distill",
     "distillation_loss": "softcache.trainer.distill",
+    "AlignedTokenBatches": "softcache.trainer.distill",
+    "token_distillation_loss": "softcache.trainer.distill",
+    "TokenTargets": "softcache.trainer.token_targets",
     "BuildConfig": "softcache.config",
     "TrainConfig": "softcache.config",
     "load_config": "softcache.config",
@@ -92,6 +101,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
 
 __all__ = [
     "AlignedBatches",
+    "AlignedTokenBatches",
     "BuildConfig",
     "BuildResult",
     "DatasetMismatchError",
@@ -103,6 +113,7 @@ __all__ = [
     "SoftcacheError",
     "StoreFormatError",
     "StoreMeta",
+    "TokenTargets",
     "TrainConfig",
     "TrainResult",
     "__version__",
@@ -113,5 +124,6 @@ __all__ = [
     "kd_loss_topk",
     "load_config",
     "open_store",
+    "token_distillation_loss",
     "train",
 ]

@@ -2,6 +2,7 @@
 bin and the sampled estimator, `tokens`). Pure torch, computed in float32."""
 
 from softcache.losses.rows import hard_loss, kd_loss_dense, kd_loss_topk, topk_teacher_probs
+from softcache.losses.sparse import sparse_cross_entropy
 from softcache.losses.tokens import dense_kl, kl_terms, sampled_ce, sampled_kl, topk_residual_kl
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "kl_terms",
     "sampled_ce",
     "sampled_kl",
+    "sparse_cross_entropy",
     "topk_residual_kl",
     "topk_teacher_probs",
 ]

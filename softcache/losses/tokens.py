@@ -8,6 +8,11 @@
   price of variance. `sampled_ce` is the cross-entropy part.
 - `dense_kl`: the full per-token KL (Hinton et al., 2015), for online KD and evaluation.
 
+`topk_residual_kl` and the sampled losses run on `softcache.losses.sparse.sparse_cross_entropy`,
+a chunked kernel with its own backward that never holds full-vocabulary float32 buffers for all
+tokens at once (the gradient flows to the student's logits only; the teacher's rows are constants).
+`topk_residual_kl_reference` is the same loss in plain autograd, for tests and benchmarks.
+
 Every loss scales by ``tau^2`` (so gradients keep their size across temperatures), computes in
 float32 on the tensors' device, and takes ``reduction="mean"`` (over tokens) or ``"none"``. The
 encodings themselves are in `softcache.store.token_coding`.
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from softcache.losses.sparse import sparse_cross_entropy
 from softcache.store.token_coding import check_temperature
 
 
@@ -32,6 +38,7 @@ def topk_residual_kl(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
+    chunk_rows: int | None = None,
 ) -> Tensor:
     """KL divergence over the kept tokens plus one residual bin, scaled by ``tau^2``.
 
@@ -59,9 +66,46 @@ def topk_residual_kl(
         residual: ``(T,)`` log of the teacher's tail mass, ``-inf`` for an empty tail.
         temperature: ``tau``, the temperature the values were encoded at.
         reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
+        chunk_rows: tokens per chunk of the lean kernel (`softcache.losses.sparse`; default:
+            about 2**21 logits per chunk).
 
     Returns:
         A float32 scalar (``(T,)`` with ``reduction="none"``).
+    """
+    check_temperature(temperature)
+    _check_rows(student_logits, values, indices)
+    # k = V (distinct ids) leaves no tail: its bin is empty whatever `residual` says.
+    has_tail = indices.shape[1] < student_logits.shape[1]
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 stays float64
+    residual = residual.to(dtype) if has_tail else torch.full_like(residual, -math.inf, dtype=dtype)
+    bins = torch.cat([values.to(dtype), residual.unsqueeze(1)], dim=1)
+    log_p = (bins - torch.logsumexp(bins, dim=1, keepdim=True)).detach()
+    p = log_p.exp()
+    ce = sparse_cross_entropy(
+        student_logits,
+        indices,
+        p[:, :-1],
+        p[:, -1] if has_tail else None,
+        temperature=temperature,
+        chunk_rows=chunk_rows,
+    )
+    neg_entropy = kl_terms(log_p, torch.zeros_like(log_p)).sum(dim=1)
+    return _reduce(temperature**2 * (neg_entropy + ce), reduction)
+
+
+def topk_residual_kl_reference(
+    student_logits: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    residual: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """`topk_residual_kl` in plain autograd over full ``(T, V)`` float32 tensors.
+
+    The same value (to float32 rounding) and gradient, at several times the memory: the
+    reference the lean kernel is tested against and `benchmarks/loss.py`'s "naive KL".
     """
     check_temperature(temperature)
     _check_rows(student_logits, values, indices)
@@ -86,6 +130,7 @@ def sampled_ce(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
+    chunk_rows: int | None = None,
 ) -> Tensor:
     """Unbiased estimate of the cross-entropy to the teacher, from ids drawn from it.
 
@@ -105,15 +150,19 @@ def sampled_ce(
             (`sample_ids`; uint8 / uint16 are converted).
         temperature: ``tau``, the temperature the ids were sampled at.
         reduction: ``"mean"`` over the rows, or ``"none"`` for the ``(T,)`` per-row losses.
+        chunk_rows: tokens per chunk of the lean kernel (`softcache.losses.sparse`; default:
+            about 2**21 logits per chunk).
 
     Returns:
         A float32 scalar (``(T,)`` with ``reduction="none"``).
     """
     check_temperature(temperature)
     _check_rows(student_logits, ids, counts)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=1).gather(1, ids.long())
     weights = counts.to(torch.int32).float()
-    per_row = -(weights * log_q).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    per_row = sparse_cross_entropy(
+        student_logits, ids, weights, temperature=temperature, chunk_rows=chunk_rows
+    )
     return _reduce(temperature**2 * per_row, reduction)
 
 
@@ -125,6 +174,7 @@ def sampled_kl(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
+    chunk_rows: int | None = None,
 ) -> Tensor:
     """Unbiased estimate of ``tau^2 KL(p || q)``: `sampled_ce` minus the teacher's entropy.
 
@@ -134,7 +184,14 @@ def sampled_kl(
 
     ``entropy`` is ``(T,)``, any float dtype; the other arguments are `sampled_ce`'s.
     """
-    ce = sampled_ce(student_logits, ids, counts, temperature=temperature, reduction="none")
+    ce = sampled_ce(
+        student_logits,
+        ids,
+        counts,
+        temperature=temperature,
+        reduction="none",
+        chunk_rows=chunk_rows,
+    )
     return _reduce(ce - temperature**2 * entropy.float(), reduction)
 
 

@@ -7,13 +7,16 @@ sums. It is written atomically, so a kill never leaves half of one; `--resume` r
 made with other settings (`check_resume_settings`) or by another number of processes.
 
 The trained student also leaves as a plain state dict, `student.pt` (`STUDENT_WEIGHTS`), written at
-every epoch end: `model.load_state_dict(torch.load("student.pt"))`.
+every epoch end: `model.load_state_dict(torch.load("student.pt"))`. A Hugging Face student (one
+with ``save_pretrained``, e.g. ``--student hf-init:DIR``) also leaves as a `save_pretrained` folder,
+`student/` (`STUDENT_PRETRAINED`: config and weights), that ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from softcache.errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 STUDENT_WEIGHTS = "student.pt"
+STUDENT_PRETRAINED = "student"
 # Bumped when the checkpoint's layout changes; older checkpoints are refused with a clear message.
 CHECKPOINT_VERSION = 2
 
@@ -90,10 +94,18 @@ def save_checkpoint(
 
 
 def save_student(output: Path, student: nn.Module) -> None:
-    """Write the student's weights as a plain state dict (`STUDENT_WEIGHTS`), atomically."""
+    """Write the student's weights as a plain state dict (`STUDENT_WEIGHTS`), atomically, and a
+    Hugging Face student's `save_pretrained` folder (`STUDENT_PRETRAINED`)."""
     tmp = output / (STUDENT_WEIGHTS + ".tmp")
     torch.save(student.state_dict(), tmp)
     os.replace(tmp, output / STUDENT_WEIGHTS)
+    save_pretrained = getattr(student, "save_pretrained", None)
+    if callable(save_pretrained):  # a Hugging Face model: also a folder from_pretrained loads
+        folder, staging = output / STUDENT_PRETRAINED, output / (STUDENT_PRETRAINED + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        save_pretrained(str(staging))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
 
 
 def load_checkpoint(

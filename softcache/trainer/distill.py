@@ -55,14 +55,22 @@ from torch.utils.data import DataLoader
 
 from softcache import losses
 from softcache.data.hashing import collate_pairs, hash_rows, sampled_collate
+from softcache.data.sequences import (
+    IGNORE_INDEX,
+    SequenceBatch,
+    collate_sequences,
+    item_tokens,
+)
 from softcache.data.views import augmentation_of, replay
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabels, SoftLabelStream
+from softcache.trainer.token_labels import TokenLabels, block_samples_for
+from softcache.trainer.tokens import token_kd_loss
 
 if TYPE_CHECKING:
-    pass
+    from softcache.store.token_codec import TokenCodec
 
 log = logging.getLogger("softcache")
 _warned_temperatures: set[float] = set()
@@ -159,9 +167,9 @@ class AlignedBatches:
         if store.meta.tokens:
             raise ConfigError(
                 f"store {store.location} holds per-token soft labels of a language model; "
-                "AlignedBatches pairs row stores with their datasets. For a token store, read "
-                "`SoftLabelStream(store).batches(plan)` (it yields `TokenLabels`: each sample's "
-                "decoded rows) beside your own input loader over the same plan"
+                "AlignedBatches pairs row stores with their datasets; for a token store use "
+                "softcache.AlignedTokenBatches(dataset, store) (inputs and decoded per-token "
+                "targets) and softcache.token_distillation_loss"
             )
         if len(dataset) != store.meta.num_samples:
             raise DatasetMismatchError(
@@ -269,3 +277,177 @@ class AlignedLoader:
         self._started = True
         self._next_epoch += 1
         return self.aligned.epoch(self.plan, **self.epoch_kwargs)
+
+
+# ---- token stores (language models) --------------------------------------------------------------
+
+
+class AlignedTokenBatches:
+    """(inputs, per-token targets) batches of a token store, in the order of an epoch plan.
+
+    What `AlignedBatches` is for row stores, for a causal LM's per-token store::
+
+        store = softcache.open_store("teacher.zarr")
+        aligned = softcache.AlignedTokenBatches(dataset, store)
+        plan = softcache.EpochPlan(num_samples=len(dataset), block_rows=aligned.block_rows(64),
+                                   batch_size=64, seed=0)
+        for epoch in range(epochs):
+            plan.set_epoch(epoch)
+            for inputs, targets in aligned.epoch(plan):
+                logits = student(inputs.input_ids, attention_mask=inputs.attention_mask).logits
+                loss = softcache.token_distillation_loss(logits, inputs, targets, store.meta.codec)
+
+    The inputs are a right-padded `SequenceBatch` (``input_ids``, ``attention_mask``, ``labels``
+    of `softcache.data.sequences`); the targets a `TokenLabels` whose fields hold one decoded row
+    per real token, in the order of ``logits[inputs.attention_mask]``. Both follow the plan (the
+    targets through the one Dask stream, whole blocks ahead), and every sample's length and input
+    hash are checked against the store's before its batch is yielded.
+
+    Args:
+        dataset: the map-style sequence dataset the store was built from.
+        store: an open, complete token store.
+        num_workers: DataLoader workers for the inputs.
+        prefetch_blocks: store blocks read ahead.
+        client: a `distributed.Client` for the stream, or None for threads.
+        hash_check: check every sample of every batch (False: none).
+        pad_id: the id padding takes in ``input_ids``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        store: LogitStore,
+        *,
+        num_workers: int = 0,
+        prefetch_blocks: int = 2,
+        client: Any | None = None,
+        hash_check: bool = True,
+        pad_id: int = 0,
+    ) -> None:
+        if not store.meta.tokens:
+            raise ConfigError(
+                f"store {store.location} has one row per sample; AlignedTokenBatches reads "
+                "per-token stores (softcache build --lm); use softcache.AlignedBatches"
+            )
+        if len(dataset) != store.meta.num_samples:
+            raise DatasetMismatchError(
+                f"the dataset has {len(dataset)} samples but store {store.location} was built from "
+                f"{store.meta.num_samples}; use the dataset the store was built from"
+            )
+        self.dataset = dataset
+        self.store = store
+        self.num_workers = num_workers
+        self.hash_check = hash_check
+        self.pad_id = pad_id
+        self.stream = SoftLabelStream(store, prefetch_blocks=prefetch_blocks, client=client)
+        self._hashes = store.sample_hashes() if hash_check else None
+
+    def block_rows(self, batch_size: int = 1, world_size: int = 1) -> int:
+        """The plan's ``block_rows`` for this store: samples per block (`block_samples_for`)."""
+        return block_samples_for(self.store, batch_size, world_size)
+
+    def steps(self, plan: EpochPlan) -> int:
+        """Batches `epoch` yields for the plan's epoch (the same on every DDP rank)."""
+        return self.stream.stop(plan)
+
+    def epoch(
+        self, plan: EpochPlan, *, then: EpochPlan | None = None
+    ) -> Iterator[tuple[SequenceBatch, TokenLabels]]:
+        """Yield the plan's remaining batches of its current epoch (`plan` is not advanced).
+
+        Yields:
+            ``(inputs, targets)``: a `SequenceBatch` and the `TokenLabels` of its samples.
+
+        Raises:
+            DatasetMismatchError: a sample's tokens differ from those the teacher saw.
+        """
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists
+            collate_fn=_SequencesWithHashes(self.pad_id, self.hash_check),
+            num_workers=self.num_workers,
+        )
+        for (inputs, hashes), targets in zip(
+            loader, self.stream.batches(plan, then=then), strict=True
+        ):
+            assert isinstance(targets, TokenLabels)  # a token store's (checked in __init__)
+            if self._hashes is not None:
+                _check_token_batch(inputs, hashes, targets, self._hashes, self.store.location)
+            yield inputs, targets
+
+
+class _SequencesWithHashes:
+    """Collate sequences and hash each item's real input ids (picklable for workers)."""
+
+    def __init__(self, pad_id: int, hashes: bool) -> None:
+        self.pad_id, self.hashes = pad_id, hashes
+
+    def __call__(self, items: Sequence[Any]) -> tuple[SequenceBatch, np.ndarray | None]:
+        batch = collate_sequences(items, pad_id=self.pad_id)
+        if not self.hashes:
+            return batch, None
+        hashes = np.array(
+            [hash_rows(item_tokens(item)[0].unsqueeze(0))[0] for item in items], dtype=np.uint64
+        )
+        return batch, hashes
+
+
+def _check_token_batch(
+    inputs: SequenceBatch,
+    hashes: np.ndarray | None,
+    targets: TokenLabels,
+    stored: np.ndarray,
+    where: str,
+) -> None:
+    lengths = inputs.lengths.numpy()
+    assert hashes is not None
+    bad = np.flatnonzero((lengths != targets.lengths) | (hashes != stored[targets.indices]))
+    if len(bad):
+        i = int(targets.indices[bad[0]])
+        raise DatasetMismatchError(
+            f"sample {i} ({len(bad)} of this batch) differs from the one store {where} was built "
+            f"from ({int(lengths[bad[0]])} tokens against {int(targets.lengths[bad[0]])}, or "
+            "another hash); use the dataset the store was built from, or rebuild the store"
+        )
+
+
+def token_distillation_loss(
+    logits: torch.Tensor,
+    inputs: SequenceBatch,
+    targets: TokenLabels,
+    codec: TokenCodec,
+    *,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """The per-token KD loss of a batch, mixed with next-token cross-entropy by ``alpha``.
+
+    ``loss = alpha * CE + (1 - alpha) * KD``, both means over the batch's real tokens; KD is
+    `softcache.losses.tokens.topk_residual_kl` (top-k stores, with the tail bin) or `sampled_kl`
+    (sampled stores) at the store's temperature, on the memory-lean kernel.
+
+    Args:
+        logits: ``(B, L, V)`` student logits of ``inputs`` (any float dtype).
+        inputs: the batch (on the logits' device: ``inputs.to(device)``).
+        targets: the batch's `TokenLabels` (moved to the device here).
+        codec: the store's codec, ``store.meta.codec``.
+        alpha: weight of the cross-entropy to ``inputs.labels``.
+
+    Returns:
+        A float32 scalar.
+    """
+    mask = inputs.attention_mask.to(logits.device)
+    rows = logits[mask]
+    if rows.shape[0] == 0:
+        return logits.sum() * 0.0
+    fields = targets.to(logits.device).fields
+    kd = token_kd_loss(rows, fields, codec)
+    if alpha == 0:
+        return kd
+    labels = inputs.labels.to(logits.device)[mask]
+    has = labels != IGNORE_INDEX
+    ce = (
+        torch.nn.functional.cross_entropy(rows[has].float(), labels[has])
+        if bool(has.any())
+        else rows.sum() * 0.0
+    )
+    return alpha * ce + (1 - alpha) * kd

@@ -161,7 +161,12 @@ def test_teacher_metadata_counts_the_hf_models_parameters(
 
 @pytest.mark.parametrize("mode", ["offline", "online", "hard"])
 def test_train_an_hf_init_student(
-    mode: str, teacher_dir: Path, student_dir: Path, hf_store: Path, tmp_path: Path
+    mode: str,
+    transformers: ModuleType,
+    teacher_dir: Path,
+    student_dir: Path,
+    hf_store: Path,
+    tmp_path: Path,
 ) -> None:
     out = tmp_path / "run"
     args = [
@@ -176,6 +181,11 @@ def test_train_an_hf_init_student(
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["train_loss"]) == 1
     assert math.isfinite(metrics["train_loss"][0])
+    # The student also leaves as a save_pretrained folder, holding the trained weights.
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out / "student"))
+    trained = torch.load(out / "student.pt")
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, trained[name]), name
 
 
 # ---- loading: dtypes, fresh models, errors ------------------------------------------------------
