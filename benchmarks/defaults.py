@@ -7,7 +7,28 @@ a faithful top-5 store is built of it (`softcache.build`), and the student train
 `softcache.trainer.train` from the store and on hard labels, at the defaults and with one
 setting changed per row. Every row is one run per seed; the table gives the held-out accuracy.
 
-Run: `python -m benchmarks.defaults [--seeds 0,1,2] [--epochs 5]` (about 2 minutes on 2 cores).
+Run: `python -m benchmarks.defaults [--seeds 0,1,2] [--epochs 5]` (about 10 minutes on 2 idle
+cores; 45 here, shared). Held-out accuracy, mean ± spread over seeds 0, 1, 2 (teacher 0.995),
+with the defaults of the time (AdamW, lr 1e-3, T = 2, alpha 0, cosine to zero):
+
+```
+defaults           hard     0.753 ± 0.039  (0.796 0.760 0.702)
+defaults           offline  0.628 ± 0.040  (0.598 0.685 0.601)
+lr 3e-3            hard     0.927 ± 0.006  (0.927 0.920 0.935)
+lr 3e-3            offline  0.909 ± 0.004  (0.909 0.903 0.914)
+lr 1e-2            hard     0.967 ± 0.003  (0.971 0.969 0.963)
+lr 1e-2            offline  0.962 ± 0.002  (0.960 0.964 0.963)
+T 1                offline  0.755 ± 0.040  (0.801 0.761 0.703)
+```
+
+Two causes, measured apart. The learning rate: 1e-3 is too low for 5 epochs of a small student,
+whatever its labels (hard labels gain 0.17 at 3e-3). The temperature: at T = 1 offline KD follows
+hard labels seed for seed (this teacher is nearly one-hot), at T = 2 it lags by 0.12. Hinton's
+``T^2`` factor restores the soft term's gradient scale for SGD, but AdamW divides that scale out;
+our reading (not isolated further) is that what remains is the student's logits entering as
+``s / T``, so that each step moves its tempered distribution less. Not run (the machine was
+shared): T = 4, a constant schedule, alpha = 0.5, and T = 1 at the new learning rate. `TrainConfig.lr` is 3e-3 since (T stays 2: the rows above measure T = 1 at
+1e-3 only).
 """
 
 from __future__ import annotations
@@ -54,7 +75,10 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.randint(0, CLASSES, (n,), generator=g)
     shifts = torch.randint(-2, 3, (n, 2), generator=g)
     x = torch.stack(
-        [torch.roll(patterns[c], (int(a), int(b)), dims=(1, 2)) for c, (a, b) in zip(y, shifts, strict=True)]
+        [
+            torch.roll(patterns[c], (int(a), int(b)), dims=(1, 2))
+            for c, (a, b) in zip(y, shifts, strict=True)
+        ]
     )
     x = x + 1.5 * torch.randn(x.shape, generator=g)
     return x.float(), y

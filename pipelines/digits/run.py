@@ -187,7 +187,8 @@ def summary_table(
         payoff = "-"
         if build is not None:
             saved = online - run_s
-            payoff = f"{math.floor(build / saved) + 1} runs" if saved > 0 else "never"
+            n = math.floor(build / saved) + 1
+            payoff = (f"{n} run" if n == 1 else f"{n} runs") if saved > 0 else "never"
         bps = runs[0]["store_bytes_per_sample"] if offline else None
         lines.append(
             f"{name:<19} {_spread([m['eval_accuracy'][-1] for m in runs]):>15} "
