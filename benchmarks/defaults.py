@@ -27,8 +27,8 @@ hard labels seed for seed (this teacher is nearly one-hot), at T = 2 it lags by 
 ``T^2`` factor restores the soft term's gradient scale for SGD, but AdamW divides that scale out;
 our reading (not isolated further) is that what remains is the student's logits entering as
 ``s / T``, so that each step moves its tempered distribution less. Not run (the machine was
-shared): T = 4, a constant schedule, alpha = 0.5, and T = 1 at the new learning rate. `TrainConfig.lr` is 3e-3 since (T stays 2: the rows above measure T = 1 at
-1e-3 only).
+shared): T = 4, a constant schedule, alpha = 0.5, and T = 1 at the new learning rate.
+`TrainConfig.lr` is 3e-3 since; T stays 2.
 """
 
 from __future__ import annotations
