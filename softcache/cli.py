@@ -437,6 +437,194 @@ def merge(
     )
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("store")
+@click.option(
+    "--reference", help="A dense row store of the same data: the full rows to measure against."
+)
+@click.option("--teacher", help="Teacher spec, run over a sample of --dataset for the full rows.")
+@click.option("--dataset", help="The store's dataset spec: inputs for --teacher, labels for ECE.")
+@click.option("--rows", type=int, default=2048, show_default=True, help="Rows (tokens) to sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sample.")
+@click.option(
+    "--temperature",
+    type=float,
+    help="T of the compared distributions.  [default: 1; a token store's own]",
+)
+@click.option(
+    "--sweep", "do_sweep", is_flag=True, help="Also measure candidate encodings on the sample."
+)
+@click.option(
+    "--max-kl",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="With --sweep: recommend the smallest encoding whose mean KL (nats) is within this.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="With --sweep: draw the bytes-versus-KL frontier into this PNG file.",
+)
+@click.option("--device", default="auto", show_default=True, help="Where --teacher runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_storage_option
+@_friendly_errors
+def fidelity(
+    store: str,
+    reference: str | None,
+    teacher: str | None,
+    dataset: str | None,
+    rows: int,
+    seed: int,
+    temperature: float | None,
+    do_sweep: bool,
+    max_kl: float,
+    plot_path: str | None,
+    device: str,
+    as_json: bool,
+    storage_option: tuple[str, ...],
+) -> None:
+    """How far STORE's soft labels are from the teacher's full rows, on a sample of rows.
+
+    Reports the KL of the stored distribution to the full one (mean, percentiles), top-1
+    agreement, the probability mass kept, calibration against the labels (with --dataset) and
+    bytes per sample (per token). The full rows come from --reference, or from --teacher run
+    over --dataset; a dense store alone is its own reference. --sweep re-encodes the same rows
+    in candidate encodings and prints the bytes-versus-KL frontier.
+    """
+    from softcache.tools.fidelity import fidelity as run_fidelity
+    from softcache.tools.sweep import sweep as run_sweep
+
+    if plot_path and not do_sweep:
+        raise click.BadParameter("--plot draws the sweep's frontier: pass --sweep too")
+    if max_kl <= 0:
+        raise click.BadParameter(f"--max-kl must be > 0, got {max_kl}")
+    report, ref, opened = run_fidelity(
+        store,
+        reference=reference,
+        teacher=teacher,
+        dataset=dataset,
+        rows=rows,
+        seed=seed,
+        temperature=temperature,
+        device=device,
+        storage_options=_options_from(storage_option),
+    )
+    if do_sweep:
+        meta = opened.meta
+        report.sweep = run_sweep(
+            ref,
+            tokens=meta.tokens,
+            temperature=report.temperature,
+            max_kl=max_kl,
+            codec=meta.codec if meta.tokens else None,
+            temperatures=meta.temperatures if meta.encoding == "topk" else (1.0, 2.0, 4.0),
+        )
+        if plot_path:
+            from softcache.tools.plots import plot_frontier
+
+            plot_frontier(
+                report.sweep,
+                plot_path,
+                measured=(
+                    f"this store ({report.encoding})",
+                    report.data_bytes_per_unit,
+                    report.kl_mean,
+                ),
+                unit=report.unit,
+            )
+    if as_json:
+        out = report.to_dict()
+        if plot_path:
+            out["plot"] = plot_path
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(format_table(fidelity_rows(report)))
+    if report.sweep is not None:
+        click.echo()
+        click.echo(sweep_table(report.sweep, report.unit))
+    if plot_path:
+        click.echo(f"frontier plot: {plot_path}")
+
+
+def fidelity_rows(report: Any) -> list[tuple[str, str]]:
+    """`softcache fidelity`'s summary as (name, value) rows."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    pct = report.kl_percentiles
+    kl = (
+        "infinite (undrawn ids have p~ = 0; the sampled loss is unbiased)"
+        if report.kl_mean is None
+        else f"{report.kl_mean:.5f} nats (p50 {pct['p50']:.5f}, p90 {pct['p90']:.5f}, "
+        f"p99 {pct['p99']:.5f})"
+    )
+    ece = (
+        "- (no labels: pass --dataset)"
+        if report.ece is None
+        else f"{report.ece:.4f} (full rows: {report.ece_reference:.4f}; "
+        f"{report.labelled:,} labelled rows)"
+    )
+    return [
+        ("store", f"{report.store} ({report.layout}, {report.encoding})"),
+        ("reference", report.reference),
+        ("rows measured", f"{report.rows:,} {report.unit}s of {report.samples:,} samples"),
+        ("temperature", f"{report.temperature:g}"),
+        ("KL(p || p~)", kl),
+        ("top-1 agreement", num(report.agreement, ".4f")),
+        ("kept mass", num(report.kept_mass, ".4f")),
+        ("ECE", ece),
+        (
+            f"bytes per {report.unit}",
+            f"{report.bytes_per_unit:,.1f} (per-row arrays alone: "
+            f"{report.data_bytes_per_unit:,.1f})",
+        ),
+    ]
+
+
+def sweep_table(sweep: dict[str, Any], unit: str) -> str:
+    """The frontier of a sweep (and its sampled candidates), one line each, by bytes."""
+    head = f"{'encoding':<18} {'B/' + unit:>9} {'KL mean':>10} {'agreement':>10} {'kept mass':>10}"
+    lines = ["bytes-versus-KL frontier (candidates no other beats in both):", head, "-" * len(head)]
+    by_label = {c["label"]: c for c in sweep["candidates"]}
+    shown = [by_label[label] for label in sweep["frontier"]]
+    shown += [c for c in sweep["candidates"] if c["kl_mean"] is None]
+    for c in shown:
+        kl = "inf" if c["kl_mean"] is None else f"{c['kl_mean']:.5f}"
+        lines.append(
+            f"{c['label']:<18} {c['bytes_per_unit']:>9.1f} {kl:>10} {c['agreement']:>10.4f} "
+            f"{c['kept_mass']:>10.4f}"
+        )
+    rec = sweep["recommended"]
+    lines.append(
+        f"recommended (smallest with mean KL <= {sweep['max_kl']:g}): "
+        + (rec if rec else "none; raise --max-kl")
+    )
+    return "\n".join(lines)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option(
+    "--output", "-o", required=True, type=click.Path(dir_okay=False), help="The PNG file to write."
+)
+@click.option("--title", default="", help="The figure's title.")
+@_friendly_errors
+def plot(run_dirs: tuple[str, ...], output: str, title: str) -> None:
+    """Draw the training curves of RUN_DIRS (train --output folders) on one figure.
+
+    One panel each for the training loss, the eval accuracy and the agreement with the teacher,
+    per epoch, one line per run. Needs matplotlib (pip install 'softcache[plot]').
+    """
+    from softcache.tools.plots import plot_runs, read_runs
+
+    path = plot_runs(read_runs(run_dirs), output, title=title)
+    click.echo(f"wrote {path}")
+
+
 def format_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns."""
     width = max(len(k) for k, _ in rows)

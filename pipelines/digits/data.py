@@ -2,6 +2,11 @@
 
 Items are `(image (1, 8, 8) float32 in [0, 1], label int)`. The split is a seeded permutation:
 1,438 training and 359 test images, the same on every machine.
+
+The scarce-label setting of the main job (`pipelines.digits.run`): a seeded 10 % of the training
+images keep their labels (`labelled_set`, 144 images, at least one per class), and
+`scarce_train_set` is all 1,438 training images with label -1 (none) on the other 90 %: what a
+team has when labelling is expensive and images are not.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from torch.utils.data import Dataset
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+LABELLED_FRACTION = 0.1
+LABELLED_SEED = 1
 
 
 class Digits(Dataset):
@@ -53,3 +60,31 @@ def test_set() -> Digits:
     """The 359 held-out test images."""
     _, _, x, y = _split()
     return Digits(x, y)
+
+
+@functools.cache
+def labelled_indices() -> np.ndarray:
+    """The training images that keep their label: a seeded 10 %, ascending."""
+    _, y, _, _ = _split()
+    rng = np.random.default_rng(LABELLED_SEED)
+    n = round(len(y) * LABELLED_FRACTION)
+    while True:  # redraw until every class has a labelled image (the first draw does)
+        chosen = np.sort(rng.choice(len(y), size=n, replace=False))
+        if len(np.unique(y[chosen])) == 10:
+            return chosen
+
+
+def labelled_set() -> Digits:
+    """The 144 labelled training images (what a hard-label student can learn from)."""
+    x, y, _, _ = _split()
+    idx = labelled_indices()
+    return Digits(x[idx], y[idx])
+
+
+def scarce_train_set() -> Digits:
+    """All 1,438 training images; the 90 % outside `labelled_indices` have label -1."""
+    x, y, _, _ = _split()
+    hidden = np.full_like(y, -1)
+    idx = labelled_indices()
+    hidden[idx] = y[idx]
+    return Digits(x, hidden)

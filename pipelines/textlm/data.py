@@ -220,6 +220,11 @@ def test_set() -> Spans:
     return windows("test")
 
 
+def test_sample() -> Spans:
+    """256 of the test split's windows, evenly spread (32k tokens): a quick `softcache fidelity`."""
+    return windows("test", 256)
+
+
 def ragged_train_set() -> Spans:
     """Up to 4,096 blank-line blocks of the training split, 1..128 bytes each; batch with `pad_collate`."""
     data = stream("train")

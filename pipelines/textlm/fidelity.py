@@ -28,6 +28,7 @@ from torch import nn
 from softcache.data.sequences import causal_logits, collate_sequences
 from softcache.losses import tokens as token_losses
 from softcache.store import LogitStore, decode_token_rows
+from softcache.tools.fidelity import reconstruct_topk
 
 
 @torch.inference_mode()
@@ -96,14 +97,12 @@ def _topk_reconstruction(
     log_p: torch.Tensor, rows: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``KL(p || p~)`` and the ``k + 1``-bin quantisation KL: ``(T,)`` each."""
-    ids, vocab = rows["indices"], log_p.shape[1]
-    k = ids.shape[1]
+    ids = rows["indices"]
+    # p~ (`softcache fidelity`'s): the kept bins at their ids, the residual spread evenly.
+    log_rec = reconstruct_topk(rows["values"], ids, rows["residual"], log_p.shape[1])
+    rec = _kl(log_p, log_rec)
     bins = torch.cat([rows["values"], rows["residual"].unsqueeze(1)], dim=1)
     bins = bins - torch.logsumexp(bins, dim=1, keepdim=True)
-    # p~: the kept bins at their ids, the residual bin spread evenly over the V - k others.
-    spread = bins[:, -1:] - math.log(max(vocab - k, 1))
-    log_rec = spread.expand_as(log_p).clone().scatter_(1, ids, bins[:, :-1])
-    rec = _kl(log_p, log_rec)
     kept = log_p.gather(1, ids)
     exact_tail = torch.log1p(-kept.exp().sum(dim=1).clamp(max=1 - 1e-7)).unsqueeze(1)
     exact = torch.cat([kept, exact_tail], dim=1)
