@@ -40,6 +40,15 @@ class UnsupportedVersionError(StoreFormatError):
     """A softcache store written in a format version this reader does not know."""
 
 
+class TamperedStoreError(SoftcacheError):
+    """A store's bytes are not the ones its producer published: its digest is not the one a
+    reader pinned, or an object differs from the store's manifest."""
+
+
+class PublishConflictError(SoftcacheError):
+    """Another publisher committed the same name first, or the version is already published."""
+
+
 class IncompleteStoreError(SoftcacheError):
     """A store's build has not finished (its `complete` flag is unset)."""
 
