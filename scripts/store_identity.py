@@ -29,11 +29,34 @@ TOKENS = [
 ]
 KINDS = {
     "dense": [*ROWS, "--shard-rows", "64", "--batch-size", "24"],
-    "topk": [*ROWS, "--shard-rows", "64", "--batch-size", "24", "--encoding", "topk", "--top-k", "5", "--dtype", "float32"],
+    "topk": [
+        *ROWS,
+        "--shard-rows",
+        "64",
+        "--batch-size",
+        "24",
+        "--encoding",
+        "topk",
+        "--top-k",
+        "5",
+        "--dtype",
+        "float32",
+    ],
     "views": [
-        "--teacher", "tests.helpers.specs:conv_teacher", "--dataset", "tests.helpers.specs:dataset",
-        "--shard-rows", "64", "--batch-size", "24", "--views", "4",
-        "--augment", "crop(size=8,scale=0.5:1);flip", "--augment-seed", "7",
+        "--teacher",
+        "tests.helpers.specs:conv_teacher",
+        "--dataset",
+        "tests.helpers.specs:dataset",
+        "--shard-rows",
+        "64",
+        "--batch-size",
+        "24",
+        "--views",
+        "4",
+        "--augment",
+        "crop(size=8,scale=0.5:1);flip",
+        "--augment-seed",
+        "7",
     ],
     "tokens-topk": [*TOKENS, "--encoding", "topk", "--top-k", "8", "--value-bits", "7"],
     "tokens-sampled": [*TOKENS, "--encoding", "sampled", "--draws", "12"],
@@ -66,8 +89,19 @@ def main() -> None:
     result = {}
     for kind, args in KINDS.items():
         out = base / f"{kind}.zarr"
-        cmd = [sys.executable, "-m", "softcache.cli", "build", *args, "--device", "cpu", "-q",
-               "--overwrite", "-o", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "softcache.cli",
+            "build",
+            *args,
+            "--device",
+            "cpu",
+            "-q",
+            "--overwrite",
+            "-o",
+            str(out),
+        ]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         result[kind] = digests(out)
     json.dump(result, sys.stdout, indent=1, sort_keys=True)

@@ -73,13 +73,24 @@ def __getattr__(name: str) -> Any:
 
 
 def open_store(
-    path: str, *, require_complete: bool = True, storage_options: dict[str, Any] | None = None
+    path: str,
+    *,
+    require_complete: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    expect_digest: str | None = None,
 ) -> LogitStore:
-    """Open a store for reading (see `LogitStore.open`)."""
+    """Open a store for reading, its metadata validated against docs/FORMAT.md (see
+    `LogitStore.open`). With `expect_digest` (``sha256:...``, as `softcache info` shows it), a
+    store with another digest is refused and every object read is checked against its
+    manifest: the store is exactly the one its producer published."""
     from softcache.store import LogitStore
 
     return LogitStore.open(
-        path, mode="r", require_complete=require_complete, storage_options=storage_options
+        path,
+        mode="r",
+        require_complete=require_complete,
+        storage_options=storage_options,
+        expect_digest=expect_digest,
     )
 
 

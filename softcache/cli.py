@@ -313,29 +313,51 @@ def info(store: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
 @click.option(
     "--dataset", help="Dataset spec: also check every sample hashes to what the teacher saw."
 )
+@click.option(
+    "--expect-digest",
+    metavar="DIGEST",
+    help="Also require the store's digest (sha256:..., as `info` shows it) to be DIGEST.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_storage_option
 @_friendly_errors
 def verify(
-    store: str, dataset: str | None, as_json: bool, quiet: bool, storage_option: tuple[str, ...]
+    store: str,
+    dataset: str | None,
+    expect_digest: str | None,
+    as_json: bool,
+    quiet: bool,
+    storage_option: tuple[str, ...],
 ) -> None:
     """Check STORE end to end; exit 0 only if every check passes.
 
-    Checks the format version, completion, array shapes and dtypes, every chunk's presence and
-    checksum, the dataset fingerprint, and with --dataset every sample hash (and, for a --lm
-    store, every sample's length and its offsets).
+    Checks the metadata against the format, completion, array shapes and dtypes, every object's
+    SHA-256 against the store's manifest (a chunk rewritten with a valid checksum is named), every
+    chunk's presence and checksum, the dataset fingerprint, and with --dataset every sample hash
+    (and, for a --lm store, every sample's length and its offsets). A store written before
+    manifests passes on its checksums, with a note that it has no manifest.
     """
     from softcache.tools.verify import verify as run_verify
 
     report = run_verify(
-        store, dataset=dataset, storage_options=_options_from(storage_option), progress=not quiet
+        store,
+        dataset=dataset,
+        storage_options=_options_from(storage_option),
+        progress=not quiet,
+        expect_digest=expect_digest,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
+        manifest = report.checked.get("manifest")
         click.echo(
             f"OK  {store}: {report.checked.get('shards', 0)} shards of {len(report.checked.get('arrays', []))} arrays verified"
+            + (
+                f", {manifest['objects']:,} objects match digest {report.checked['digest']}"
+                if manifest
+                else ""
+            )
             + (
                 f", {report.checked['dataset']['num_samples']:,} samples match {dataset}"
                 if dataset
@@ -344,21 +366,34 @@ def verify(
         )
     else:
         for problem in report.problems:
-            click.echo(f"FAIL  {problem}", err=True)
+            click.echo(f"FAIL  {_one_line(problem)}", err=True)
+    if not as_json:
+        for note in report.notes:
+            click.echo(f"NOTE  {note}", err=True)
     if not report.ok:
         raise SystemExit(1)
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("prefix")
+@click.option(
+    "--max-depth",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Search at most this many folder levels below PREFIX (1: its direct children). "
+    "[default: any depth]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @_storage_option
 @_friendly_errors
-def ls(prefix: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
-    """List the stores directly under PREFIX (a folder or bucket prefix), a line each."""
+def ls(prefix: str, max_depth: int | None, as_json: bool, storage_option: tuple[str, ...]) -> None:
+    """List the stores at or under PREFIX (a folder or bucket prefix, any depth), a line each.
+
+    Reads metadata only, never soft labels; a damaged store is listed with its error.
+    """
     from softcache.tools.info import list_stores, ls_line
 
-    stores = list_stores(prefix, storage_options=_options_from(storage_option))
+    stores = list_stores(prefix, storage_options=_options_from(storage_option), max_depth=max_depth)
     if as_json:
         click.echo(json.dumps(stores, indent=2))
         return
@@ -623,6 +658,94 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str) -> None:
 
     path = plot_runs(read_runs(run_dirs), output, title=title)
     click.echo(f"wrote {path}")
+
+
+@click.argument("registry")
+@click.option("--name", required=True, help="The name the store is published under.")
+@click.option("--version", "version", required=True, help="The new version (immutable).")
+@click.option("--message", help="The commit message. [default: name, version and digest]")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_storage_option
+@_friendly_errors
+def publish(
+    store: str,
+    registry: str,
+    name: str,
+    version: str,
+    message: str | None,
+    as_json: bool,
+    storage_option: tuple[str, ...],
+) -> None:
+    """Publish the complete STORE as VERSION of NAME in REGISTRY (a folder or s3:// prefix).
+
+    Each name is an Icechunk repository (REGISTRY/NAME) and each version an immutable tag: a
+    consumer reading icechunk:REGISTRY/NAME@VERSION gets exactly these bytes (this digest)
+    whatever is published later. Two publishers of one name at once: one is told of the conflict
+    and publishes nothing. Needs the icechunk extra (pip install 'softcache[icechunk]').
+    --storage-option applies to the registry and to STORE when it is a URL.
+    """
+    from softcache.tools.publish import publish as run_publish
+
+    options = _options_from(storage_option)
+    result = run_publish(
+        store,
+        registry,
+        name,
+        version,
+        storage_options=options,
+        source_options=options if "://" in store else None,
+        message=message,
+    )
+    summary = {
+        "location": result.location,
+        "version": result.version,
+        "digest": result.digest,
+        "snapshot": result.snapshot,
+        "objects": result.objects,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(format_table([(k, str(v)) for k, v in summary.items()]))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("repository")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@_storage_option
+@_friendly_errors
+def versions(repository: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
+    """List the published versions of REPOSITORY (REGISTRY/NAME), with their digests."""
+    from softcache.tools.publish import versions as list_versions
+
+    found = list_versions(repository, _options_from(storage_option))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"no versions published at {repository}")
+    for entry in found:
+        click.echo(f"{entry['location']}  {entry['digest']}  {entry['written']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("published")
+@click.argument("output")
+@_storage_option
+@_friendly_errors
+def export(published: str, output: str, storage_option: tuple[str, ...]) -> None:
+    """Copy the published version PUBLISHED (icechunk:REGISTRY/NAME@VERSION) out to OUTPUT as a
+    plain store, for readers without Icechunk; every object is checked against its manifest."""
+    from softcache.tools.publish import export as run_export
+
+    options = _options_from(storage_option)
+    digest = run_export(
+        published,
+        output,
+        storage_options=options,
+        output_options=options if "://" in output else None,
+    )
+    click.echo(f"exported {published} to {output} ({digest})")
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

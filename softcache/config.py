@@ -19,6 +19,7 @@ dataset used as it is, or a factory called with no arguments (`softcache.runtime
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -42,6 +43,8 @@ VIEW_POLICIES = ("cycle", "random")
 ROWS, TOKENS = "rows", "tokens"
 
 C = TypeVar("C")
+# A store digest (`softcache.store.manifest`): sha256 and 64 hex digits.
+_DIGEST = re.compile(r"(sha256:)?[0-9a-f]{64}")
 
 
 def setting(
@@ -337,6 +340,12 @@ class TrainConfig(_Config):
         help="The teacher's store (required for --mode offline; in other modes it gives the "
         "block layout, so all modes see the same data order).",
     )
+    expect_digest: str | None = setting(
+        None,
+        metavar="DIGEST",
+        help="Pin --store: refuse it unless its digest (sha256:..., as `softcache info` shows "
+        "it) is DIGEST, and check every object read against its manifest.",
+    )
     mode: str = setting(
         "offline",
         choices=TRAIN_MODES,
@@ -449,6 +458,14 @@ class TrainConfig(_Config):
             _check_positive(name, getattr(self, name))
         if self.mode == "offline" and not self.store:
             raise ConfigError("mode offline trains from a store: pass --store")
+        if self.expect_digest is not None:
+            if not self.store:
+                raise ConfigError("--expect-digest pins a store: pass --store")
+            if not _DIGEST.fullmatch(self.expect_digest.strip().lower()):
+                raise ConfigError(
+                    f"--expect-digest {self.expect_digest!r} is not a store digest; expected "
+                    "'sha256:' and 64 hex digits, as `softcache info` shows it"
+                )
         if self.mode == "online" and self.teacher is None:
             raise ConfigError("mode online runs the teacher in the loop: pass --teacher")
         if self.lr <= 0 or self.temperature <= 0 or self.ddp_timeout <= 0:

@@ -44,6 +44,15 @@ class CorruptChunkError(StoreFormatError, ValueError):
     """A chunk of a store failed its checksum or could not be decoded."""
 
 
+class TamperedStoreError(SoftcacheError):
+    """A store's bytes are not the ones its producer published: its digest is not the one a
+    reader pinned, or an object differs from the store's manifest."""
+
+
+class PublishConflictError(SoftcacheError):
+    """Another publisher committed the same name first, or the version is already published."""
+
+
 class IncompleteStoreError(SoftcacheError):
     """A store's build has not finished (its `complete` flag is unset)."""
 

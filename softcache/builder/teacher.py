@@ -13,7 +13,14 @@ from torch import nn
 from softcache._version import __version__
 from softcache.config import BuildConfig
 from softcache.errors import SoftcacheError
-from softcache.runtime.specs import describe, is_spec, load_callable, module_from
+from softcache.runtime.specs import (
+    describe,
+    is_spec,
+    load_callable,
+    module_from,
+    package_versions,
+    source_of,
+)
 
 log = logging.getLogger("softcache")
 
@@ -64,7 +71,8 @@ def teacher_identity(spec: Any, teacher: nn.Module) -> dict[str, Any]:
 
 def provenance(config: BuildConfig, teacher: nn.Module, num_samples: int) -> dict[str, Any]:
     """The `StoreMeta` fields every layout fills alike: the shard layout, the teacher's and the
-    dataset's identity, the build settings and the softcache version."""
+    dataset's identity (the specs as given, and in `provenance` what they resolved to and the
+    package versions), the build settings and the softcache version."""
     return {
         "num_samples": num_samples,
         "shard_rows": config.shard_rows,
@@ -77,4 +85,9 @@ def provenance(config: BuildConfig, teacher: nn.Module, num_samples: int) -> dic
         },
         "build_config": config.provenance(),
         "softcache_version": __version__,
+        "provenance": {
+            "teacher": source_of(config.teacher),
+            "dataset": source_of(config.dataset),
+            "packages": package_versions(),
+        },
     }

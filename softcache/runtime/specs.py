@@ -13,9 +13,13 @@ scratch). They are reserved: a module of your own named `hf` is reached by its f
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -204,3 +208,95 @@ def describe(value: Any) -> str:
         return f"<{value.__module__}.{value.__qualname__}>"
     cls = type(value)
     return f"<{cls.__module__}.{cls.__qualname__} object>"
+
+
+# ---- provenance ------------------------------------------------------------------------------
+#
+# A spec as given (`my_kd.py:teacher`, `hf:hf_teacher`) means nothing on another machine. What a
+# store records beside it identifies what the spec resolved to: the module and its installed
+# distribution, the file and the SHA-256 of its source, or the Hugging Face model's name, config
+# digest and revision; and the versions of the packages that produced the bytes.
+
+#: Packages whose versions a store records (those present).
+PROVENANCE_PACKAGES = ("softcache", "torch", "numpy", "zarr", "numcodecs", "transformers")
+
+
+def source_of(value: Any) -> dict[str, Any]:
+    """What identifies a teacher, student or dataset beyond its spec (JSON-able).
+
+    Never raises: what cannot be resolved is recorded as ``{"error": ...}``.
+    """
+    try:
+        return _source_of(value)
+    except Exception as exc:  # provenance must never fail a build
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def _source_of(value: Any) -> dict[str, Any]:
+    if not is_spec(value):
+        if callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
+            return {**_module_source(value.__module__), "name": value.__qualname__}
+        cls = type(value)
+        return {"kind": "object", "type": f"{cls.__module__}.{cls.__qualname__}"}
+    for prefix in (HF_PREFIX, HF_INIT_PREFIX):
+        if value.startswith(prefix):
+            return _hf_source(value[len(prefix) :], pretrained=prefix == HF_PREFIX)
+    module_part, _, attr = value.rpartition(":")
+    if module_part.endswith(".py"):
+        path = Path(module_part).expanduser().resolve()
+        return {"file": str(path), "sha256": _file_sha256(path), "name": attr}
+    return {**_module_source(module_part), "name": attr}
+
+
+def _module_source(name: str) -> dict[str, Any]:
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None) if module is not None else None
+    if file is None:
+        spec = importlib.util.find_spec(name)
+        file = spec.origin if spec is not None else None
+    out: dict[str, Any] = {"module": name}
+    top = name.split(".", 1)[0]
+    dists = importlib.metadata.packages_distributions().get(top)
+    if dists:
+        out["distribution"] = f"{dists[0]} {importlib.metadata.version(dists[0])}"
+    if file and os.path.isfile(file):
+        out["file"] = str(Path(file).resolve())
+        out["sha256"] = _file_sha256(Path(file))
+    return out
+
+
+def _hf_source(directory: str, *, pretrained: bool) -> dict[str, Any]:
+    path = Path(directory).expanduser().resolve()
+    out: dict[str, Any] = {"hf_dir": str(path), "pretrained": pretrained}
+    config = path / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        out["config_sha256"] = _file_sha256(config)
+        out["model"] = data.get("_name_or_path") or None
+        out["model_type"] = data.get("model_type")
+        out["architectures"] = data.get("architectures")
+        if data.get("_commit_hash"):
+            out["revision"] = data["_commit_hash"]
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Python, the platform, and the installed versions of `PROVENANCE_PACKAGES`."""
+    out = {"python": platform.python_version()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.version, "cuda", None):
+        out["cuda"] = str(torch.version.cuda)
+    return out

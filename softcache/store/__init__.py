@@ -6,8 +6,11 @@ each layout, where stores live, and how they are written.
 - `logit_store`: `LogitStore`, an open store (create, open, read, write shards, complete).
 - `row_codec` / `token_codec` (with `token_coding`, its pure encoders): how rows of each layout
   are coded on the device.
-- `location`: local folders, zip archives, fsspec URLs. `writer`: background shard writers.
-  `output`: create or resume a build's output.
+- `location`: local folders, zip archives, fsspec URLs, and the walk `ls` makes. `writer`:
+  background shard writers. `output`: create or resume a build's output.
+- `validate`: the metadata checks every reader runs before reading any data (`LogitStore.open`).
+- `manifest`: the SHA-256 of every object, the store's digest, and reads pinned to it.
+- `published`: versions of a store under a name, through Icechunk (optional extra).
 """
 
 from softcache.store.format import (

@@ -30,10 +30,7 @@ from typing import Any
 import numpy as np
 
 from softcache._version import __version__
-from softcache.errors import (
-    StoreFormatError,
-    UnsupportedVersionError,
-)
+from softcache.errors import StoreFormatError
 from softcache.store.token_codec import TokenCodec
 
 FORMAT_VERSION = 1
@@ -64,6 +61,8 @@ TOKEN_COUNTS = "token_counts"
 TOKEN_ENTROPY = "token_entropy"
 TOKEN_TOPK_ARRAYS = (TOKEN_IDS, TOKEN_VALUES, TOKEN_RESIDUAL)
 TOKEN_SAMPLED_ARRAYS = (TOKEN_IDS, TOKEN_COUNTS, TOKEN_ENTROPY)
+# The group holding the store's manifest (SHA-256 of every object; `softcache.store.manifest`).
+MANIFEST = "manifest"
 # Samples per chunk of the per-sample arrays of a tokens store (offsets, sample_hash).
 SAMPLE_CHUNK = 65536
 
@@ -99,6 +98,11 @@ class StoreMeta:
             `offsets[i]:offsets[i+1]`; `encoding` is then `topk` or `sampled`).
         num_tokens: rows of a `tokens` store (T, the real tokens of all samples); 0 otherwise.
         token_codec: how a `tokens` store codes its rows (`TokenCodec.to_dict`); None otherwise.
+        provenance: what identifies the inputs beyond the specs as given (the resolved teacher
+            and dataset modules or models, package versions); None in older stores.
+        manifest: written with `complete`: {"sha256", "size", "objects", "bytes"} of the
+            store's manifest (`softcache.store.manifest`); None before completion and in
+            stores written before manifests.
     """
 
     encoding: str
@@ -121,6 +125,8 @@ class StoreMeta:
     layout: str = "rows"
     num_tokens: int = 0
     token_codec: Mapping[str, Any] | None = None
+    provenance: Mapping[str, Any] | None = None
+    manifest: Mapping[str, Any] | None = None
 
     @property
     def tokens(self) -> bool:
@@ -169,45 +175,6 @@ class StoreMeta:
         out = dataclasses.asdict(self)
         out["temperatures"] = list(self.temperatures)
         return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str) -> StoreMeta:
-        """Parse the attribute, refusing format versions this reader does not know."""
-        version = data.get("format_version")
-        if version not in READABLE_VERSIONS:
-            if isinstance(version, int) and version > max(READABLE_VERSIONS):
-                raise UnsupportedVersionError(
-                    f"{where} uses store format_version {version}, but softcache {__version__} "
-                    f"reads only versions {', '.join(map(str, READABLE_VERSIONS))}; upgrade "
-                    f"softcache to a release that supports format_version {version}"
-                )
-            raise UnsupportedVersionError(f"{where} has unknown store format_version {version!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            kwargs = {k: v for k, v in data.items() if k in names}
-            kwargs["temperatures"] = tuple(float(t) for t in data.get("temperatures", ()))
-            meta = cls(**kwargs)
-        except TypeError as exc:
-            raise StoreFormatError(f"{where} has malformed softcache metadata: {exc}") from exc
-        if meta.layout not in LAYOUTS or (meta.tokens and meta.token_codec is None):
-            raise StoreFormatError(
-                f"{where} has layout {meta.layout!r}; expected one of {LAYOUTS}, with a "
-                "token_codec for 'tokens'"
-            )
-        if meta.tokens != (meta.format_version == TOKENS_FORMAT_VERSION):
-            raise StoreFormatError(
-                f"{where} has layout {meta.layout!r} but format_version {version}; per-token "
-                f"stores, and only they, are format_version {TOKENS_FORMAT_VERSION}"
-            )
-        if meta.tokens:
-            codec = meta.codec
-            seen = (meta.encoding, meta.num_classes, meta.k)
-            if seen != (codec.encoding, codec.vocab_size, codec.width):
-                raise StoreFormatError(
-                    f"{where}: encoding, num_classes and k {seen} disagree with its token_codec "
-                    f"{(codec.encoding, codec.vocab_size, codec.width)}"
-                )
-        return meta
 
 
 # Array name of each row field of a token store (`softcache.store.token_codec`).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,16 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from softcache.errors import (
+    ConfigError,
     CorruptChunkError,
     IncompleteStoreError,
-    MissingArrayError,
     NotAStoreError,
     StoreFormatError,
+    TamperedStoreError,
 )
 from softcache.store.format import (
     ATTR_KEY,
@@ -43,7 +47,25 @@ from softcache.store.format import (
     row_layout,
 )
 from softcache.store.location import exists, is_local, local_path, object_size, open_location
+from softcache.store.manifest import (
+    MANIFEST_KEY,
+    DigestRecorder,
+    VerifiedStore,
+    compute_manifest,
+    digest_of,
+    has_manifest,
+    normalise_digest,
+    object_keys,
+    read_manifest,
+)
 from softcache.store.read_pipeline import read_pipeline
+from softcache.store.validate import (
+    MAX_GROUP_JSON,
+    array_specs,
+    check_store,
+    parse_meta,
+    read_object,
+)
 
 
 class LogitStore:
@@ -60,6 +82,8 @@ class LogitStore:
         *,
         read_only: bool = True,
         fast_reads: bool = True,
+        group_json: bytes | None = None,
+        recorder: DigestRecorder | None = None,
     ) -> None:
         self._group = group
         self.meta = meta
@@ -67,6 +91,24 @@ class LogitStore:
         self.read_only = read_only
         self.fast_reads = fast_reads
         self._arrays: dict[str, zarr.Array] = {}
+        # The group's zarr.json as validated (its SHA-256 is the store's digest).
+        self.group_json = group_json
+        # Digests of the objects this process wrote (writable stores), for `mark_complete`.
+        self._recorder = recorder
+
+    @property
+    def backend(self) -> Any:
+        """The Zarr store object the group lives in (keys relative to the store's root)."""
+        return self._group.store
+
+    @property
+    def digest(self) -> str | None:
+        """``sha256:<hex>`` of the group's zarr.json, which commits to every object through the
+        manifest (`softcache.store.manifest`); None for a store without a manifest (incomplete,
+        or written before manifests)."""
+        if self.meta.manifest is None or self.group_json is None:
+            return None
+        return digest_of(self.group_json)
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -90,7 +132,14 @@ class LogitStore:
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             format_version=meta.required_version,
         )
-        backend = open_location(str(path), read_only=False, storage_options=storage_options)
+        # Write only what readers accept: the rules and limits every reader checks.
+        try:
+            parse_meta(json.loads(json.dumps(meta.to_dict())), where=f"store {path}")
+        except StoreFormatError as exc:
+            raise ConfigError(f"cannot create {exc}") from exc
+        backend = DigestRecorder(
+            open_location(str(path), read_only=False, storage_options=storage_options)
+        )
         # The attribute is written with the group itself, so no instant exists at which the
         # location holds a group that is not recognisably a (partial) softcache store.
         group = zarr.open_group(backend, mode="w", attributes={ATTR_KEY: meta.to_dict()})
@@ -135,7 +184,7 @@ class LogitStore:
             fill_value=0,
             compressors=None,
         )
-        return cls(group, meta, str(path), read_only=False)
+        return cls(group, meta, str(path), read_only=False, recorder=backend)
 
     @classmethod
     def open(
@@ -146,8 +195,9 @@ class LogitStore:
         require_complete: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         fast_reads: bool = True,
+        expect_digest: str | None = None,
     ) -> LogitStore:
-        """Open an existing store.
+        """Open an existing store, after validating its metadata (`softcache.store.validate`).
 
         Args:
             path: the store's location: a path, `file://`, an fsspec URL or a `.zip` archive.
@@ -155,10 +205,14 @@ class LogitStore:
             require_complete: refuse a store whose build has not finished.
             fast_reads: decode reads with zarrs where installed (`read_pipeline`); False keeps
                 zarr-python's reference pipeline (`verify` uses it).
+            expect_digest: refuse a store whose digest (`sha256:...`, as `info` shows it) is not
+                this one, and check every object read against the store's manifest.
 
         Raises:
-            StoreFormatError: not a softcache store, or an unknown format version.
+            StoreFormatError: not a softcache store, an unknown format version, or metadata that
+                breaks a rule of docs/FORMAT.md.
             IncompleteStoreError: `require_complete` and the build did not finish.
+            TamperedStoreError: `expect_digest` and the store is not that one.
         """
         where = f"store {path}"
         if mode not in ("r", "r+"):
@@ -167,26 +221,37 @@ class LogitStore:
         if is_local(location) and not local_path(location).exists():
             raise NotAStoreError(f"{where} does not exist")
         read_only = mode == "r"
-        backend = open_location(location, read_only=read_only, storage_options=storage_options)
-        if not holds_group(backend):
-            raise NotAStoreError(f"{where} does not exist or is not a Zarr group (no zarr.json)")
+        backend: Any = open_location(location, read_only=read_only, storage_options=storage_options)
+        pin = normalise_digest(expect_digest) if expect_digest is not None else None
+        if pin is not None:  # another store is "not the one pinned" before anything else
+            group_json = read_object(backend, "zarr.json", MAX_GROUP_JSON, where=where)
+            if group_json is not None and has_manifest(group_json) and digest_of(group_json) != pin:
+                raise TamperedStoreError(
+                    f"{where} has digest {digest_of(group_json)}, not the pinned {pin}: it is "
+                    "another store, or was changed after it was published"
+                )
+        checked = check_store(backend, where=where)
+        meta = checked.meta
+        if pin is not None:
+            backend = _pinned(backend, checked, pin, where)
+        recorder = None if read_only else DigestRecorder(backend)
         try:
-            group = zarr.open_group(backend, mode="r" if read_only else "r+")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
-            raise NotAStoreError(f"{where} is not a Zarr group: {exc}") from exc
-        attrs = group.attrs.asdict()
-        if ATTR_KEY not in attrs:
-            raise NotAStoreError(f"{where} is a Zarr group but has no '{ATTR_KEY}' metadata")
-        raw = attrs[ATTR_KEY]
-        if not isinstance(raw, Mapping):
-            raise StoreFormatError(f"{where}: the '{ATTR_KEY}' attribute is not a JSON object")
-        meta = StoreMeta.from_dict(raw, where=where)
-        store = cls(group, meta, location, read_only=read_only, fast_reads=fast_reads)
-        missing = [name for name in store.array_names if name not in group]
-        if missing:
-            raise MissingArrayError(
-                f"{where} is missing array(s) {', '.join(missing)}", missing=tuple(missing)
-            )
+            group = zarr.open_group(recorder or backend, mode="r" if read_only else "r+")
+        except (TamperedStoreError, StoreFormatError):
+            raise
+        except Exception as exc:  # validated above: only a store changed meanwhile gets here
+            raise StoreFormatError(f"{where} cannot be opened as a Zarr group: {exc}") from exc
+        store = cls(
+            group,
+            meta,
+            location,
+            read_only=read_only,
+            group_json=checked.group_json,
+            recorder=recorder,
+            # A pinned store is read through its digest checks: zarr-python's pipeline, whose
+            # every read goes through the checking store (zarrs could read around it).
+            fast_reads=fast_reads and pin is None,
+        )
         if require_complete and not meta.complete:
             done = int(store.done_mask().sum())
             raise IncompleteStoreError(
@@ -334,10 +399,22 @@ class LogitStore:
         return np.flatnonzero((stored_lengths != lengths) | (self.sample_hashes() != hashes))
 
     def mark_complete(self, dataset_fingerprint: str) -> None:
-        """Record the dataset fingerprint and set `complete`: the last write of a build."""
+        """Write the manifest (the SHA-256 of every object), then record the dataset fingerprint,
+        the manifest's digest and `complete`: the last write of a build."""
+        backend = self._group.store
+        specs = array_specs(self.meta)
+        encode = {name: self.array(name).metadata.encode_chunk_key for name in specs}
+        known = self._recorder.digests if self._recorder is not None else {}
+        manifest = compute_manifest(backend, object_keys(specs, encode), known)
+        data = manifest.to_bytes()
+        sync(backend.set(MANIFEST_KEY, default_buffer_prototype().buffer.from_bytes(data)))
         dataset = {**self.meta.dataset, "fingerprint": dataset_fingerprint}
-        self.meta = dataclasses.replace(self.meta, dataset=dataset, complete=True)
+        self.meta = dataclasses.replace(
+            self.meta, dataset=dataset, complete=True, manifest=manifest.summary(data)
+        )
         self._group.attrs[ATTR_KEY] = self.meta.to_dict()
+        group_json = sync(backend.get("zarr.json", prototype=default_buffer_prototype()))
+        self.group_json = group_json.to_bytes() if group_json is not None else None
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -384,8 +461,31 @@ class LogitStore:
         return sum(self.array(name).nbytes for name in self.row_array_names)
 
     def nbytes_stored(self) -> int:
-        """Bytes the store occupies (compressed), summed over every array."""
-        return sum(self.array(name).nbytes_stored() for name in self.array_names)
+        """Bytes the store occupies (compressed): every array, and the manifest."""
+        manifest = object_size(self._group.store, MANIFEST_KEY) or 0
+        return manifest + sum(self.array(name).nbytes_stored() for name in self.array_names)
+
+
+def _pinned(backend: Any, checked: Any, digest: str, where: str) -> VerifiedStore:
+    """`backend` seen through the manifest of a store whose digest must be `digest`."""
+    meta = checked.meta
+    if meta.manifest is None:
+        why = "its build has not finished" if not meta.complete else "it predates manifests"
+        raise TamperedStoreError(
+            f"{where} has no manifest ({why}), so it has no digest to match the pinned {digest}; "
+            "ask its producer for a store built by a softcache that records manifests"
+        )
+    found = digest_of(checked.group_json)
+    if found != digest:
+        raise TamperedStoreError(
+            f"{where} has digest {found}, not the pinned {digest}: it is another store, or was "
+            "changed after it was published"
+        )
+    manifest = read_manifest(backend, meta.manifest, checked.arrays, where=where)
+    table = dict(manifest.objects)
+    table["zarr.json"] = (digest.removeprefix("sha256:"), len(checked.group_json))
+    table[MANIFEST_KEY] = (meta.manifest["sha256"], meta.manifest["size"])
+    return VerifiedStore(backend, table, where)
 
 
 def holds_group(backend: Any) -> bool:

@@ -11,21 +11,33 @@ from typing import Any
 
 from softcache.errors import NotAStoreError, SoftcacheError
 from softcache.store import LogitStore
-from softcache.store.location import is_local, is_zip, list_prefix, local_path, open_location
+from softcache.store.location import find_stores
 
 
 def store_info(
-    location: str, *, storage_options: Mapping[str, Any] | None = None
+    location: str, *, storage_options: Mapping[str, Any] | None = None, metadata_only: bool = False
 ) -> dict[str, Any]:
     """A summary of a store (complete or not), as plain JSON-able data.
 
+    Args:
+        location: the store.
+        storage_options: fsspec options for URL stores.
+        metadata_only: read metadata objects only (`ls`): a complete store's size comes from
+            its manifest when it has one, and its shards are all done by definition; only a
+            partial store's `shard_done` record is read.
+
     Raises:
-        StoreFormatError: not a softcache store, or an unknown format version.
+        StoreFormatError: not a softcache store, an unknown format version, or metadata that
+            breaks a rule of the format.
     """
     store = LogitStore.open(location, require_complete=False, storage_options=storage_options)
     meta = store.meta
-    done = int(store.done_mask().sum())
-    stored = store.nbytes_stored()
+    complete = metadata_only and meta.complete  # every shard is done by definition
+    done = meta.num_shards if complete else int(store.done_mask().sum())
+    if metadata_only and meta.manifest is not None:
+        stored = int(meta.manifest["bytes"]) + int(meta.manifest["size"])
+    else:
+        stored = store.nbytes_stored()
     logical = store.nbytes_logical()
     info: dict[str, Any] = {
         "location": location,
@@ -50,6 +62,9 @@ def store_info(
         "compression_ratio": logical / stored if stored else None,
         "created": meta.created,
         "softcache_version": meta.softcache_version,
+        "digest": store.digest,
+        "manifest": dict(meta.manifest) if meta.manifest else None,
+        "provenance": dict(meta.provenance) if meta.provenance else None,
     }
     if meta.tokens:
         codec = meta.codec
@@ -78,8 +93,10 @@ def info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [
         ("store", info["location"]),
         ("status", status),
+        ("digest", _digest_text(info)),
         ("teacher", f"{teacher.get('spec')} ({teacher.get('num_parameters', 0):,} parameters)"),
         ("teacher sha256", str(teacher.get("state_dict_sha256", "-"))),
+        *_provenance_rows(info),
         ("dataset", f"{dataset.get('spec')} ({dataset.get('num_samples', 0):,} samples)"),
         ("fingerprint", fingerprint),
         ("encoding", f"{encoding}, {info['value_dtype']}, {info['num_classes']:,} classes"),
@@ -114,8 +131,10 @@ def _token_info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [
         ("store", info["location"]),
         ("status", status),
+        ("digest", _digest_text(info)),
         ("teacher", f"{teacher.get('spec')} ({teacher.get('num_parameters', 0):,} parameters)"),
         ("teacher sha256", str(teacher.get("state_dict_sha256", "-"))),
+        *_provenance_rows(info),
         ("dataset", f"{dataset.get('spec')} ({dataset.get('num_samples', 0):,} samples)"),
         ("fingerprint", dataset.get("fingerprint") or "-"),
         ("layout", "tokens (one row per token)"),
@@ -139,6 +158,48 @@ def _token_info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _digest_text(info: Mapping[str, Any]) -> str:
+    """The digest, or why there is none."""
+    if info.get("digest"):
+        manifest = info["manifest"]
+        return f"{info['digest']} ({manifest['objects']:,} objects in its manifest)"
+    if not info["complete"]:
+        return "- (recorded when the build completes)"
+    return "- (no manifest: written before softcache recorded digests)"
+
+
+def _provenance_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What identifies the teacher and the dataset beyond their specs, and the packages."""
+    prov = info.get("provenance")
+    if not prov:
+        return []
+    rows = []
+    for what in ("teacher", "dataset"):
+        resolved = prov.get(what)
+        if isinstance(resolved, Mapping) and resolved:
+            rows.append((f"{what} source", _resolved_text(resolved)))
+    packages = prov.get("packages")
+    if isinstance(packages, Mapping) and packages:
+        rows.append(("packages", ", ".join(f"{k} {v}" for k, v in sorted(packages.items()))))
+    return rows
+
+
+def _resolved_text(resolved: Mapping[str, Any]) -> str:
+    """``module tests.helpers.specs (file .../specs.py, sha256 ab12...)`` and the like."""
+    parts = []
+    if resolved.get("module"):
+        parts.append(f"module {resolved['module']}")
+    if resolved.get("model"):
+        parts.append(f"model {resolved['model']}")
+    if resolved.get("file"):
+        parts.append(f"file {resolved['file']}")
+    if resolved.get("sha256"):
+        parts.append(f"sha256 {str(resolved['sha256'])[:16]}...")
+    if resolved.get("kind") == "object":
+        parts.append(f"object {resolved.get('type')}")
+    return ", ".join(parts) or "-"
+
+
 def _codec_text(codec: Mapping[str, Any]) -> str:
     """``topk (k=8, 7-bit sqrt values, 8-bit log residual, ids elias_fano)`` and the like."""
     ids = f"ids {codec['ids']}"
@@ -155,31 +216,33 @@ def _codec_text(codec: Mapping[str, Any]) -> str:
 
 
 def list_stores(
-    prefix: str, *, storage_options: Mapping[str, Any] | None = None
+    prefix: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    max_depth: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The softcache stores directly under `prefix` (or `prefix` itself), with key metadata.
+    """The softcache stores at or under `prefix`, at any depth (or down to `max_depth` folder
+    levels below it), with key metadata.
 
-    Entries that are not softcache stores are skipped; stores that cannot be read (for example a
-    newer format version) are listed with their error.
+    Only metadata is read (`store_info(metadata_only=True)`): each store's `zarr.json` files,
+    validated, and a partial store's `shard_done` record. Entries that are not softcache stores
+    are skipped; stores that cannot be read (a newer format version, damaged metadata, missing
+    arrays) are listed with their error.
     """
-    candidates = [prefix]
-    if is_local(prefix):
-        root = local_path(prefix)
-        if not root.is_dir():
-            raise SoftcacheError(f"{prefix} is not a folder")
-        candidates += [str(p) for p in sorted(root.iterdir()) if p.is_dir() or is_zip(p.name)]
-    else:
-        backend = open_location(prefix, read_only=True, storage_options=storage_options)
-        candidates += [f"{prefix.rstrip('/')}/{name}" for name in list_prefix(backend)]
     found = []
-    for location in candidates:
+    for location in find_stores(prefix, max_depth=max_depth, storage_options=storage_options):
         try:
-            found.append(store_info(location, storage_options=storage_options))
+            found.append(store_info(location, storage_options=storage_options, metadata_only=True))
         except NotAStoreError:
             continue
-        except SoftcacheError as exc:  # a softcache store it cannot read: say so, don't hide it
-            found.append({"location": location, "error": str(exc)})
+        except (SoftcacheError, OSError) as exc:  # a store it cannot read: say so, don't hide it
+            found.append({"location": location, "error": _one_line(str(exc))})
     return found
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else message
 
 
 def ls_line(info: Mapping[str, Any]) -> str:

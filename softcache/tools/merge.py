@@ -25,6 +25,7 @@ from softcache.config import VALUE_DTYPES
 from softcache.data.hashing import fingerprint
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.runtime.progress import Progress
+from softcache.runtime.specs import package_versions
 from softcache.store import (
     LOGITS,
     LSE,
@@ -36,6 +37,7 @@ from softcache.store import (
 )
 from softcache.store.output import open_output
 from softcache.store.row_codec import copy_encoded, encode_batch
+from softcache.store.validate import MAX_SHARD_BYTES
 from softcache.store.writer import ShardWriter
 
 
@@ -116,6 +118,13 @@ def merge(
                 f"{store.location} is top-k without a normaliser at T = 1, so its probabilities "
                 "are unknown; rebuild it with 1 in --temperatures"
             )
+    working = first.shard_rows * first.num_classes * 8  # one (rows, C) float64 mixture
+    if working * 3 > MAX_SHARD_BYTES:
+        raise ConfigError(
+            f"merge mixes probabilities as dense (shard_rows, num_classes) float64 blocks: "
+            f"{first.shard_rows:,} x {first.num_classes:,} classes would take {working:,} bytes "
+            f"per block, more than softcache holds at once ({MAX_SHARD_BYTES // 3:,})"
+        )
     if encoding == "topk" and top_k > first.num_classes:
         raise ConfigError(f"--top-k {top_k} exceeds the {first.num_classes} classes")
     meta = StoreMeta(
@@ -140,6 +149,10 @@ def merge(
             }
         },
         softcache_version=__version__,
+        provenance={
+            "sources": [{"location": s.location, "digest": s.digest} for s in stores],
+            "packages": package_versions(),
+        },
     )
     out = open_output(output, meta, overwrite=overwrite, storage_options=storage_options)
     done = out.done_mask()

@@ -1,8 +1,12 @@
 """`softcache verify`: is this store whole, and does it match my copy of the data?
 
-Checks, in order: the format version is known; the build completed; every array has the shape and
-dtype the metadata implies; every shard object of every array exists (a missing one would read back
-as zeros) and decodes with a valid crc32c checksum; the sample hashes reproduce the recorded dataset
+Checks, in order: the metadata follows the format (`softcache.store.validate`, as every reader
+checks it); the build completed; every array has the shape and dtype the metadata implies; every
+shard object of every array exists (a missing one would read back as zeros) and decodes with a
+valid crc32c checksum; every object has the SHA-256 the store's manifest records
+(`softcache.store.manifest`: a chunk rewritten with a valid checksum, an object added or removed;
+an object already reported missing or unreadable is not named twice), or, for a store written
+before manifests, a note that it has none; the sample hashes reproduce the recorded dataset
 fingerprint; and, given a dataset, every sample's input hashes to what the teacher saw. Each failure
 names the array, the shard and its rows, or the mismatching sample indices.
 
@@ -16,6 +20,7 @@ its hash.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,17 +46,24 @@ from softcache.store import (
     LogitStore,
     check_offsets,
 )
+from softcache.store.location import list_keys
+from softcache.store.manifest import MANIFEST_KEY, hash_objects, normalise_digest, read_manifest
+from softcache.store.validate import array_specs
 
 MAX_LISTED = 10
 
 
 @dataclass
 class VerifyReport:
-    """What `verify` checked and what it found."""
+    """What `verify` checked and what it found (`notes`: facts that are not failures, such as a
+    store written before manifests)."""
 
     location: str
     problems: list[str] = field(default_factory=list)
     checked: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # Objects already reported missing, empty or unreadable (the manifest check skips them).
+    damaged: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -62,6 +74,7 @@ class VerifyReport:
             "location": self.location,
             "ok": self.ok,
             "problems": self.problems,
+            "notes": self.notes,
             "checked": self.checked,
         }
 
@@ -72,6 +85,7 @@ def verify(
     dataset: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = False,
+    expect_digest: str | None = None,
 ) -> VerifyReport:
     """Check a store end to end (see the module docstring).
 
@@ -80,9 +94,14 @@ def verify(
         dataset: a dataset spec to compare every sample hash against.
         storage_options: fsspec options for URL stores.
         progress: show a progress bar on stderr.
+        expect_digest: also require the store's digest to be this one (`sha256:...`).
 
     Returns:
         A report; `report.ok` is True only if every check passed.
+
+    Memory stays bounded by a few shards whatever the metadata claims: the fingerprint is
+    hashed shard by shard, and per-sample data is kept only as it is read (and, for the dataset
+    comparison, only once the dataset's length matched the store's).
     """
     report = VerifyReport(location)
     try:
@@ -101,25 +120,100 @@ def verify(
             f"build incomplete: {done} of {meta.num_shards} shards written (complete is unset)"
         )
     _check_layout(store, report)
+    source = _dataset_of_the_store(dataset, store, report) if dataset is not None else None
+    keep = source is not None
     offsets: np.ndarray | None = None
     if meta.tokens:
         offsets, hashes = _check_samples(store, report)
         _check_chunks(store, report, progress, offsets=offsets)
+        found = fingerprint(hashes, offsets) if hashes is not None and offsets is not None else None
     else:
-        hashes = _check_chunks(store, report, progress)
-    if hashes is not None and meta.complete and (offsets is not None or not meta.tokens):
-        recorded = meta.dataset.get("fingerprint")
-        if fingerprint(hashes, offsets) != recorded:
-            what = "sample_hash and offsets do" if meta.tokens else "sample_hash does"
-            report.problems.append(
-                f"{what} not reproduce the recorded dataset fingerprint: they were altered "
-                "after the build"
-            )
-    if dataset is not None and meta.tokens:
-        _check_token_dataset(dataset, offsets, hashes, store, report, progress)
-    elif dataset is not None and hashes is not None:
-        _check_dataset(dataset, hashes, store, report, progress)
+        found, hashes = _check_chunks(store, report, progress, keep_hashes=keep)
+    _check_manifest(store, report, expect_digest, progress)
+    if found is not None and meta.complete and found != meta.dataset.get("fingerprint"):
+        what = "sample_hash and offsets do" if meta.tokens else "sample_hash does"
+        report.problems.append(
+            f"{what} not reproduce the recorded dataset fingerprint: they were altered "
+            "after the build"
+        )
+    if source is not None and meta.tokens:
+        _check_token_dataset(dataset, source, offsets, hashes, store, report, progress)
+    elif source is not None and hashes is not None:
+        _check_dataset(source, hashes, store, report, progress)
     return report
+
+
+def _check_manifest(
+    store: LogitStore, report: VerifyReport, expect_digest: str | None, progress: bool
+) -> None:
+    """Recompute every object's SHA-256 against the manifest; name what differs."""
+    meta = store.meta
+    digest = store.digest
+    report.checked["digest"] = digest
+    if expect_digest is not None:
+        try:
+            want = normalise_digest(expect_digest)
+        except SoftcacheError as exc:
+            report.problems.append(str(exc))
+            want = None
+        if want is not None and digest != want:
+            report.problems.append(
+                f"the store's digest is {digest or 'none (no manifest)'}, not the expected {want}"
+            )
+    if not meta.complete:
+        return
+    if meta.manifest is None:
+        report.notes.append(
+            "the store has no manifest (written before softcache recorded digests): its "
+            "objects are checked by their CRC-32C only, which catches accidents, not edits, "
+            "and it has no digest to pin"
+        )
+        report.checked["manifest"] = None
+        return
+    where = f"store {store.location}"
+    backend = store.backend
+    try:
+        manifest = read_manifest(backend, meta.manifest, array_specs(meta), where=where)
+    except SoftcacheError as exc:
+        report.problems.append(str(exc).removeprefix(f"{where}: "))
+        return
+    bar = Progress(len(manifest.objects), "verify digests", enabled=progress)
+    keys = sorted(manifest.objects)
+    changed = missing = 0
+    for start in range(0, len(keys), 64):
+        batch = [k for k in keys[start : start + 64] if k not in report.damaged]
+        for key, found in hash_objects(backend, batch).items():
+            recorded = manifest.objects[key]
+            if found is None:
+                missing += 1
+                _listed_problem(report, missing, f"object {key} is missing (the manifest lists it)")
+            elif found != recorded:
+                changed += 1
+                _listed_problem(
+                    report,
+                    changed,
+                    f"object {key} does not match the manifest (sha256 {found[0][:16]}..., "
+                    f"{found[1]:,} bytes; recorded {recorded[0][:16]}..., {recorded[1]:,} bytes): it was "
+                    "changed after the build",
+                )
+        bar.update(len(keys[start : start + 64]))
+    bar.close()
+    known = {*manifest.objects, "zarr.json", MANIFEST_KEY}
+    added = [k for k in list_keys(backend) if k not in known and not k.endswith(".partial")]
+    for n, key in enumerate(added, 1):
+        _listed_problem(
+            report, n, f"object {key} is not in the manifest: it was added after the build"
+        )
+    for count, what in ((missing, "missing"), (changed, "changed"), (len(added), "added")):
+        if count > MAX_LISTED:
+            report.problems.append(f"... {count - MAX_LISTED} more {what} object(s)")
+    report.checked["manifest"] = {"objects": len(manifest.objects), **dict(meta.manifest)}
+
+
+def _listed_problem(report: VerifyReport, n: int, problem: str) -> None:
+    """Report the first `MAX_LISTED` problems of a kind (the rest are counted)."""
+    if n <= MAX_LISTED:
+        report.problems.append(problem)
 
 
 def _check_layout(store: LogitStore, report: VerifyReport) -> None:
@@ -149,7 +243,8 @@ def _check_samples(
 
     Returns:
         ``(offsets, hashes)``, each None when it cannot be trusted (missing or unreadable chunks,
-        the wrong shape, or, for `offsets`, not a valid CSR index; each is reported).
+        the wrong shape, or, for `offsets`, not a valid CSR index; each is reported). Memory grows
+        with the chunks actually read, never with the length the metadata claims.
     """
     meta = store.meta
     lengths = {OFFSETS: meta.num_samples + 1, SAMPLE_HASH: meta.num_samples}
@@ -161,25 +256,31 @@ def _check_samples(
             out[name] = None
             continue
         chunk = int(arr.chunks[0])
-        data: np.ndarray | None = np.zeros(length, dtype=arr.dtype)
+        parts: list[np.ndarray] | None = []
         for c in range(-(-length // chunk)):
             start, stop = c * chunk, min((c + 1) * chunk, length)
             where = f"array {name}, chunk {c} ({what[name]} {start}..{stop - 1})"
             size = store.shard_object_size(name, c)
+            key = store.shard_object_key(name, c)
             if not size:  # missing (None) or empty (0): both would read back as zeros
                 state = "is missing" if size is None else "is empty (0 bytes)"
-                report.problems.append(f"{where}: object {store.shard_object_key(name, c)} {state}")
-                data = None
+                report.problems.append(f"{where}: object {key} {state}")
+                report.damaged.add(key)
+                parts = None
                 continue
             try:
                 values = store.read(name, slice(start, stop))
             except Exception as exc:  # any decode failure is a finding, not a crash
-                report.problems.append(f"{where}: cannot be read: {exc}")
-                data = None
+                report.problems.append(f"{where}: cannot be read: {_one_line(exc)}")
+                report.damaged.add(key)
+                parts = None
                 continue
-            if data is not None:
-                data[start:stop] = values
-        out[name] = data
+            if parts is not None:
+                parts.append(values)
+        if parts is None:
+            out[name] = None
+        else:
+            out[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=arr.dtype)
     offsets = out[OFFSETS]
     if offsets is not None:
         try:
@@ -194,16 +295,26 @@ def _check_samples(
 
 
 def _check_chunks(
-    store: LogitStore, report: VerifyReport, progress: bool, *, offsets: np.ndarray | None = None
-) -> np.ndarray | None:
-    """Read every shard of every per-row array; return the sample hashes if they all read.
+    store: LogitStore,
+    report: VerifyReport,
+    progress: bool,
+    *,
+    offsets: np.ndarray | None = None,
+    keep_hashes: bool = False,
+) -> tuple[str | None, np.ndarray | None]:
+    """Read every shard of every per-row array.
 
-    A token store's hashes are per sample (`_check_samples`), so for one this returns None;
-    `offsets`, when valid, names the samples each damaged token shard holds.
+    Returns:
+        ``(fingerprint, hashes)`` of a row store: the fingerprint of its sample hashes, hashed
+        shard by shard, and, with `keep_hashes`, the hashes themselves; each None when a
+        `sample_hash` shard did not read. A token store's hashes are per sample
+        (`_check_samples`): ``(None, None)``. `offsets`, when valid, names the samples each
+        damaged token shard holds.
     """
     meta = store.meta
     names = store.row_array_names
-    hashes = np.zeros(meta.num_rows, dtype=np.uint64)
+    digest = hashlib.sha256()
+    kept: list[np.ndarray] = []
     hashes_ok = SAMPLE_HASH in names
     done = store.done_mask()
     bar = Progress(meta.num_shards * len(names), "verify", enabled=progress)
@@ -215,26 +326,38 @@ def _check_chunks(
         for name in names:
             bar.update(1)
             size = store.shard_object_size(name, shard)
+            key = store.shard_object_key(name, shard)
             if not size:  # missing (None) or empty (0): both would read back as zeros
                 state = "is missing" if size is None else "is empty (0 bytes)"
-                report.problems.append(
-                    f"array {name}, {where}: object {store.shard_object_key(name, shard)} {state}"
-                )
+                report.problems.append(f"array {name}, {where}: object {key} {state}")
+                report.damaged.add(key)
                 hashes_ok &= name != SAMPLE_HASH
                 continue
             try:
                 data = store.read(name, slice(start, stop))
             except Exception as exc:  # any decode failure is a finding, not a crash
-                report.problems.append(f"array {name}, {where}: cannot be read: {exc}")
+                report.problems.append(f"array {name}, {where}: cannot be read: {_one_line(exc)}")
+                report.damaged.add(key)
                 hashes_ok &= name != SAMPLE_HASH
                 continue
             if name == SAMPLE_HASH:
-                hashes[start:stop] = data
+                if hashes_ok:
+                    digest.update(np.ascontiguousarray(data, dtype="<u8").tobytes())
+                    if keep_hashes:
+                        kept.append(data)
             elif (problem := _value_problem(store, name, data)) is not None:
                 report.problems.append(f"array {name}, {where}: {problem}")
     bar.close()
     report.checked["shards"] = meta.num_shards
-    return hashes if hashes_ok else None
+    if not hashes_ok:
+        return None, None
+    hashes = (np.concatenate(kept) if kept else np.zeros(0, np.uint64)) if keep_hashes else None
+    return digest.hexdigest(), hashes
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _shard_where(
@@ -270,7 +393,10 @@ def _value_problem(store: LogitStore, name: str, data: np.ndarray) -> str | None
 
 
 def _dataset_of_the_store(spec: str, store: LogitStore, report: VerifyReport) -> Any | None:
-    """The dataset `spec` builds, or None (reported) when its sample count is not the store's."""
+    """The dataset `spec` builds, or None (reported) when its sample count is not the store's.
+
+    Checked before any data is read, so the store's hashes are kept in memory only for a store
+    as long as a real dataset."""
     dataset = instantiate(spec, "dataset")
     n = len(dataset)
     report.checked["dataset"] = {"spec": spec, "num_samples": n}
@@ -283,11 +409,8 @@ def _dataset_of_the_store(spec: str, store: LogitStore, report: VerifyReport) ->
 
 
 def _check_dataset(
-    spec: str, hashes: np.ndarray, store: LogitStore, report: VerifyReport, progress: bool
+    dataset: Any, hashes: np.ndarray, store: LogitStore, report: VerifyReport, progress: bool
 ) -> None:
-    dataset = _dataset_of_the_store(spec, store, report)
-    if dataset is None:
-        return
     meta = store.meta
     ours = (
         _view_hashes(dataset, store, progress) if meta.augmentation else _hashes(dataset, progress)
@@ -302,7 +425,8 @@ def _check_dataset(
 
 
 def _check_token_dataset(
-    spec: str,
+    spec: str | None,
+    dataset: Any,
     offsets: np.ndarray | None,
     hashes: np.ndarray | None,
     store: LogitStore,
@@ -314,9 +438,6 @@ def _check_token_dataset(
     `offsets` or `hashes` is None when the store's copy could not be read (already reported): that
     comparison is then skipped.
     """
-    dataset = _dataset_of_the_store(spec, store, report)
-    if dataset is None:
-        return
     n = len(dataset)
     lengths, ours = scan(dataset, progress=progress)
     report.checked["dataset"]["num_tokens"] = int(lengths.sum())

@@ -49,7 +49,11 @@ class RowLayout:
         self.dataset = dataset_from(config.dataset, "dataset")
         self.num_samples = len(self.dataset)
         self.store = (
-            LogitStore.open(config.store, storage_options=config.storage_options)
+            LogitStore.open(
+                config.store,
+                storage_options=config.storage_options,
+                expect_digest=config.expect_digest,
+            )
             if config.store
             else None
         )

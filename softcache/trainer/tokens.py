@@ -268,7 +268,9 @@ def _open_store(config: TrainConfig, dataset: Any) -> LogitStore | None:
     same data order), checked against the dataset."""
     if config.store is None:
         return None
-    store = LogitStore.open(config.store, storage_options=config.storage_options)
+    store = LogitStore.open(
+        config.store, storage_options=config.storage_options, expect_digest=config.expect_digest
+    )
     if not store.meta.tokens:
         raise ConfigError(
             f"store {config.store} has one row per sample; --lm trains from a per-token store "

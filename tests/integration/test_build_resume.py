@@ -167,6 +167,8 @@ def test_killed_build_resumes_to_the_identical_store(
     assert resumed_store.done_mask().all()
     assert_same_arrays(killed, reference)
     assert _comparable_files(killed) == _comparable_files(reference)
+    # The manifest (every object's SHA-256) is among those files: the same as uninterrupted.
+    assert "manifest/zarr.json" in _comparable_files(killed)
     got = dict(zarr.open_group(str(killed), mode="r").attrs[ATTR_KEY])
     want = dict(zarr.open_group(str(reference), mode="r").attrs[ATTR_KEY])
     for meta in (got, want):

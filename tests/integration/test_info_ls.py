@@ -128,11 +128,19 @@ def test_info_table(built_stores):
     )
     assert rows["compression"] == f"{info['compression_ratio']:.2f}x"
     assert rows["format"] == f"version {FORMAT_VERSION}"
+    assert (
+        rows["digest"]
+        == f"{info['digest']} ({info['manifest']['objects']} objects in its manifest)"
+    )
     assert list(rows) == [  # the rows of a row store (per-token stores show others)
         "store",
         "status",
+        "digest",
         "teacher",
         "teacher sha256",
+        "teacher source",
+        "dataset source",
+        "packages",
         "dataset",
         "fingerprint",
         "encoding",

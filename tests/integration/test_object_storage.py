@@ -116,8 +116,8 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict]:
+@contextlib.contextmanager
+def moto_server() -> Iterator[dict]:
     """A moto S3 server on localhost with one bucket; yields its endpoint and a filesystem."""
     port = _free_port()
     env = {**os.environ, **CREDENTIALS}
@@ -143,6 +143,13 @@ def s3() -> Iterator[dict]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict]:
+    """A moto S3 server on localhost with one bucket (`moto_server`)."""
+    with moto_server() as server:
+        yield server
 
 
 def _cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -352,3 +359,39 @@ def test_lm_store_builds_verifies_and_trains_on_s3(s3, tmp_path, monkeypatch):
     metrics = json.loads(trained.stdout)
     assert metrics["mode"] == "offline" and metrics["steps"] > 0
     assert _snapshot(s3["fs"], f"{BUCKET}/lm.zarr") == before
+
+
+def test_ls_finds_stores_two_and_three_folders_deep_in_a_bucket(s3, tmp_path):
+    """Teams lay out a shared bucket as `team/.../store.zarr`: ls finds them at any depth, lists
+    a damaged one with its error, stops at --max-depth, and reads metadata only."""
+    local = _local_build(tmp_path / "local.zarr")
+    fs = s3["fs"]
+    prefix = f"{BUCKET}/shelf"
+    two = f"{prefix}/team-a/teacher.zarr"
+    three = f"{prefix}/team-b/2026/teacher.zarr"
+    broken = f"{prefix}/team-b/broken.zarr"
+    for key in (two, three, broken):
+        fs.put(str(tmp_path / "local.zarr"), key, recursive=True)
+    fs.pipe(f"{broken}/logits/zarr.json", b"{")
+    fs.pipe(f"{prefix}/team-a/notes.txt", b"not a store")
+    # Chunks that do not decode: ls never reads them.
+    fs.pipe(f"{two}/logits/c/0/0", b"not a chunk")
+    option = ["--storage-option", f"endpoint_url={s3['endpoint']}"]
+    lines = _cli("ls", f"s3://{prefix}", *option, env=s3["env"]).stdout.splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        f"s3://{two}",
+        f"s3://{three}",
+        f"s3://{broken}",
+    ]
+    assert "  dense float16  300 samples  10 classes  " in lines[0]
+    assert "  complete  " in lines[1]
+    assert lines[2].startswith(
+        f"s3://{broken}  ERROR: store s3://{broken}: logits/zarr.json is not valid JSON"
+    )
+    shallow = _cli("ls", f"s3://{prefix}", "--max-depth", "2", *option, env=s3["env"])
+    assert [line.split("  ")[0] for line in shallow.stdout.splitlines()] == [
+        f"s3://{two}",
+        f"s3://{broken}",
+    ]
+    entries = json.loads(_cli("ls", f"s3://{prefix}", "--json", *option, env=s3["env"]).stdout)
+    assert entries[0]["digest"] == local.digest  # the copy is the store, byte for byte

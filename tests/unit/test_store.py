@@ -31,6 +31,7 @@ from softcache.store import (
     encode_values,
     storage_dtype,
 )
+from softcache.store.validate import parse_meta
 from tests.helpers import NEWER, READABLE
 
 
@@ -199,7 +200,7 @@ def test_meta_dict_round_trip_is_json() -> None:
     meta = _topk_meta()
     data = json.loads(json.dumps(meta.to_dict()))
     assert data["temperatures"] == [1.0, 2.0]
-    assert StoreMeta.from_dict(data, where="x") == meta
+    assert parse_meta(data, where="x") == meta
 
 
 def test_a_built_bfloat16_topk_store_through_the_api(make_store) -> None:
@@ -291,7 +292,9 @@ def test_malformed_metadata_is_refused(tmp_path: Path) -> None:
     attrs = dict(group.attrs[ATTR_KEY])
     del attrs["num_classes"]
     group.attrs[ATTR_KEY] = attrs
-    with pytest.raises(StoreFormatError, match="malformed softcache metadata"):
+    with pytest.raises(
+        StoreFormatError, match=r"softcache.num_classes is missing; expected an integer"
+    ):
         LogitStore.open(path)
 
 

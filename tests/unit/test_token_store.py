@@ -47,6 +47,7 @@ from softcache.store import (
 )
 from softcache.store import token_coding as tk
 from softcache.store.token_codec import MAX_VOCAB, TokenCodec
+from softcache.store.validate import parse_meta
 from tests.helpers import token_specs as ts
 
 FEW = settings(max_examples=25, deadline=None)
@@ -429,11 +430,11 @@ def test_a_store_with_a_malformed_token_codec_is_refused() -> None:
     meta = _meta(TokenCodec("topk", 4, 50), np.array([1, 2]), 2, 2).to_dict()
     meta["format_version"] = TOKENS_FORMAT_VERSION
     with pytest.raises(StoreFormatError, match="malformed token_codec"):
-        StoreMeta.from_dict({**meta, "token_codec": {**meta["token_codec"], "width": 0}}, where="s")
+        parse_meta({**meta, "token_codec": {**meta["token_codec"], "width": 0}}, where="s")
     with pytest.raises(StoreFormatError, match="token_codec"):
-        StoreMeta.from_dict({**meta, "token_codec": None}, where="s")
+        parse_meta({**meta, "token_codec": None}, where="s")
     with pytest.raises(StoreFormatError, match="layout"):
-        StoreMeta.from_dict({**meta, "layout": "columns"}, where="s")
+        parse_meta({**meta, "layout": "columns"}, where="s")
 
 
 # ---- items and batches ---------------------------------------------------------------------------
