@@ -660,6 +660,8 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("store")
 @click.argument("registry")
 @click.option("--name", required=True, help="The name the store is published under.")
 @click.option("--version", "version", required=True, help="The new version (immutable).")
