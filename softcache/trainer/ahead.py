@@ -46,7 +46,9 @@ class Ahead:
         except BaseException as exc:
             self._put(exc)
         finally:
-            self._batches.close()  # type: ignore[attr-defined]  # a generator: runs its finally
+            close = getattr(self._batches, "close", None)
+            if close is not None:  # a generator: run its `finally` (the stream's reader stops)
+                close()
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
