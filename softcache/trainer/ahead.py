@@ -20,6 +20,21 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 
+def put_unless_stopped(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Put `item` on a bounded queue, waiting for room until `stop` is set.
+
+    Returns:
+        True once the item is queued; False if `stop` was set first (the consumer is gone).
+    """
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class Ahead:
     """Run an iterator on a background thread, at most `depth` items ahead of its consumer.
 
@@ -51,13 +66,7 @@ class Ahead:
                 close()
 
     def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, item, self._stop)
 
     def results(self) -> Generator[Any, None, None]:
         """The batches, in order, as the training loop takes them."""

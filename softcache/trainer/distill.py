@@ -171,11 +171,7 @@ class AlignedBatches:
                 "softcache.AlignedTokenBatches(dataset, store) (inputs and decoded per-token "
                 "targets) and softcache.token_distillation_loss"
             )
-        if len(dataset) != store.meta.num_samples:
-            raise DatasetMismatchError(
-                f"the dataset has {len(dataset)} samples but store {store.location} was built from "
-                f"{store.meta.num_samples}; use the dataset the store was built from"
-            )
+        check_sample_count(dataset, store)
         self.dataset = dataset
         self.store = store
         self.num_workers = num_workers
@@ -329,11 +325,7 @@ class AlignedTokenBatches:
                 f"store {store.location} has one row per sample; AlignedTokenBatches reads "
                 "per-token stores (softcache build --lm); use softcache.AlignedBatches"
             )
-        if len(dataset) != store.meta.num_samples:
-            raise DatasetMismatchError(
-                f"the dataset has {len(dataset)} samples but store {store.location} was built from "
-                f"{store.meta.num_samples}; use the dataset the store was built from"
-            )
+        check_sample_count(dataset, store)
         self.dataset = dataset
         self.store = store
         self.num_workers = num_workers
@@ -451,3 +443,16 @@ def token_distillation_loss(
         else rows.sum() * 0.0
     )
     return alpha * ce + (1 - alpha) * kd
+
+
+def check_sample_count(dataset: Any, store: LogitStore) -> None:
+    """Refuse a dataset whose length is not the number of samples the store was built from.
+
+    Raises:
+        DatasetMismatchError: naming both counts.
+    """
+    if len(dataset) != store.meta.num_samples:
+        raise DatasetMismatchError(
+            f"the dataset has {len(dataset)} samples but store {store.location} was built from "
+            f"{store.meta.num_samples}; use the dataset the store was built from"
+        )

@@ -26,7 +26,7 @@ from softcache.runtime.devices import autocast
 from softcache.runtime.specs import dataset_from
 from softcache.store import LogitStore
 from softcache.trainer.ddp import Ranks
-from softcache.trainer.distill import AlignedBatches, distillation_loss
+from softcache.trainer.distill import AlignedBatches, check_sample_count, distillation_loss
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler
 
@@ -63,11 +63,8 @@ class RowLayout:
                 f"store {config.store} holds per-token soft labels of a language model; pass "
                 "--lm to train a causal-LM student from it"
             )
-        if store is not None and self.num_samples != store.meta.num_samples:
-            raise DatasetMismatchError(
-                f"the dataset has {self.num_samples} samples but store {config.store} was built "
-                f"from {store.meta.num_samples}; use the dataset the store was built from"
-            )
+        if store is not None:
+            check_sample_count(self.dataset, store)
         self.block_rows = store.meta.shard_samples if store else config.block_rows
         self.aligned: AlignedBatches | None = None
         if config.mode == "offline":

@@ -45,7 +45,7 @@ import torch
 
 from softcache.errors import DatasetMismatchError
 from softcache.store import LogitStore
-from softcache.trainer.ahead import Ahead
+from softcache.trainer.ahead import Ahead, put_unless_stopped
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.row_labels import VALUE_MODES, RowBlocks, SoftLabels
 from softcache.trainer.token_labels import TokenBlocks, TokenLabels
@@ -300,13 +300,7 @@ class _BlockReader:
             self._put(exc)
 
     def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, item, self._stop)
 
     def next(self) -> tuple[int, dict[str, np.ndarray]]:
         item = self._queue.get()
