@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -124,18 +125,43 @@ def _storage(repository: str, options: Mapping[str, Any] | None) -> Any:
 
 
 def open_repository(repository: str, options: Mapping[str, Any] | None, *, create: bool) -> Any:
+    """The Icechunk repository at `repository`, created first when `create` and it is missing.
+
+    Two publishers may create the same new repository at once: on object storage the loser's
+    create fails on Icechunk's conditional write of the branch ("branch update conflict"), on
+    local disk it may find the winner's half-written files. Either way the repository then
+    exists (or is about to), so a failed create is retried as an open for a few seconds before
+    its error is reported.
+    """
     ic = icechunk_module()
     storage = _storage(repository, options)
     try:
         if ic.Repository.exists(storage):
             return ic.Repository.open(storage)
-        if create:
+        if not create:
+            raise SoftcacheError(
+                f"nothing is published at {repository} (no Icechunk repository there)"
+            )
+        try:
             return ic.Repository.create(storage)
+        except ic.IcechunkError as exc:
+            return _open_after_racing_create(ic, storage, exc)
     except ic.IcechunkError as exc:
         raise SoftcacheError(
             f"cannot open the published store {repository}: {short_error(exc)}"
         ) from exc
-    raise SoftcacheError(f"nothing is published at {repository} (no Icechunk repository there)")
+
+
+def _open_after_racing_create(ic: Any, storage: Any, create_error: BaseException) -> Any:
+    """Open the repository another publisher created while our create failed, or re-raise."""
+    for attempt in range(20):
+        time.sleep(0.05 * (attempt + 1))
+        try:
+            if ic.Repository.exists(storage):
+                return ic.Repository.open(storage)
+        except ic.IcechunkError:
+            continue  # the other create is still writing its first snapshot
+    raise create_error
 
 
 def short_error(exc: BaseException) -> str:

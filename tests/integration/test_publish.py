@@ -233,3 +233,39 @@ def test_two_concurrent_publishers_on_s3(s3, built_stores, make_store, tmp_path)
 def test_publish_needs_a_name_and_version(built_stores, tmp_path):
     with pytest.raises(SoftcacheError, match="version 'a@b' must be"):
         publish(str(built_stores["dense"]), str(tmp_path), "teacher", "a@b")
+
+
+def _creator(repository: str, options: dict | None, barrier: Any, results: Any) -> None:
+    from softcache.store.published import open_repository
+
+    try:
+        barrier.wait(120)
+        open_repository(repository, options, create=True)
+        results.put("opened")
+    except BaseException as exc:  # reported to the test, which fails on it
+        results.put(repr(exc))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_publishers_creating_one_new_repository_at_once_both_open_it(where, s3, tmp_path):
+    """The race the two-publisher test meets by chance, forced: both create a missing repository
+    at the same moment; the loser of Icechunk's conditional write opens the winner's."""
+    ctx = multiprocessing.get_context("spawn")
+    options = {"endpoint_url": s3["endpoint"]} if where == "s3" else None
+    for round_ in range(3):
+        repository = (
+            f"s3://softcache-test/create-race-{tmp_path.name}-{round_}"
+            if where == "s3"
+            else str(tmp_path / f"repo{round_}")
+        )
+        barrier, results = ctx.Barrier(3), ctx.Queue()
+        procs = [
+            ctx.Process(target=_creator, args=(repository, options, barrier, results))
+            for _ in range(3)
+        ]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["opened"] * 3, outcomes
