@@ -96,18 +96,57 @@ def distillation_loss(
         alpha: weight of the hard-label term.
 
     Returns:
-        A float32 scalar (see `softcache.losses` for the formulas).
+        A float32 scalar: `losses.kd_loss_dense`'s or `losses.kd_loss_topk`'s value (see
+        `softcache.losses` for the formulas), computed through `teacher_targets` where it can.
+    """
+    prepared = teacher_targets(
+        soft,
+        temperatures=temperatures,
+        temperature=temperature,
+        num_classes=student_logits.shape[-1],
+    )
+    if prepared is not None:
+        return losses.kd_loss_targets(student_logits, prepared, targets, alpha=alpha)
+    assert soft.topk_values is not None and soft.topk_indices is not None
+    return losses.kd_loss_topk(
+        student_logits,
+        soft.topk_values,
+        soft.topk_indices,
+        None,
+        targets,
+        temperature=temperature,
+        alpha=alpha,
+    )
+
+
+def teacher_targets(
+    soft: SoftLabels, *, temperatures: Sequence[float], temperature: float, num_classes: int
+) -> losses.TeacherTargets | None:
+    """The teacher's side of the batch's KD loss at `temperature` (`losses.kd_loss_targets`).
+
+    Needs no student, so a loop can make it beside the step (the training loop does, on its
+    batch thread, for CPU students).
+
+    Args:
+        soft: the batch's soft labels (float32 values, or the stored dtypes).
+        temperatures: the store's temperatures with normalisers (`store.meta.temperatures`).
+        temperature: the distillation temperature T.
+        num_classes: C, the student's classes.
+
+    Returns:
+        The targets; None for a top-k store without a normaliser at `temperature`, whose loss
+        renormalises over the kept classes (`losses.kd_loss_topk` with ``lse=None``; logged once).
     """
     if soft.logits is not None:
-        return losses.kd_loss_dense(
-            student_logits, soft.logits, targets, temperature=temperature, alpha=alpha
-        )
+        return losses.dense_targets(soft.logits, temperature)
     assert soft.topk_values is not None and soft.topk_indices is not None and soft.lse is not None
-    lse = None
     for column, t in enumerate(temperatures):
         if abs(t - temperature) < 1e-9:
             lse = soft.lse[:, column]
-    if lse is None and temperature not in _warned_temperatures:
+            return losses.topk_targets(
+                soft.topk_values, soft.topk_indices, lse, num_classes, temperature
+            )
+    if temperature not in _warned_temperatures:
         _warned_temperatures.add(temperature)
         log.warning(
             "the store has no normaliser for temperature %s (it has %s): the top-k loss "
@@ -115,15 +154,7 @@ def distillation_loss(
             temperature,
             list(temperatures),
         )
-    return losses.kd_loss_topk(
-        student_logits,
-        soft.topk_values,
-        soft.topk_indices,
-        lse,
-        targets,
-        temperature=temperature,
-        alpha=alpha,
-    )
+    return None
 
 
 class AlignedBatches:

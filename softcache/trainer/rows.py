@@ -1,6 +1,7 @@
 """The row layout of the trainer: a student over per-sample inputs, from a dense or top-k store.
 
-A batch is `(inputs, labels, soft labels or None, dataset indices)`. Offline runs read it through
+A batch is `(inputs, labels, soft labels or None, dataset indices)`; for a CPU student the soft
+labels arrive as the teacher's side of the loss, prepared on the batch thread. Offline runs read it through
 `AlignedBatches` (inputs and the store's soft labels in the plan's order, hash-checked, views
 replayed); hard and online runs through a DataLoader over the same plan, so every mode sees the same
 data order. With `augment`, hard, online and view-less offline runs draw a new view of every sample
@@ -26,9 +27,14 @@ from softcache.runtime.devices import autocast
 from softcache.runtime.specs import dataset_from
 from softcache.store import LogitStore
 from softcache.trainer.ddp import Ranks
-from softcache.trainer.distill import AlignedBatches, check_sample_count, distillation_loss
+from softcache.trainer.distill import (
+    AlignedBatches,
+    check_sample_count,
+    distillation_loss,
+    teacher_targets,
+)
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.stream import PlanSampler
+from softcache.trainer.stream import PlanSampler, SoftLabels
 
 RowBatch = tuple[torch.Tensor, torch.Tensor, Any, np.ndarray]
 
@@ -89,7 +95,23 @@ class RowLayout:
         for inputs, labels, soft, indices in self._batches(plan, steps, hash_stride, then):
             if self.fresh is not None:  # a new random view of every sample, every epoch
                 inputs = self.fresh.views(inputs, indices, plan.epoch)
-            yield inputs, labels, soft, indices
+            yield inputs, labels, self._prepared(soft), indices
+
+    def _prepared(self, soft: SoftLabels | None) -> SoftLabels | losses.TeacherTargets | None:
+        """For a CPU student, the teacher's side of the loss, made here on the batch thread
+        (`losses.kd_loss_targets`): the step then runs only the student's side. A GPU student
+        gets the stored dtypes, widened and prepared on the device after a copy of half the bytes.
+        """
+        if soft is None or self.cuda:
+            return soft
+        assert self.store is not None
+        prepared = teacher_targets(
+            soft,
+            temperatures=self.store.meta.temperatures,
+            temperature=self.config.temperature,
+            num_classes=self.store.meta.num_classes,
+        )
+        return soft if prepared is None else prepared
 
     def _batches(
         self, plan: EpochPlan, steps: int, hash_stride: int, then: EpochPlan | None
@@ -136,6 +158,8 @@ class RowLayout:
             )
             return loss, len(labels)
         assert self.store is not None
+        if isinstance(soft, losses.TeacherTargets):
+            return losses.kd_loss_targets(logits, soft, labels, alpha=config.alpha), len(labels)
         loss = distillation_loss(
             logits,
             soft.to(device, non_blocking=self.cuda),
