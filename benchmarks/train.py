@@ -8,6 +8,13 @@ first blocks' read), so these cases need no warm-up round.
 
 Timed in the same rounds, to say where an offline epoch's extra time goes:
 
+- `step-*`: the training thread's own work, an epoch's worth of steps of the student on one fixed
+  batch with each mode's loss as the trainer computes it (offline: from teacher targets prepared
+  beforehand, as the batch thread does), no loader;
+- `loader-*`: the CPU seconds (all threads) the trainer's batch source spends making an epoch's
+  batches (inputs, hash check at the later epochs' stride, soft labels, teacher targets), no
+  student: work the second core has to absorb beside the steps;
+
 - `stream`: the soft-label stream alone (`SoftLabelStream.batches` over the dense store, no
   student): the reading the stream's thread has to hide behind the student's steps;
 - `hash`: hashing every input of an epoch (`softcache.data.hashing.hash_rows`, batch by batch): the
@@ -22,6 +29,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +45,10 @@ from softcache.data.hashing import collate_pairs, hash_rows
 from softcache.runtime.specs import instantiate
 from softcache.store import LogitStore
 from softcache.trainer import train
+from softcache.trainer.ddp import Ranks
+from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
+from softcache.trainer.rows import RowLayout
 from softcache.trainer.stream import SoftLabelStream
 
 TRAIN_GOAL = 1.05
@@ -131,6 +142,7 @@ class TrainBench:
         self.wait: dict[str, list[float]] = {}
         self.num_samples = LogitStore.open(self.stores["dense"]).meta.num_samples
         self._count = itertools.count()
+        self._layouts: dict[tuple[str, str], RowLayout] = {}
         dataset = instantiate(workload.dataset, "dataset")
         self._inputs = [
             collate_pairs([dataset[int(i)] for i in rows])[0] for rows in self._plan().batches()
@@ -151,6 +163,49 @@ class TrainBench:
         self.wait.setdefault(name, []).extend(metrics["data_wait_fraction"][1:])
         return median(metrics["epoch_seconds"][1:])
 
+    def _layout(self, mode: str, store: str) -> RowLayout:
+        if (mode, store) not in self._layouts:
+            config = TrainConfig(
+                student=self.workload.student,
+                dataset=self.workload.dataset,
+                store=str(self.stores[store]),
+                mode=mode,
+                epochs=2,
+                batch_size=self.workload.batch_size,
+                output=str(self.workdir / "unused"),
+            )
+            self._layouts[mode, store] = RowLayout(config, Ranks(), torch.device("cpu"), None)
+        return self._layouts[mode, store]
+
+    def _loader(self, mode: str, store: str) -> float:
+        """CPU seconds of one later epoch's batches from the trainer's own batch source."""
+        layout = self._layout(mode, store)
+        plan = self._plan()
+        plan.set_epoch(1)
+        stride = epoch_hash_stride(layout.config, first_epoch=False)
+        start = time.process_time()
+        for _ in layout.batches(plan, len(plan), hash_stride=stride, then=None):
+            pass
+        return time.process_time() - start
+
+    def _steps(self, mode: str, store: str) -> float:
+        """An epoch's steps on one fixed batch: the training thread's work without a loader."""
+        layout = self._layout(mode, store)
+        plan = self._plan()
+        batch = next(iter(layout.batches(plan, len(plan), hash_stride=0, then=None)))
+        student = instantiate(self.workload.student, "student")
+        optimizer = torch.optim.AdamW(student.parameters())
+
+        def epoch() -> None:
+            for _ in range(len(plan)):
+                loss, _ = layout.loss(student, batch, None)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                float(loss.detach())
+
+        return timed(epoch)
+
     def _stream(self) -> float:
         stream = SoftLabelStream(LogitStore.open(self.stores["dense"]))
         plan = self._plan()
@@ -166,6 +221,12 @@ class TrainBench:
             "offline-topk": lambda: self._train("offline", "topk"),
             "stream": self._stream,
             "hash": self._hash,
+            "step-hard": lambda: self._steps("hard", "dense"),
+            "step-offline": lambda: self._steps("offline", "dense"),
+            "step-offline-topk": lambda: self._steps("offline", "topk"),
+            "loader-hard": lambda: self._loader("hard", "dense"),
+            "loader-offline": lambda: self._loader("offline", "dense"),
+            "loader-offline-topk": lambda: self._loader("offline", "topk"),
         }
 
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
@@ -190,6 +251,28 @@ class TrainBench:
                 note=note,
             ),
         ]
+        for case, what in (("step-offline", "dense"), ("step-offline-topk", "top-5")):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}training thread alone: offline / hard steps, {what}",
+                    samples,
+                    case,
+                    "step-hard",
+                    goal=None,
+                    note="an epoch of steps on one batch, no loader: the losses' own cost",
+                )
+            )
+        for case in ("loader-hard", "loader-offline", "loader-offline-topk"):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}share: {case} CPU / hard epoch",
+                    samples,
+                    case,
+                    "hard",
+                    goal=None,
+                    note="CPU seconds (all threads) of an epoch's batches, no student",
+                )
+            )
         figures.append(
             ratio_figure(
                 f"{prefix}share: stream alone / hard epoch",

@@ -246,7 +246,7 @@ def _train(
         t_epoch = time.perf_counter()
         t_ready = t_epoch
         model.train()
-        stride = _hash_stride(config, first_epoch=epoch == first_epoch)
+        stride = epoch_hash_stride(config, first_epoch=epoch == first_epoch)
         # Inputs and soft labels are made on a background thread (`Ahead`): the step only takes
         # finished batches, so their collation, hashing and gathering overlap with it.
         source = layout.batches(plan, steps, hash_stride=stride, then=then)
@@ -330,7 +330,7 @@ def _check_output(output: Path, config: TrainConfig) -> None:
         )
 
 
-def _hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:
+def epoch_hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:
     """Rows between alignment-checked rows this epoch (1: all, 0: none); see `hash_check`."""
     if config.hash_check == "all" or (config.hash_check == "first-epoch" and first_epoch):
         return 1
