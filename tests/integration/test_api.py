@@ -286,3 +286,49 @@ def test_every_command_is_on_the_cli() -> None:
     assert expected <= names, expected - names
     for name in sorted(expected):
         assert CliRunner().invoke(main, [name, "--help"]).exit_code == 0, name
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
+    built_stores, in_root, tmp_path, kind, temperature
+):
+    """For a CPU student the trainer's batch thread hands the step the teacher's side of the loss
+    (`losses.kd_loss_targets`); it must be the loss `distillation_loss` computes from the same
+    batch's soft labels, value and gradient, the top-k store's missing temperature (3.0: the
+    renormalised fallback) included."""
+    from softcache.losses import TeacherTargets
+    from softcache.trainer.ddp import Ranks
+    from softcache.trainer.rows import RowLayout
+
+    store = softcache.open_store(built_stores[kind])
+    config = TrainConfig(
+        student=spec("teacher"), dataset=spec("dataset"), store=str(built_stores[kind]),
+        mode="offline", temperature=temperature, alpha=0.25, batch_size=24,
+        output=str(tmp_path / "run"),
+    )  # fmt: skip
+    layout = RowLayout(config, Ranks(), torch.device("cpu"), None)
+    plan = softcache.EpochPlan(
+        num_samples=store.meta.num_samples, block_rows=store.meta.shard_samples, batch_size=24,
+        seed=0,
+    )  # fmt: skip
+    prepared = list(layout.batches(plan, len(plan), hash_stride=1, then=None))[:3]
+    aligned = softcache.AlignedBatches(softcache.runtime.specs.dataset_from(spec("dataset")), store)
+    raw = list(aligned.epoch(plan))[: len(prepared)]
+    torch.manual_seed(0)
+    student = softcache.runtime.specs.instantiate(spec("teacher"), "student")
+    for (inputs, labels, targets, _), (inputs_raw, labels_raw, soft) in zip(
+        prepared, raw, strict=True
+    ):
+        fallback = kind == "topk" and temperature not in store.meta.temperatures
+        assert isinstance(targets, TeacherTargets) != fallback
+        assert torch.equal(inputs, inputs_raw) and torch.equal(labels, labels_raw)
+        got = layout.loss(student, (inputs, labels, targets, None), None)[0]
+        (g_got,) = torch.autograd.grad(got, list(student.parameters())[-1])
+        want = softcache.distillation_loss(
+            student(inputs_raw), soft, labels_raw, temperatures=store.meta.temperatures,
+            temperature=temperature, alpha=0.25,
+        )  # fmt: skip
+        (g_want,) = torch.autograd.grad(want, list(student.parameters())[-1])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
