@@ -78,18 +78,21 @@ def rows_from_logprobs(
     """
     n = len(prompt_logprobs)
     positions = [*(prompt_logprobs[p] for p in range(1, n)), last]
-    ids = torch.empty((n, k), dtype=torch.int64)
-    values = torch.empty((n, k), dtype=torch.float32)
+    ids: list[int] = []
+    values: list[float] = []
     for j, entries in enumerate(positions):
         if entries is None:
             raise TeacherOutputError(
                 f"vLLM returned no log-probabilities for row {j} of {where} (prompt position "
                 f"{j + 1} of {n}); only position 0 may be empty"
             )
-        kept = _top(entries, k, f"row {j} of {where}")
-        ids[j] = torch.tensor([token for token, _ in kept], dtype=torch.int64)
-        values[j] = torch.tensor([logprob for _, logprob in kept], dtype=torch.float32)
-    return ids, values
+        for token, logprob in _top(entries, k, f"row {j} of {where}"):
+            ids.append(token)
+            values.append(logprob)
+    return (
+        torch.tensor(ids, dtype=torch.int64).reshape(n, k),
+        torch.tensor(values, dtype=torch.float32).reshape(n, k),
+    )
 
 
 def _top(entries: Mapping[int, Any], k: int, where: str) -> list[tuple[int, float]]:

@@ -24,16 +24,18 @@ subtraction's resolution and its floor ``k 2^-24``; a 1e-5 tail is known to abou
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from softcache.cli import main
-from softcache.store import LogitStore, decode_token_rows
+from softcache.store import ATTR_KEY, SHARD_DONE, LogitStore, decode_token_rows
 from tests.helpers import ROOT
 from tests.helpers import hf_specs as data
 
@@ -157,3 +159,30 @@ def test_vllm_store_records_its_engine(stores: tuple[Path, Path], teacher_dir: P
     assert vmeta.provenance["teacher"]["engine"] == "vllm"
     assert any(name.startswith("vllm") for name in vmeta.provenance["packages"])
     assert vmeta.token_codec is not None and vmeta.token_codec["temperature"] == 1.0
+
+
+def test_a_killed_vllm_build_resumes_to_the_same_rows(
+    stores: tuple[Path, Path], teacher_dir: Path, tmp_path: Path
+) -> None:
+    """A store left as a build killed after 3 of its 8 shards, finished by a new engine."""
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(stores[0], partial)
+    group = zarr.open_group(str(partial), mode="r+")
+    attrs = dict(group.attrs[ATTR_KEY])
+    group.attrs[ATTR_KEY] = {
+        **attrs,
+        "complete": False,
+        "dataset": {**attrs["dataset"], "fingerprint": None},
+    }
+    done = group[SHARD_DONE]
+    assert done.shape == (8,)
+    done[3:] = 0
+    _build(f"vllm:{teacher_dir}", partial)  # the same command: resumes, recomputes shards 3..7
+    (resumed, r), (original, o) = _rows(partial), _rows(stores[0])
+    assert resumed.meta.complete and resumed.done_mask().all()
+    assert resumed.meta.dataset["fingerprint"] == original.meta.dataset["fingerprint"]
+    assert torch.equal(r["indices"], o["indices"])  # ids exactly
+    # Values as stored: another engine, the same batches; float16 values equal, or (vLLM
+    # promises no bitwise determinism across engines) one float16 step apart.
+    torch.testing.assert_close(r["values"], o["values"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(r["residual"], o["residual"], rtol=1e-3, atol=0)
