@@ -17,6 +17,11 @@ The build:
    computed alone: a resumed shard sees the same batches, and for ``sampled`` the same
    generator seed ``(seed, shard)``, and so holds the bytes an uninterrupted build writes.
 
+A ``vllm:DIR`` teacher (`softcache.runtime.vllm`) replaces the forward pass and the device coding
+of step 2: each batch of ``batch_size`` samples is one vLLM call returning every token's top-k
+log-probabilities, coded as they are (`TokenCodec.encode_logprobs`); ``device`` and ``amp`` do not
+apply (vLLM picks its own), and such a build runs in this process only.
+
 Resume, the cluster and completion are the build frame's (`softcache.builder.frame`); if the
 dataset changed between a killed build and its resume (another length or hash for any sample), the
 resume is refused rather than mixing the two.
