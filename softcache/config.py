@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from softcache.errors import ConfigError
+from softcache.runtime.specs import is_vllm_spec
 
 SECTIONS = ("build", "train")
 ENCODINGS = ("dense", "topk", "sampled")
@@ -125,9 +126,9 @@ class BuildConfig(_Config):
     """Everything `softcache build` needs. Each field's help says what it does."""
 
     teacher: Any = setting(
-        help="Teacher factory, 'package.module:fn' or 'file.py:fn' (or hf:DIR with --lm); returns "
-        "an nn.Module giving (B, C) logits, or (B, L, V) with --lm. From Python: also a module "
-        "or a factory."
+        help="Teacher factory, 'package.module:fn' or 'file.py:fn' (or hf:DIR or vllm:DIR with "
+        "--lm); returns an nn.Module giving (B, C) logits, or (B, L, V) with --lm. From Python: "
+        "also a module or a factory."
     )
     dataset: Any = setting(
         help="Dataset factory spec; returns a map-style dataset of (input, label) items (with "
@@ -238,6 +239,8 @@ class BuildConfig(_Config):
             self._check_lm()
         else:
             self._check_rows()
+        if is_vllm_spec(self.teacher):
+            self._check_vllm()
         if self.workers < 0 or self.shards_per_task < 0:
             raise ConfigError(
                 f"workers and shards_per_task must be >= 0, got {self.workers} and "
@@ -302,6 +305,27 @@ class BuildConfig(_Config):
             raise ConfigError(f"value_bits must be in 0..16 (0: float16), got {self.value_bits}")
         if not self.lm_temperature > 0:
             raise ConfigError(f"lm_temperature must be > 0, got {self.lm_temperature}")
+
+    def _check_vllm(self) -> None:
+        """What a vLLM teacher (prompt log-probs, `softcache.runtime.vllm`) cannot give."""
+        if not self.lm or self.encoding != "topk":
+            raise ConfigError(
+                f"--teacher {self.teacher} gives the top-k log-probabilities of each token: "
+                "pass --lm --encoding topk (a vLLM engine has no full distribution to draw "
+                "--encoding sampled from, and no class logits for a row store)"
+            )
+        if self.lm_temperature != 1.0:
+            raise ConfigError(
+                f"--teacher {self.teacher} builds at --lm-temperature 1 only, got "
+                f"{self.lm_temperature}: vLLM applies no temperature to prompt log-probs, and a "
+                "top-k cache cannot be re-tempered (its residual would be wrong); build at 1, or "
+                "use an hf: teacher for another temperature"
+            )
+        if self.distributed:
+            raise ConfigError(
+                f"--teacher {self.teacher} runs one vLLM engine in this process; drop --workers "
+                "and --dask-scheduler (vLLM batches and parallelises by itself)"
+            )
 
     @property
     def distributed(self) -> bool:

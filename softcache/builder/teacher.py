@@ -21,6 +21,7 @@ from softcache.runtime.specs import (
     package_versions,
     source_of,
 )
+from softcache.runtime.vllm import VllmTeacher
 
 log = logging.getLogger("softcache")
 
@@ -59,9 +60,12 @@ def _names_a_class(spec: str) -> bool:
         return False
 
 
-def teacher_identity(spec: Any, teacher: nn.Module) -> dict[str, Any]:
+def teacher_identity(spec: Any, teacher: nn.Module | VllmTeacher) -> dict[str, Any]:
     """What a store records of its teacher: the spec (or what identifies an object), its size
-    and the sha256 of its weights."""
+    and the sha256 of its weights (for a vLLM engine, of its checkpoint's tensors, and vLLM's
+    version)."""
+    if isinstance(teacher, VllmTeacher):
+        return {"spec": describe(spec), **teacher.identity()}
     return {
         "spec": describe(spec),
         "num_parameters": sum(p.numel() for p in teacher.parameters()),
@@ -69,7 +73,9 @@ def teacher_identity(spec: Any, teacher: nn.Module) -> dict[str, Any]:
     }
 
 
-def provenance(config: BuildConfig, teacher: nn.Module, num_samples: int) -> dict[str, Any]:
+def provenance(
+    config: BuildConfig, teacher: nn.Module | VllmTeacher, num_samples: int
+) -> dict[str, Any]:
     """The `StoreMeta` fields every layout fills alike: the shard layout, the teacher's and the
     dataset's identity (the specs as given, and in `provenance` what they resolved to and the
     package versions), the build settings and the softcache version."""

@@ -17,6 +17,11 @@ The build:
    computed alone: a resumed shard sees the same batches, and for ``sampled`` the same
    generator seed ``(seed, shard)``, and so holds the bytes an uninterrupted build writes.
 
+A ``vllm:DIR`` teacher (`softcache.runtime.vllm`) replaces the forward pass and the device coding
+of step 2: each batch of ``batch_size`` samples is one vLLM call returning every token's top-k
+log-probabilities, coded as they are (`TokenCodec.encode_logprobs`); ``device`` and ``amp`` do not
+apply (vLLM picks its own), and such a build runs in this process only.
+
 Resume, the cluster and completion are the build frame's (`softcache.builder.frame`); if the
 dataset changed between a killed build and its resume (another length or hash for any sample), the
 resume is refused rather than mixing the two.
@@ -35,11 +40,18 @@ from softcache.builder.cluster import worker_inputs
 from softcache.builder.teacher import load_teacher, provenance
 from softcache.config import BuildConfig
 from softcache.data.hashing import fingerprint
-from softcache.data.sequences import causal_logits, collate_sequences, offsets_of, scan
+from softcache.data.sequences import (
+    causal_logits,
+    collate_sequences,
+    item_tokens,
+    offsets_of,
+    scan,
+)
 from softcache.errors import DatasetFormatError, DatasetMismatchError, TeacherOutputError
 from softcache.runtime.devices import autocast
 from softcache.runtime.progress import Progress
-from softcache.runtime.specs import dataset_from, describe
+from softcache.runtime.specs import dataset_from, describe, is_vllm_spec, vllm_directory
+from softcache.runtime.vllm import VllmTeacher, load_vllm_teacher
 from softcache.store import LogitStore, StoreMeta, token_arrays
 from softcache.store.token_codec import TokenCodec
 from softcache.store.writer import ShardWriter
@@ -80,7 +92,7 @@ def shard_samples(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]
 
 
 def _code_shard(
-    teacher: nn.Module,
+    teacher: nn.Module | VllmTeacher,
     dataset: Any,
     store: LogitStore,
     offsets: np.ndarray,
@@ -89,7 +101,11 @@ def _code_shard(
     device: torch.device,
     config: BuildConfig,
 ) -> dict[str, np.ndarray]:
-    """The coded rows of one shard, as host arrays keyed by array name."""
+    """The coded rows of one shard, as host arrays keyed by array name.
+
+    A vLLM teacher returns each token's top-k log-probabilities, coded as they are
+    (`TokenCodec.encode_logprobs`); a module's logits are coded on the device.
+    """
     start, stop = store.shard_bounds(shard)
     first, last = shard_samples(offsets, start, stop)
     samples = [i for i in range(first, last) if offsets[i + 1] > offsets[i]]
@@ -98,6 +114,12 @@ def _code_shard(
     pieces: list[dict[str, np.ndarray]] = []
     for b in range(0, len(samples), config.batch_size):
         batch_ids = samples[b : b + config.batch_size]
+        if isinstance(teacher, VllmTeacher):
+            prompts = [item_tokens(dataset[i], i)[0] for i in batch_ids]
+            ids, logprobs = teacher.score(prompts, first=batch_ids[0])
+            coded = codec.encode_logprobs(ids, logprobs)
+            pieces.append({name: t.numpy() for name, t in coded.items()})
+            continue
         batch = collate_sequences([dataset[i] for i in batch_ids]).to(device)
         with torch.inference_mode(), autocast(device, config.amp):
             logits = causal_logits(teacher, batch.input_ids, batch.attention_mask)
@@ -120,10 +142,17 @@ def _code_shard(
 
 
 def _probe_vocab(
-    teacher: nn.Module, dataset: Any, lengths: np.ndarray, device: torch.device, config: BuildConfig
+    teacher: nn.Module | VllmTeacher,
+    dataset: Any,
+    lengths: np.ndarray,
+    device: torch.device,
+    config: BuildConfig,
 ) -> int:
     """Run the first non-empty sample through the teacher to learn V (and fail early)."""
     first = int(np.flatnonzero(lengths)[0])
+    if isinstance(teacher, VllmTeacher):
+        teacher.score([item_tokens(dataset[first], first)[0]], first=first)
+        return teacher.vocab_size
     batch = collate_sequences([dataset[first]]).to(device)
     with torch.inference_mode(), autocast(device, config.amp):
         try:
@@ -136,6 +165,13 @@ def _probe_vocab(
                 f"{type(exc).__name__}: {exc}"
             ) from exc
     return int(logits.shape[2])
+
+
+def _load_token_teacher(config: BuildConfig, device: torch.device) -> nn.Module | VllmTeacher:
+    """A ``vllm:DIR`` spec's engine (asked for ``top_k`` log-probs), else the module on `device`."""
+    if is_vllm_spec(config.teacher):
+        return load_vllm_teacher(vllm_directory(config.teacher), top_k=config.top_k)
+    return load_teacher(config.teacher, device)
 
 
 def _check_same_samples(store: LogitStore, lengths: np.ndarray, hashes: np.ndarray) -> None:
@@ -162,7 +198,7 @@ class TokenBuild:
         self.device = device
         self.progress = progress
         self.dataset: Any = None
-        self.teacher: nn.Module | None = None
+        self.teacher: nn.Module | VllmTeacher | None = None
         self.codec: TokenCodec | None = None
         self.offsets = np.zeros(1, dtype=np.int64)
         self.hashes = np.zeros(0, dtype=np.uint64)
@@ -172,7 +208,7 @@ class TokenBuild:
         the store to write."""
         config = self.config
         self.dataset = dataset_from(config.dataset, "dataset")
-        self.teacher = load_teacher(config.teacher, self.device)
+        self.teacher = _load_token_teacher(config, self.device)
         lengths, self.hashes = scan(self.dataset, progress=self.progress)
         self.offsets = offsets_of(lengths)
         if self.offsets[-1] == 0:

