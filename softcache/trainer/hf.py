@@ -11,6 +11,9 @@ LLM teams train with `transformers.Trainer` (and TRL's trainers built on it) und
 - `DistillCollator`: right-pads the inputs (``input_ids``, ``attention_mask``, and ``labels`` =
   the inputs with ``-100`` on padding, which the model shifts itself, as for any causal LM) and
   concatenates the samples' targets in the order of ``logits[attention_mask]``.
+- The student's tokenizer, given to `DistillDataset` (``tokenizer=``) or to `DistillTrainer`
+  (``processing_class=``), is checked against the teacher's the store records: a mismatch is
+  refused, a padded vocabulary allowed (`softcache.trainer.vocab`).
 - `DistillTrainer` (or `DistillMixin` on another `Trainer` subclass, e.g. TRL's): its
   `compute_loss` is ``alpha * LM loss + (1 - alpha) * KD``, the KD term being softcache's own
   per-token loss (`softcache.trainer.tokens.token_kd_loss`: top-k with its tail bin, or the
@@ -38,6 +41,7 @@ from softcache.store import LogitStore
 from softcache.store.token_codec import TokenCodec
 from softcache.trainer.token_targets import TokenTargets, concat_targets
 from softcache.trainer.tokens import token_kd_loss
+from softcache.trainer.vocab import check_student_tokenizer, check_student_width
 
 log = logging.getLogger("softcache")
 
@@ -54,6 +58,10 @@ class DistillDataset(Dataset):
         cache_shards: decoded shards kept per process (`TokenTargets`).
         check_hashes: check each sample's tokens against the store's length and hash.
         storage_options: fsspec options for a store URL.
+        tokenizer: the student's tokenizer: checked against the one the store records
+            (`softcache.trainer.vocab`); a mismatch raises `TokenizerMismatchError`, a padded
+            vocabulary is allowed and logged. `DistillTrainer` checks its ``processing_class``
+            the same way.
 
     Items are dicts: ``input_ids`` (n,) int64 and ``softcache_targets``, the sample's decoded
     rows (`TokenTargets.rows`).
@@ -67,6 +75,7 @@ class DistillDataset(Dataset):
         cache_shards: int = 8,
         check_hashes: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.dataset = dataset
         self.targets = (
@@ -81,6 +90,17 @@ class DistillDataset(Dataset):
                 "from"
             )
         self.check_hashes = check_hashes
+        self.tokenizer_checked = False
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a student tokenizer other than the one the store records (padded: allowed)."""
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        check_student_tokenizer(
+            self.targets.meta, self.targets.location, tokenizer, f"the student's tokenizer ({name})"
+        )
+        self.tokenizer_checked = True
 
     @property
     def codec(self) -> TokenCodec:
@@ -198,7 +218,10 @@ class DistillTrainer(DistillMixin, transformers.Trainer):
         alpha: weight of the model's own LM loss (0: KD only).
         codec: the store's codec; by default the ``train_dataset``'s (a `DistillDataset`).
 
-    ``data_collator`` defaults to a `DistillCollator`.
+    ``data_collator`` defaults to a `DistillCollator`. A ``processing_class`` (the student's
+    tokenizer) is checked against the tokenizer the store records (`DistillDataset.
+    check_tokenizer`) and, as in any `Trainer`, saved by ``save_model`` beside the weights, so
+    the saved folder loads with ``AutoTokenizer.from_pretrained`` too.
     """
 
     def __init__(
@@ -212,6 +235,17 @@ class DistillTrainer(DistillMixin, transformers.Trainer):
                     "tokenised, store) or codec=store.meta.codec"
                 )
             codec = dataset.codec
+        tokenizer = kwargs.get("processing_class")
+        if (
+            tokenizer is not None
+            and isinstance(dataset, DistillDataset)
+            and not dataset.tokenizer_checked
+            and callable(getattr(tokenizer, "get_vocab", None))
+        ):
+            dataset.check_tokenizer(tokenizer)
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            check_student_width(model, codec)
         kwargs.setdefault("data_collator", DistillCollator())
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         self.setup_distillation(training_args, codec, alpha)
