@@ -1,7 +1,7 @@
 """The teacher's tokenizer recorded by `build --lm`, and checked by `train --lm` (the CLI).
 
 A tiny GPT-2 teacher is saved with a word-level tokenizer of its 300 ids in its directory
-(`tests.helpers.tokenizers`; nothing is downloaded); `build --lm --teacher hf:DIR` records the
+(`tests.helpers.word_tokenizers`; nothing is downloaded); `build --lm --teacher hf:DIR` records the
 tokenizer's identity. Students are `hf-init:` directories: one whose tokenizer differs in a
 special token, one whose vocabulary differs, one padded (302 tokens, a 320-wide head) that trains
 and leaves with its tokenizer, and one whose head is narrower than the store's vocabulary.
@@ -21,7 +21,7 @@ from softcache.cli import main
 from softcache.store import LogitStore
 from tests.helpers import ROOT, one_line_error
 from tests.helpers import hf_specs as data
-from tests.helpers.tokenizers import SPECIALS, make_tokenizer, save_tokenizer, words
+from tests.helpers.word_tokenizers import SPECIALS, make_tokenizer, save_tokenizer, words
 
 DATASET = "tests.helpers.hf_specs:ragged_dataset"
 VOCAB_WORDS = words(data.VOCAB - len(SPECIALS))  # ids 0..299, as the data's
@@ -163,4 +163,50 @@ def test_a_student_narrower_than_the_store_is_refused(
     one_line_error(
         _train(store, dirs["narrow"], tmp_path / "run"),
         "the student's logits are 256 wide but the store's soft labels index token ids up to 299",
+    )
+
+
+# ---- the Hugging Face Trainer path --------------------------------------------------------------
+
+
+def test_the_trainer_checks_and_saves_its_processing_class(
+    store: Path,
+    dirs: dict[str, Path],
+    tmp_path: Path,
+    transformers: ModuleType,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("accelerate")
+    from softcache.errors import TokenizerMismatchError
+    from softcache.runtime.hf import load_tokenizer
+    from softcache.trainer.hf import DistillDataset, DistillTrainer
+
+    with pytest.raises(TokenizerMismatchError, match="special token eos_token"):
+        DistillDataset(data.ragged_dataset(), str(store), tokenizer=load_tokenizer(dirs["eos"]))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=1,
+        use_cpu=True, report_to=[], save_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    narrow = transformers.AutoModelForCausalLM.from_config(_config(transformers, 256))
+    with pytest.raises(TokenizerMismatchError, match="logits are 256 wide"):
+        DistillTrainer(
+            model=narrow, args=args, train_dataset=DistillDataset(data.ragged_dataset(), str(store))
+        )
+    tokenizer = load_tokenizer(dirs["padded"])
+    model = transformers.AutoModelForCausalLM.from_config(_config(transformers, 320))
+    with caplog.at_level(logging.INFO, logger="softcache"):
+        trainer = DistillTrainer(
+            model=model, args=args, processing_class=tokenizer,
+            train_dataset=DistillDataset(data.ragged_dataset(), str(store)),
+        )  # fmt: skip
+    assert any("ids 300..301 exist only" in r.getMessage() for r in caplog.records)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "student"))
+    saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "student"))
+    assert saved.get_vocab() == tokenizer.get_vocab()
+    assert (
+        transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "student")
+        ).config.vocab_size
+        == 320
     )

@@ -11,7 +11,7 @@ import pytest
 
 from softcache.errors import StoreFormatError, TokenizerMismatchError
 from softcache.store.tokenizer import BLOCK_IDS, TokenizerIdentity, check_tokenizer
-from tests.helpers.tokenizers import SPECIALS, save_tokenizer, words
+from tests.helpers.word_tokenizers import SPECIALS, save_tokenizer, words
 
 transformers = pytest.importorskip("transformers")
 

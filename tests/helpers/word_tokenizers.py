@@ -1,4 +1,5 @@
-"""Real tokenizers built locally for the tokenizer-identity tests (nothing is downloaded).
+"""Real tokenizers built locally for the tokenizer-identity tests (nothing is downloaded). Not
+named `tokenizers.py`: a script run from tests/helpers would import it for the package.
 
 `save_tokenizer` writes a word-level `tokenizers` model over a given word list, wrapped in
 `transformers.PreTrainedTokenizerFast`, with `save_pretrained`: the directory `AutoTokenizer`
