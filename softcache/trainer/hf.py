@@ -7,7 +7,8 @@ LLM teams train with `transformers.Trainer` (and TRL's trainers built on it) und
   store). Item ``i`` is the sample's real ``input_ids`` and the teacher's decoded rows for its
   tokens, its length and hash checked against the store's. Rows come through `TokenTargets`'
   bounded cache of whole decoded shards, so access is by sample (any sampler, any world size,
-  `accelerate`'s sharding) without one Zarr read per item.
+  `accelerate`'s sharding) without one Zarr read per item. `DistillDataset.hf_dataset` gives the
+  same items as a `datasets.Dataset`, for trainers that take only those (TRL's `SFTTrainer`).
 - `DistillCollator`: right-pads the inputs (``input_ids``, ``attention_mask``, and ``labels`` =
   the inputs with ``-100`` on padding, which the model shifts itself, as for any causal LM) and
   concatenates the samples' targets in the order of ``logits[attention_mask]``.
@@ -109,6 +110,24 @@ class DistillDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def hf_dataset(self) -> Any:
+        """The same items as a `datasets.Dataset`, for trainers that take only those (TRL's
+        `SFTTrainer` refuses other datasets).
+
+        It holds one ``sample`` column; `with_transform` turns each accessed row into this
+        dataset's item, so access stays by sample and the targets are read on demand (nothing
+        is materialised). Give it with ``SFTConfig(dataset_kwargs={"skip_prepare_dataset":
+        True})``: the items are tokenised already.
+        """
+        import datasets  # the hf extra's; imported here only
+
+        table = datasets.Dataset.from_dict({"sample": list(range(len(self)))})
+        return table.with_transform(self._transform)
+
+    def _transform(self, batch: Mapping[str, list[int]]) -> dict[str, list[Any]]:
+        items = [self[int(i)] for i in batch["sample"]]
+        return {key: [item[key] for item in items] for key in ("input_ids", TARGETS_KEY)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ids, _ = item_tokens(self.dataset[index], index)
