@@ -99,6 +99,9 @@ def test_the_store_records_the_teachers_tokenizer(store: Path) -> None:
     assert (identity.size, identity.ids, identity.logit_width) == (300, 300, 300)
     assert identity.special_tokens["eos_token"] == ("<eos>", 2)
     assert len(identity.blocks) == 1
+    shown = _invoke(["info", str(store)])
+    assert shown.exit_code == 0, shown.output
+    assert f"300 tokens, vocabulary sha256 {identity.vocab_sha256[:16]}..." in shown.output
 
 
 def test_a_differing_special_token_is_refused(
