@@ -193,11 +193,16 @@ class DistillMixin:
     kd_codec: TokenCodec
     kd_alpha: float
 
-    def setup_distillation(self, args: Any, codec: TokenCodec, alpha: float) -> None:
+    def setup_distillation(
+        self, args: Any, codec: TokenCodec, alpha: float, *, model: Any = None
+    ) -> None:
         """Record the loss settings and turn ``remove_unused_columns`` off (the targets are no
-        input of the model's ``forward``, and the Trainer would drop them)."""
+        input of the model's ``forward``, and the Trainer would drop them). Given the ``model``,
+        refuse it now if its logits are narrower than the store's vocabulary."""
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        if model is not None:
+            check_student_width(model, codec)
         if args is not None and getattr(args, "remove_unused_columns", False):
             args.remove_unused_columns = False
         self.kd_codec, self.kd_alpha = codec, alpha
@@ -262,10 +267,8 @@ class DistillTrainer(DistillMixin, transformers.Trainer):
             and callable(getattr(tokenizer, "get_vocab", None))
         ):
             dataset.check_tokenizer(tokenizer)
-        model = kwargs.get("model", args[0] if args else None)
-        if model is not None:
-            check_student_width(model, codec)
         kwargs.setdefault("data_collator", DistillCollator())
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        self.setup_distillation(training_args, codec, alpha)
+        model = kwargs.get("model", args[0] if args else None)
+        self.setup_distillation(training_args, codec, alpha, model=model)
         super().__init__(*args, **kwargs)

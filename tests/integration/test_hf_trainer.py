@@ -138,11 +138,11 @@ def test_distill_mixin_on_trl_sft_trainer(
 
     class DistillSFTTrainer(DistillMixin, trl.SFTTrainer):  # type: ignore[misc]
         def __init__(self, *args: object, codec: object, alpha: float = 0.0, **kwargs: object):
-            self.setup_distillation(kwargs.get("args"), codec, alpha)  # type: ignore[arg-type]
+            self.setup_distillation(kwargs.get("args"), codec, alpha, model=kwargs.get("model"))  # type: ignore[arg-type]
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     tokenizer = make_tokenizer(words(data.VOCAB - len(SPECIALS)))
-    dataset = DistillDataset(data.ragged_dataset(), str(store), cache_shards=2)
+    dataset = DistillDataset(data.ragged_dataset(), str(store), cache_shards=2, tokenizer=tokenizer)
     args = trl.SFTConfig(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=3,
         learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,

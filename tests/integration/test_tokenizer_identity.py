@@ -104,6 +104,26 @@ def test_the_store_records_the_teachers_tokenizer(store: Path) -> None:
     assert f"300 tokens, vocabulary sha256 {identity.vocab_sha256[:16]}..." in shown.output
 
 
+def test_build_refuses_a_tokenizer_with_more_ids_than_the_teachers_logits(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """--tokenizer DIR names the teacher's tokenizer: one of 302 ids is not a 300-logit
+    teacher's."""
+    result = _invoke(
+        [
+            "build", "--lm", "--teacher", f"hf:{dirs['teacher']}", "--dataset", DATASET,
+            "--output", str(tmp_path / "s.zarr"), "--encoding", "topk", "--top-k", "8",
+            "--device", "cpu", "-q", "--tokenizer", str(dirs["padded"]),
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    # (transformers' weight-loading bar may precede the one-line error)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the tokenizer in ") and (
+        f"{dirs['padded']} has ids up to 301 but the teacher returns 300 logits per token" in last
+    ), last
+
+
 def test_a_differing_special_token_is_refused(
     store: Path, dirs: dict[str, Path], tmp_path: Path
 ) -> None:
