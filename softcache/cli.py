@@ -750,6 +750,63 @@ def export(published: str, output: str, storage_option: tuple[str, ...]) -> None
     click.echo(f"exported {published} to {output} ({digest})")
 
 
+@main.command("export-axolotl", context_settings=CONTEXT)
+@click.argument("store")
+@click.option(
+    "--dataset",
+    required=True,
+    help="Dataset spec: the tokenised dataset the store was built from (every sample is checked "
+    "against the store's length and hash).",
+)
+@click.option(
+    "--output", "-o", required=True, help="The folder to write (datasets.load_from_disk reads it)."
+)
+@click.option(
+    "--expect-digest",
+    metavar="DIGEST",
+    help="Refuse the store unless its digest (sha256:..., as `info` shows it) is DIGEST.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export at --output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_storage_option
+@_friendly_errors
+def export_axolotl(
+    store: str,
+    dataset: str,
+    output: str,
+    expect_digest: str | None,
+    overwrite: bool,
+    as_json: bool,
+    storage_option: tuple[str, ...],
+) -> None:
+    """Write a top-k token STORE as a Hugging Face dataset in axolotl's KD columns.
+
+    Each row is one sample: input_ids, attention_mask, labels (the inputs) and the teacher's
+    target_token_ids, target_logprobs (renormalised over the k kept ids) and target_mask, (L, k)
+    each, position p holding the distribution of token p (axolotl's kd plugin convention;
+    position 0 has no target). Load it with datasets.load_from_disk(OUTPUT), or point axolotl's
+    dataset path at it. Needs the `datasets` package; sampled stores have no top-k and are
+    refused.
+    """
+    from softcache.tools.export import export_axolotl_store
+
+    result = export_axolotl_store(
+        store,
+        dataset,
+        output,
+        storage_options=_options_from(storage_option),
+        expect_digest=expect_digest,
+        overwrite=overwrite,
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"exported {result['samples']:,} samples of {store} (top-{result['k']}) to {output} in "
+        "axolotl's KD columns"
+    )
+
+
 def format_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns."""
     width = max(len(k) for k, _ in rows)

@@ -211,6 +211,13 @@ class BuildConfig(_Config):
         help="The teacher is a causal LM over token sequences: one row per real token (format 3, "
         "see docs/FORMAT.md); --shard-rows counts tokens, --batch-size sequences.",
     )
+    tokenizer: str | None = setting(
+        None,
+        only=TOKENS,
+        metavar="DIR",
+        help="The teacher's tokenizer (a save_pretrained directory), recorded in the store so "
+        "`train` can check a student's; default: the hf:DIR teacher's DIR, when it holds one.",
+    )
     draws: int = setting(32, only=TOKENS, help="Ids drawn per token for --encoding sampled.")
     value_bits: int = setting(
         0,
@@ -462,6 +469,14 @@ class TrainConfig(_Config):
         "temperature), reporting perplexity and next-token agreement.",
     )
     max_steps: int = setting(0, help="Stop after N optimiser steps (0: all epochs).")
+    tokenizer: str | None = setting(
+        None,
+        only=TOKENS,
+        metavar="DIR",
+        help="The student's tokenizer (a save_pretrained directory), checked against the one the "
+        "store records and saved with an HF student; default: the hf:/hf-init: student's DIR, "
+        "when it holds one.",
+    )
 
     def __post_init__(self) -> None:
         _check_required(self, ("student", "dataset"))

@@ -71,3 +71,8 @@ class TeacherOutputError(SoftcacheError):
 
 class DatasetFormatError(SoftcacheError):
     """A dataset's items are not of the expected `(input, label)` form."""
+
+
+class TokenizerMismatchError(SoftcacheError):
+    """A student's tokenizer (or its vocabulary width) differs from the one a token store's
+    teacher used, so the stored token ids would mean other tokens to it."""

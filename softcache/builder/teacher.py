@@ -12,16 +12,20 @@ from torch import nn
 
 from softcache._version import __version__
 from softcache.config import BuildConfig
-from softcache.errors import SoftcacheError
+from softcache.errors import SoftcacheError, TeacherOutputError
 from softcache.runtime.specs import (
     describe,
+    hf_directory,
     is_spec,
+    is_vllm_spec,
     load_callable,
     module_from,
     package_versions,
     source_of,
+    vllm_directory,
 )
 from softcache.runtime.vllm import VllmTeacher
+from softcache.store.tokenizer import TokenizerIdentity
 
 log = logging.getLogger("softcache")
 
@@ -71,6 +75,47 @@ def teacher_identity(spec: Any, teacher: nn.Module | VllmTeacher) -> dict[str, A
         "num_parameters": sum(p.numel() for p in teacher.parameters()),
         "state_dict_sha256": state_dict_sha256(teacher),
     }
+
+
+def tokenizer_record(config: BuildConfig, logit_width: int) -> dict[str, Any] | None:
+    """The identity of the teacher's tokenizer a token store records, or None without one.
+
+    The tokenizer is `config.tokenizer`'s directory, or else an ``hf:DIR`` or ``vllm:DIR``
+    teacher's ``DIR`` when it holds one. A tokenizer with more ids than the teacher has logits is
+    refused: it is not this teacher's.
+    """
+    teacher_dir = (
+        vllm_directory(config.teacher)
+        if is_vllm_spec(config.teacher)
+        else hf_directory(config.teacher)
+    )
+    directory = config.tokenizer or teacher_dir
+    if directory is None:
+        log.info(
+            "the teacher comes with no tokenizer (pass --tokenizer DIR to record one): the "
+            "store records none, and `train` cannot check a student's"
+        )
+        return None
+    from softcache.runtime.hf import load_tokenizer  # imports transformers only when used
+
+    tokenizer = load_tokenizer(directory, required=config.tokenizer is not None)
+    if tokenizer is None:
+        log.info("%s holds no tokenizer: the store records none", directory)
+        return None
+    identity = TokenizerIdentity.of(tokenizer, logit_width)
+    if identity.ids > logit_width:
+        raise TeacherOutputError(
+            f"the tokenizer in {directory} has ids up to {identity.ids - 1:,} but the teacher "
+            f"returns {logit_width:,} logits per token: it is not this teacher's tokenizer; "
+            "give the teacher's own (--tokenizer DIR)"
+        )
+    log.info(
+        "recording the teacher's tokenizer (%s, %s tokens, vocabulary sha256 %s...)",
+        identity.cls,
+        f"{identity.size:,}",
+        identity.vocab_sha256[:12],
+    )
+    return identity.to_dict()
 
 
 def provenance(

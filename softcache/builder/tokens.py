@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from softcache.builder.cluster import worker_inputs
-from softcache.builder.teacher import load_teacher, provenance
+from softcache.builder.teacher import load_teacher, provenance, tokenizer_record
 from softcache.config import BuildConfig
 from softcache.data.hashing import fingerprint
 from softcache.data.sequences import (
@@ -235,6 +235,7 @@ class TokenBuild:
             layout="tokens",
             num_tokens=int(self.offsets[-1]),
             token_codec=codec.to_dict(),
+            tokenizer=tokenizer_record(config, vocab),
             **provenance(config, self.teacher, num_samples),
         )
 

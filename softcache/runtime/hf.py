@@ -12,6 +12,10 @@ ever downloaded: loading passes ``local_files_only=True``. Specs name such a dir
 The models return a ``CausalLMOutput`` whose ``logits`` are ``(B, L, V)``, and their ``forward``
 takes ``attention_mask``, so `softcache.data.sequences.causal_logits` calls them as they are.
 
+A model directory may also hold the model's tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
+...): `load_tokenizer` loads it, for the tokenizer check of token stores
+(`softcache.store.tokenizer`) and to save it beside a trained student.
+
 `transformers` is imported only when a model is loaded, so ``import softcache`` and every other
 spec work without it.
 """
@@ -91,6 +95,54 @@ def load_causal_lm(
     if not isinstance(model, nn.Module):  # pragma: no cover - transformers returns modules
         raise SpecError(f"transformers returned a {type(model).__name__} for {directory}")
     return model
+
+
+#: Files of which one marks a directory as holding a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a directory holds a tokenizer's files (see `TOKENIZER_FILES`)."""
+    directory = Path(path).expanduser()
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, *, required: bool = False) -> Any | None:
+    """The tokenizer saved in a directory (``AutoTokenizer``, local files only).
+
+    Args:
+        path: a directory ``save_pretrained`` wrote (a model's, or a tokenizer's alone).
+        required: raise when the directory holds no tokenizer (else return None).
+
+    Raises:
+        SpecError: `transformers` is missing, the directory holds no tokenizer (``required``),
+            or its tokenizer files do not load.
+    """
+    directory = Path(path).expanduser()
+    if not has_tokenizer(directory):
+        if required:
+            raise SpecError(
+                f"{str(directory)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "give the directory the tokenizer's save_pretrained wrote"
+            )
+        return None
+    transformers = _import_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(directory.resolve()), local_files_only=True
+        )
+    except Exception as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise SpecError(
+            f"cannot load the tokenizer in {directory} with transformers "
+            f"{transformers.__version__}: {type(exc).__name__}: {message}"
+        ) from exc
 
 
 def _import_transformers() -> Any:

@@ -97,6 +97,16 @@ def load_callable(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def hf_directory(spec: Any) -> str | None:
+    """The directory of an `hf:DIR` or `hf-init:DIR` spec; None for anything else."""
+    if not isinstance(spec, str):
+        return None
+    for prefix in (HF_PREFIX, HF_INIT_PREFIX):
+        if spec.startswith(prefix) and spec[len(prefix) :]:
+            return spec[len(prefix) :]
+    return None
+
+
 def _hf_factory(spec: str) -> Callable[[], Any] | None:
     """The factory of an `hf:DIR` or `hf-init:DIR` spec; None for any other spec."""
     for prefix, pretrained in ((HF_PREFIX, True), (HF_INIT_PREFIX, False)):

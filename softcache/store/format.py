@@ -32,6 +32,7 @@ import numpy as np
 from softcache._version import __version__
 from softcache.errors import StoreFormatError
 from softcache.store.token_codec import TokenCodec
+from softcache.store.tokenizer import TokenizerIdentity
 
 FORMAT_VERSION = 1
 # Stores with stored augmentation views (`view_params`): readers of version 1 would misread their rows
@@ -103,6 +104,9 @@ class StoreMeta:
         manifest: written with `complete`: {"sha256", "size", "objects", "bytes"} of the
             store's manifest (`softcache.store.manifest`); None before completion and in
             stores written before manifests.
+        tokenizer: a `tokens` store whose teacher came with a tokenizer: its identity
+            (`softcache.store.tokenizer.TokenizerIdentity.to_dict`); None otherwise and in
+            older stores.
     """
 
     encoding: str
@@ -127,6 +131,7 @@ class StoreMeta:
     token_codec: Mapping[str, Any] | None = None
     provenance: Mapping[str, Any] | None = None
     manifest: Mapping[str, Any] | None = None
+    tokenizer: Mapping[str, Any] | None = None
 
     @property
     def tokens(self) -> bool:
@@ -139,6 +144,11 @@ class StoreMeta:
         if self.token_codec is None:
             raise StoreFormatError("this store has no per-token layout (token_codec is missing)")
         return TokenCodec.from_dict(self.token_codec)
+
+    @property
+    def tokenizer_identity(self) -> TokenizerIdentity | None:
+        """The teacher's tokenizer as recorded, None when the store records none."""
+        return None if self.tokenizer is None else TokenizerIdentity.from_dict(self.tokenizer)
 
     @property
     def num_rows(self) -> int:

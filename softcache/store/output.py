@@ -132,11 +132,19 @@ def _layout_diff(old: StoreMeta, new: StoreMeta) -> list[str]:
     pairs.append(("token_codec", _plain(old.token_codec), _plain(new.token_codec)))
     pairs.append(("augmentation", _plain(old.augmentation), _plain(new.augmentation)))
     pairs.append(("teacher", dict(old.teacher), dict(new.teacher)))
+    if old.tokenizer is not None and new.tokenizer is not None:  # a partial store from before
+        # tokenizer identity records none: resumed as it is
+        pairs.append(("tokenizer", _tokenizer_digests(old), _tokenizer_digests(new)))
     pairs.append(("dataset", old.dataset.get("spec"), new.dataset.get("spec")))
     pairs.extend(
         (key, old.build_config.get(key), new.build_config.get(key)) for key in _LAYOUT_KEYS
     )
     return [f"{key}: stored {a!r}, now {b!r}" for key, a, b in pairs if _norm(a) != _norm(b)]
+
+
+def _tokenizer_digests(meta: StoreMeta) -> tuple[Any, Any]:
+    tokenizer = meta.tokenizer or {}
+    return tokenizer.get("vocab_sha256"), tokenizer.get("special_sha256")
 
 
 def _norm(value: Any) -> Any:

@@ -51,6 +51,7 @@ from softcache.store.format import (
 )
 from softcache.store.token_codec import ID_CODINGS, TOKEN_ENCODINGS, TokenCodec
 from softcache.store.token_coding import elias_fano_low_bits
+from softcache.store.tokenizer import TokenizerIdentity
 
 # ---- reader limits (not format limits: what softcache agrees to read) ---------------------------
 
@@ -225,6 +226,7 @@ def parse_meta(raw: Any, *, where: str) -> StoreMeta:
         _token_fields(f, kwargs)
     else:
         _row_fields(f, kwargs, version)
+    kwargs["tokenizer"] = _tokenizer(f, kwargs)
     meta = StoreMeta(**kwargs)
     _check_size(f, meta)
     return meta
@@ -375,6 +377,24 @@ def _token_fields(f: _Fields, kwargs: dict[str, Any]) -> None:
     if f.get("augmentation") is not None:
         f.fail("augmentation", "null for a per-token store")
     kwargs["num_tokens"] = f.int("num_tokens", 0)
+
+
+def _tokenizer(f: _Fields, kwargs: dict[str, Any]) -> Mapping[str, Any] | None:
+    """The teacher's tokenizer identity (token stores; optional, absent in older stores)."""
+    raw = f.obj("tokenizer", nullable=True, default=None)
+    if raw is None:
+        return None
+    if kwargs["layout"] != "tokens":
+        f.fail("tokenizer", "null for a row store")
+    try:
+        identity = TokenizerIdentity.from_dict(raw)
+    except StoreFormatError as exc:
+        raise StoreFormatError(f"{f.where}: softcache.{exc}") from None
+    if identity.logit_width is not None and identity.logit_width != kwargs["num_classes"]:
+        f.sub("tokenizer", raw).fail(
+            "logit_width", f"null or num_classes ({kwargs['num_classes']}), the teacher's width"
+        )
+    return raw
 
 
 def _finite(value: Any) -> bool:

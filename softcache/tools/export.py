@@ -15,14 +15,16 @@ softcache row ``j`` becomes axolotl position ``j + 1``, and softcache's last row
 prediction after its last token) has no place and is left out. ``labels`` are the input ids (every
 position trains; axolotl's trainer shifts). Sampled stores have no top-k and are refused.
 
-`datasets` is imported when `export_axolotl` runs (``pip install datasets``).
+`datasets` is imported when `export_axolotl` runs (``pip install datasets``). On the command
+line: ``softcache export-axolotl STORE --dataset SPEC --output DIR`` (`export_axolotl_store`).
 """
 
 from __future__ import annotations
 
 import importlib
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,51 @@ import torch
 
 from softcache.data.hashing import hash_rows
 from softcache.data.sequences import item_tokens
-from softcache.errors import ConfigError, DatasetMismatchError, SoftcacheError
+from softcache.errors import ConfigError, DatasetMismatchError, SoftcacheError, StoreExistsError
+from softcache.runtime.specs import dataset_from
 from softcache.store import LogitStore, decode_token_rows
+
+
+def export_axolotl_store(
+    location: str,
+    dataset: Any,
+    output: str | Path,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    expect_digest: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`export_axolotl` from a store's location and a dataset spec: what ``softcache
+    export-axolotl`` runs.
+
+    Args:
+        location: the store (a folder, a URL, a ``.zip``).
+        dataset: the dataset spec (or the dataset) the store was built from.
+        output: the folder to write; an existing one is refused unless ``overwrite``, and then
+            replaced only if it holds a saved `datasets` dataset (its ``state.json``).
+        storage_options: fsspec options for a store URL.
+        expect_digest: refuse a store whose digest is not this one (`LogitStore.open`).
+        overwrite: replace an earlier export at ``output``.
+
+    Returns:
+        ``{"store", "output", "samples", "k"}``.
+    """
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise StoreExistsError(
+                f"{out} already exists; pass --overwrite to replace an earlier export, or choose "
+                "another --output"
+            )
+        if not (out / "state.json").is_file():
+            raise StoreExistsError(
+                f"{out} is not a saved `datasets` dataset (no state.json); --overwrite replaces "
+                "only an earlier export: choose another --output"
+            )
+        shutil.rmtree(out)
+    store = LogitStore.open(location, storage_options=storage_options, expect_digest=expect_digest)
+    samples = export_axolotl(store, dataset_from(dataset, "dataset"), out)
+    return {"store": location, "output": str(out), "samples": samples, "k": store.meta.k}
 
 
 def export_axolotl(store: LogitStore, dataset: Any, output: str | Path) -> int:

@@ -74,8 +74,21 @@ def store_info(
             token_codec=codec.to_dict(),
             bytes_per_token=stored / meta.num_tokens if meta.num_tokens else None,
             bytes_per_token_raw=codec.bytes_per_token_raw(),
+            tokenizer=_tokenizer_summary(meta.tokenizer_identity),
         )
     return info
+
+
+def _tokenizer_summary(identity: Any) -> dict[str, Any] | None:
+    """The teacher's tokenizer as `info` shows it (without the per-block digests)."""
+    if identity is None:
+        return None
+    return {
+        "class": identity.cls,
+        "size": identity.size,
+        "vocab_sha256": identity.vocab_sha256,
+        "special_tokens": {k: list(v) for k, v in identity.special_tokens.items()},
+    }
 
 
 def info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -118,6 +131,15 @@ def info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _tokenizer_text(summary: Mapping[str, Any] | None) -> str:
+    if summary is None:
+        return "- (not recorded: train cannot check a student's)"
+    return (
+        f"{summary['class']}, {summary['size']:,} tokens, vocabulary sha256 "
+        f"{summary['vocab_sha256'][:16]}..."
+    )
+
+
 def _token_info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     """`info_rows` of a per-token store."""
     teacher, dataset, codec = info["teacher"], info["dataset"], info["token_codec"]
@@ -140,6 +162,7 @@ def _token_info_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("layout", "tokens (one row per token)"),
         ("encoding", _codec_text(codec)),
         ("vocabulary", f"{codec['vocab_size']:,} tokens"),
+        ("tokenizer", _tokenizer_text(info.get("tokenizer"))),
         ("temperature", f"{codec['temperature']:g}"),
         (
             "samples",

@@ -9,7 +9,8 @@ made with other settings (`check_resume_settings`) or by another number of proce
 The trained student also leaves as a plain state dict, `student.pt` (`STUDENT_WEIGHTS`), written at
 every epoch end: `model.load_state_dict(torch.load("student.pt"))`. A Hugging Face student (one
 with ``save_pretrained``, e.g. ``--student hf-init:DIR``) also leaves as a `save_pretrained` folder,
-`student/` (`STUDENT_PRETRAINED`: config and weights), that ``from_pretrained`` loads.
+`student/` (`STUDENT_PRETRAINED`: config, weights, and the student's tokenizer when it has one),
+that ``from_pretrained`` (and ``AutoTokenizer.from_pretrained``) loads.
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ def save_checkpoint(
     os.replace(tmp, output / CHECKPOINT)  # atomic: a kill never leaves half a checkpoint
 
 
-def save_student(output: Path, student: nn.Module) -> None:
+def save_student(output: Path, student: nn.Module, *, tokenizer: Any = None) -> None:
     """Write the student's weights as a plain state dict (`STUDENT_WEIGHTS`), atomically, and a
-    Hugging Face student's `save_pretrained` folder (`STUDENT_PRETRAINED`)."""
+    Hugging Face student's `save_pretrained` folder (`STUDENT_PRETRAINED`), with `tokenizer`
+    saved into it when given, so that ``AutoTokenizer.from_pretrained`` loads it there too."""
     tmp = output / (STUDENT_WEIGHTS + ".tmp")
     torch.save(student.state_dict(), tmp)
     os.replace(tmp, output / STUDENT_WEIGHTS)
@@ -104,6 +106,8 @@ def save_student(output: Path, student: nn.Module) -> None:
         folder, staging = output / STUDENT_PRETRAINED, output / (STUDENT_PRETRAINED + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         save_pretrained(str(staging))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
 

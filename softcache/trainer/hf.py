@@ -7,10 +7,14 @@ LLM teams train with `transformers.Trainer` (and TRL's trainers built on it) und
   store). Item ``i`` is the sample's real ``input_ids`` and the teacher's decoded rows for its
   tokens, its length and hash checked against the store's. Rows come through `TokenTargets`'
   bounded cache of whole decoded shards, so access is by sample (any sampler, any world size,
-  `accelerate`'s sharding) without one Zarr read per item.
+  `accelerate`'s sharding) without one Zarr read per item. `DistillDataset.hf_dataset` gives the
+  same items as a `datasets.Dataset`, for trainers that take only those (TRL's `SFTTrainer`).
 - `DistillCollator`: right-pads the inputs (``input_ids``, ``attention_mask``, and ``labels`` =
   the inputs with ``-100`` on padding, which the model shifts itself, as for any causal LM) and
   concatenates the samples' targets in the order of ``logits[attention_mask]``.
+- The student's tokenizer, given to `DistillDataset` (``tokenizer=``) or to `DistillTrainer`
+  (``processing_class=``), is checked against the teacher's the store records: a mismatch is
+  refused, a padded vocabulary allowed (`softcache.trainer.vocab`).
 - `DistillTrainer` (or `DistillMixin` on another `Trainer` subclass, e.g. TRL's): its
   `compute_loss` is ``alpha * LM loss + (1 - alpha) * KD``, the KD term being softcache's own
   per-token loss (`softcache.trainer.tokens.token_kd_loss`: top-k with its tail bin, or the
@@ -38,6 +42,7 @@ from softcache.store import LogitStore
 from softcache.store.token_codec import TokenCodec
 from softcache.trainer.token_targets import TokenTargets, concat_targets
 from softcache.trainer.tokens import token_kd_loss
+from softcache.trainer.vocab import check_student_tokenizer, check_student_width
 
 log = logging.getLogger("softcache")
 
@@ -54,6 +59,10 @@ class DistillDataset(Dataset):
         cache_shards: decoded shards kept per process (`TokenTargets`).
         check_hashes: check each sample's tokens against the store's length and hash.
         storage_options: fsspec options for a store URL.
+        tokenizer: the student's tokenizer: checked against the one the store records
+            (`softcache.trainer.vocab`); a mismatch raises `TokenizerMismatchError`, a padded
+            vocabulary is allowed and logged. `DistillTrainer` checks its ``processing_class``
+            the same way.
 
     Items are dicts: ``input_ids`` (n,) int64 and ``softcache_targets``, the sample's decoded
     rows (`TokenTargets.rows`).
@@ -67,6 +76,7 @@ class DistillDataset(Dataset):
         cache_shards: int = 8,
         check_hashes: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.dataset = dataset
         self.targets = (
@@ -81,6 +91,17 @@ class DistillDataset(Dataset):
                 "from"
             )
         self.check_hashes = check_hashes
+        self.tokenizer_checked = False
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a student tokenizer other than the one the store records (padded: allowed)."""
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        check_student_tokenizer(
+            self.targets.meta, self.targets.location, tokenizer, f"the student's tokenizer ({name})"
+        )
+        self.tokenizer_checked = True
 
     @property
     def codec(self) -> TokenCodec:
@@ -89,6 +110,24 @@ class DistillDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def hf_dataset(self) -> Any:
+        """The same items as a `datasets.Dataset`, for trainers that take only those (TRL's
+        `SFTTrainer` refuses other datasets).
+
+        It holds one ``sample`` column; `with_transform` turns each accessed row into this
+        dataset's item, so access stays by sample and the targets are read on demand (nothing
+        is materialised). Give it with ``SFTConfig(dataset_kwargs={"skip_prepare_dataset":
+        True})``: the items are tokenised already.
+        """
+        import datasets  # the hf extra's; imported here only
+
+        table = datasets.Dataset.from_dict({"sample": list(range(len(self)))})
+        return table.with_transform(self._transform)
+
+    def _transform(self, batch: Mapping[str, list[int]]) -> dict[str, list[Any]]:
+        items = [self[int(i)] for i in batch["sample"]]
+        return {key: [item[key] for item in items] for key in ("input_ids", TARGETS_KEY)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ids, _ = item_tokens(self.dataset[index], index)
@@ -154,11 +193,16 @@ class DistillMixin:
     kd_codec: TokenCodec
     kd_alpha: float
 
-    def setup_distillation(self, args: Any, codec: TokenCodec, alpha: float) -> None:
+    def setup_distillation(
+        self, args: Any, codec: TokenCodec, alpha: float, *, model: Any = None
+    ) -> None:
         """Record the loss settings and turn ``remove_unused_columns`` off (the targets are no
-        input of the model's ``forward``, and the Trainer would drop them)."""
+        input of the model's ``forward``, and the Trainer would drop them). Given the ``model``,
+        refuse it now if its logits are narrower than the store's vocabulary."""
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        if model is not None:
+            check_student_width(model, codec)
         if args is not None and getattr(args, "remove_unused_columns", False):
             args.remove_unused_columns = False
         self.kd_codec, self.kd_alpha = codec, alpha
@@ -198,7 +242,10 @@ class DistillTrainer(DistillMixin, transformers.Trainer):
         alpha: weight of the model's own LM loss (0: KD only).
         codec: the store's codec; by default the ``train_dataset``'s (a `DistillDataset`).
 
-    ``data_collator`` defaults to a `DistillCollator`.
+    ``data_collator`` defaults to a `DistillCollator`. A ``processing_class`` (the student's
+    tokenizer) is checked against the tokenizer the store records (`DistillDataset.
+    check_tokenizer`) and, as in any `Trainer`, saved by ``save_model`` beside the weights, so
+    the saved folder loads with ``AutoTokenizer.from_pretrained`` too.
     """
 
     def __init__(
@@ -212,7 +259,16 @@ class DistillTrainer(DistillMixin, transformers.Trainer):
                     "tokenised, store) or codec=store.meta.codec"
                 )
             codec = dataset.codec
+        tokenizer = kwargs.get("processing_class")
+        if (
+            tokenizer is not None
+            and isinstance(dataset, DistillDataset)
+            and not dataset.tokenizer_checked
+            and callable(getattr(tokenizer, "get_vocab", None))
+        ):
+            dataset.check_tokenizer(tokenizer)
         kwargs.setdefault("data_collator", DistillCollator())
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        self.setup_distillation(training_args, codec, alpha)
+        model = kwargs.get("model", args[0] if args else None)
+        self.setup_distillation(training_args, codec, alpha, model=model)
         super().__init__(*args, **kwargs)

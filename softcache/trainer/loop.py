@@ -70,6 +70,8 @@ class TrainLayout(Protocol):
     num_samples: int
     #: samples per plan block
     block_rows: int
+    #: the student's tokenizer, saved with a Hugging Face student (None: none)
+    tokenizer: Any
 
     def batches(
         self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
@@ -80,6 +82,10 @@ class TrainLayout(Protocol):
 
     def loss(self, model: nn.Module, batch: Any, teacher: nn.Module | None) -> tuple[Any, int]:
         """The batch's loss (a scalar tensor, a mean) and what it is a mean over (its count)."""
+        ...
+
+    def check_student(self, student: nn.Module) -> None:
+        """Refuse a student that cannot learn from this layout's soft labels, before training."""
         ...
 
     def evaluator(self, teacher: nn.Module | None) -> Callable[[nn.Module], dict[str, Any]]:
@@ -173,6 +179,7 @@ def _train(
     stack.callback(layout.close)
     torch.manual_seed(config.seed)  # the same initial student on every rank
     student = module_from(config.student, "student").to(device)
+    layout.check_student(student)
     teacher = None
     if config.teacher:
         teacher = module_from(config.teacher, "teacher").eval().to(device)
@@ -304,7 +311,7 @@ def _train(
                 metrics,
                 ckpt.EpochStats(),
             )
-            ckpt.save_student(output, student)
+            ckpt.save_student(output, student, tokenizer=layout.tokenizer)
             ckpt.write_json(output / ckpt.METRICS, metrics)
     if ranks.main:
         ckpt.write_json(output / ckpt.METRICS, metrics)

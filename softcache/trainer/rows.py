@@ -45,6 +45,7 @@ class RowLayout:
     unit = "samples"
     resume_keys: tuple[str, ...] = ("view_policy", "augment", "augment_seed")
     eval_keys: tuple[str, ...] = ("eval_accuracy", "teacher_agreement")
+    tokenizer: Any = None  # row students have none
 
     def __init__(
         self, config: TrainConfig, ranks: Ranks, device: torch.device, client: Any | None
@@ -169,6 +170,9 @@ class RowLayout:
             alpha=config.alpha,
         )
         return loss, len(labels)
+
+    def check_student(self, student: nn.Module) -> None:
+        """Nothing to check before training: a row student's width shows at its first batch."""
 
     def evaluator(self, teacher: nn.Module | None) -> Callable[[nn.Module], dict[str, Any]]:
         return _Evaluator(self.config, teacher, self.device)

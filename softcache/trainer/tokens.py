@@ -51,6 +51,12 @@ from softcache.trainer.ddp import Ranks
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabelStream
 from softcache.trainer.token_labels import TokenLabels, block_samples_for
+from softcache.trainer.vocab import (
+    check_logit_width,
+    check_student_tokenizer,
+    check_student_width,
+    load_student_tokenizer,
+)
 
 TokenBatch = tuple[SequenceBatch, TokenLabels | None]
 
@@ -83,6 +89,12 @@ class TokenLayout:
             )
         self.num_samples = len(self.dataset)
         self.store = _open_store(config, self.dataset)
+        # The student's tokenizer: checked against the store's, saved with an HF student.
+        found = load_student_tokenizer(config.tokenizer, config.student)
+        self.tokenizer = None if found is None else found[0]
+        if self.store is not None:
+            whose = "the student's tokenizer" + ("" if found is None else f" ({found[1]})")
+            check_student_tokenizer(self.store.meta, self.store.location, self.tokenizer, whose)
         if (config.mode == "hard" or config.alpha > 0) and not _has_labels(self.dataset):
             raise ConfigError(
                 f"dataset {config.dataset} has no labels (item 0 gives input_ids only), so there "
@@ -149,6 +161,11 @@ class TokenLayout:
         ce = _cross_entropy(rows, inputs.labels[inputs.attention_mask])
         return config.alpha * ce + (1 - config.alpha) * kd, count
 
+    def check_student(self, student: nn.Module) -> None:
+        """Refuse a student whose logits are narrower than the store's vocabulary."""
+        if self.codec is not None:
+            check_student_width(student, self.codec)
+
     def evaluator(self, teacher: nn.Module | None) -> Callable[[nn.Module], dict[str, Any]]:
         return _Evaluator(self.config, teacher, self.device)
 
@@ -172,11 +189,14 @@ def token_kd_loss(
     """The KD loss of a token store's rows at the store's temperature.
 
     Args:
-        student_rows: (T, V) student logits of the real tokens.
+        student_rows: (T, W) student logits of the real tokens, ``W >= V`` (the store's
+            vocabulary; a wider, padded student vocabulary is fine: its extra ids get the
+            teacher's zero probability).
         fields: `TokenCodec.decode`'s tensors for the same T tokens.
         codec: the store's codec (`store.meta.codec`): top-k with its residual bin, or sampled.
         reduction: `mean` over tokens, or `none` for (T,) per-token losses.
     """
+    check_logit_width(student_rows.shape[1], codec)
     tau = codec.temperature
     if codec.encoding == "topk":
         return token_losses.topk_residual_kl(

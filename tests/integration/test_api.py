@@ -282,7 +282,7 @@ def test_every_command_is_on_the_cli() -> None:
     """A command whose decorators go missing (a merge, a refactor) disappears without an error."""
     names = set(main.commands)
     expected = {"build", "train", "info", "verify", "ls", "merge", "fidelity", "plot"}
-    expected |= {"publish", "versions", "export"}
+    expected |= {"publish", "versions", "export", "export-axolotl"}
     assert expected <= names, expected - names
     for name in sorted(expected):
         assert CliRunner().invoke(main, [name, "--help"]).exit_code == 0, name

@@ -70,3 +70,44 @@ def test_axolotl_export_refuses_sampled_stores_and_other_data(
     monkeypatch.setenv("SOFTCACHE_TEST_LM_VARIANT", "token")
     with pytest.raises(DatasetMismatchError, match=f"sample {data.CHANGED_SAMPLE} "):
         export_axolotl(topk, data.ragged_dataset(), tmp_path / "b")
+
+
+def test_export_axolotl_on_the_command_line(tmp_path: Path) -> None:
+    """`softcache export-axolotl`: the library's export, read back; an earlier export is
+    replaced only with --overwrite, and a sampled store is one line of error."""
+    from click.testing import CliRunner
+
+    from softcache.cli import main
+    from tests.helpers import one_line_error
+
+    path = _build(tmp_path / "top4.zarr", "topk", top_k=4)
+    out = tmp_path / "axolotl"
+    args = [
+        "export-axolotl", str(path), "--dataset", "tests.helpers.token_specs:ragged_dataset",
+        "--output", str(out), "--json",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        runner = CliRunner()
+        help_text = runner.invoke(main, ["export-axolotl", "--help"]).output
+        first = runner.invoke(main, args)
+        again = runner.invoke(main, args)
+        replaced = runner.invoke(main, [*args, "--overwrite"])
+        sampled = _build(tmp_path / "s.zarr", "sampled", draws=6)
+        refused = runner.invoke(main, [*args[:1], str(sampled), *args[2:5], str(tmp_path / "s")])
+    assert "target_logprobs" in help_text and "load_from_disk" in help_text
+    assert first.exit_code == 0, first.output
+    assert '"samples": ' in first.output
+    one_line_error(again, "already exists; pass --overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    store = softcache.open_store(str(path))
+    table = datasets.load_from_disk(str(out))
+    assert len(table) == store.meta.num_samples
+    offsets = store.offsets()
+    rows = decode_token_rows(store.read_rows(0, store.meta.num_rows), store.meta)
+    for i, ids in enumerate(data.sequences()):
+        assert table[i]["input_ids"] == ids.tolist()
+        if len(ids) > 1:
+            kept = slice(offsets[i], offsets[i + 1] - 1)
+            assert table[i]["target_token_ids"][1:] == rows["indices"][kept].tolist()
+    one_line_error(refused, "top-k token store")

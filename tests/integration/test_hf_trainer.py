@@ -125,3 +125,57 @@ def test_dataset_items_and_collator_follow_the_store(store: Path) -> None:
     swapped = data.RaggedTokens([seqs[2], seqs[1], seqs[0], *seqs[3:]])
     with pytest.raises(DatasetMismatchError, match="sample 0"):
         DistillDataset(swapped, str(store))[0]
+
+
+def test_distill_mixin_on_trl_sft_trainer(
+    models: tuple[Path, Path], store: Path, tmp_path: Path
+) -> None:
+    """`DistillMixin` first among the bases of TRL's `SFTTrainer`: it trains from the store
+    (single process), its loss being softcache's KD loss, and saves a folder that loads."""
+    trl = pytest.importorskip("trl", reason="TRL is not installed (pip install trl)")
+    from softcache.trainer.hf import DistillMixin
+    from tests.helpers.word_tokenizers import SPECIALS, make_tokenizer, words
+
+    class DistillSFTTrainer(DistillMixin, trl.SFTTrainer):  # type: ignore[misc]
+        def __init__(self, *args: object, codec: object, alpha: float = 0.0, **kwargs: object):
+            self.setup_distillation(kwargs.get("args"), codec, alpha, model=kwargs.get("model"))  # type: ignore[arg-type]
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    tokenizer = make_tokenizer(words(data.VOCAB - len(SPECIALS)))
+    dataset = DistillDataset(data.ragged_dataset(), str(store), cache_shards=2, tokenizer=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=3,
+        learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+        seed=0, dataloader_num_workers=0, activation_checkpointing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )  # fmt: skip
+    table = dataset.hf_dataset()  # TRL takes `datasets` datasets only: the same items
+    assert len(table) == len(dataset)
+    for i in (1, 2, 5):
+        assert torch.equal(table[i]["input_ids"], dataset[i]["input_ids"])
+        for key, value in dataset[i]["softcache_targets"].items():
+            assert torch.equal(table[i]["softcache_targets"][key], value)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(n_layer=1))
+    trainer = DistillSFTTrainer(
+        model=model, args=args, train_dataset=table, processing_class=tokenizer,
+        data_collator=DistillCollator(), codec=dataset.codec,
+    )  # fmt: skip
+    assert trainer.args.remove_unused_columns is False
+    before = _softcache_loss(model.eval(), store)
+    model.train()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    batch = DistillCollator()([dataset[i] for i in FIXED])
+    trainer.model.eval()
+    with torch.no_grad():
+        through_trl = float(trainer.compute_loss(trainer.model, batch))
+    assert through_trl == pytest.approx(_softcache_loss(trainer.model, store), rel=1e-5, abs=1e-6)
+    assert through_trl < before  # it trained
+    trainer.save_model(str(tmp_path / "student"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "student"))
+    assert loaded.config.n_layer == 1
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "student")).get_vocab() == (
+        tokenizer.get_vocab()
+    )

@@ -47,6 +47,7 @@ from softcache.store import (
 )
 from softcache.store import token_coding as tk
 from softcache.store.token_codec import MAX_VOCAB, TokenCodec
+from softcache.store.tokenizer import TokenizerIdentity
 from softcache.store.validate import parse_meta
 from tests.helpers import token_specs as ts
 
@@ -565,3 +566,33 @@ def test_token_spec_variants_change_what_they_say(monkeypatch: pytest.MonkeyPatc
     assert int(ts.next_token(ts.NEXT_FIXED)) == ts.NEXT_FIXED
     for seq in ts.next_token_sequences():
         assert len(set(seq.tolist())) == len(seq)  # no cycle shorter than a sample
+
+
+class _Words:
+    """The duck-typed tokenizer `TokenizerIdentity.of` reads: 50 words, ids in order."""
+
+    eos_token = "w1"
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"w{i}": i for i in range(50)}
+
+    def __len__(self) -> int:
+        return 50
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return int(token[1:])
+
+
+def test_a_store_with_a_malformed_tokenizer_is_refused() -> None:
+    meta = _meta(TokenCodec("topk", 4, 50), np.array([1, 2]), 2, 2).to_dict()
+    meta["format_version"] = TOKENS_FORMAT_VERSION
+    good = TokenizerIdentity.of(_Words(), 50).to_dict()
+    parsed = parse_meta({**meta, "tokenizer": good}, where="s")
+    assert parsed.tokenizer_identity == TokenizerIdentity.of(_Words(), 50)
+    assert parse_meta(meta, where="s").tokenizer_identity is None  # optional
+    with pytest.raises(StoreFormatError, match=r"s: softcache\.tokenizer\.blocks is"):
+        parse_meta({**meta, "tokenizer": {**good, "blocks": []}}, where="s")
+    with pytest.raises(StoreFormatError, match=r"softcache\.tokenizer\.logit_width is 64"):
+        parse_meta({**meta, "tokenizer": {**good, "logit_width": 64}}, where="s")
+    with pytest.raises(StoreFormatError, match=r"softcache\.tokenizer is"):
+        parse_meta({**meta, "tokenizer": "gpt2"}, where="s")
