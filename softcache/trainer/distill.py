@@ -63,7 +63,7 @@ from softcache.data.sequences import (
 )
 from softcache.data.views import augmentation_of, replay
 from softcache.errors import ConfigError, DatasetMismatchError
-from softcache.store import LogitStore
+from softcache.store import LogitStore, StoreMeta
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabels, SoftLabelStream
 from softcache.trainer.token_labels import TokenLabels, block_samples_for
@@ -120,7 +120,12 @@ def distillation_loss(
 
 
 def teacher_targets(
-    soft: SoftLabels, *, temperatures: Sequence[float], temperature: float, num_classes: int
+    soft: SoftLabels,
+    *,
+    temperatures: Sequence[float],
+    temperature: float,
+    num_classes: int,
+    warn: bool = True,
 ) -> losses.TeacherTargets | None:
     """The teacher's side of the batch's KD loss at `temperature` (`losses.kd_loss_targets`).
 
@@ -132,10 +137,12 @@ def teacher_targets(
         temperatures: the store's temperatures with normalisers (`store.meta.temperatures`).
         temperature: the distillation temperature T.
         num_classes: C, the student's classes.
+        warn: log the renormalising fallback (once per process and temperature); a caller that
+            warned already (`warn_unstored_temperature`) passes False.
 
     Returns:
         The targets; None for a top-k store without a normaliser at `temperature`, whose loss
-        renormalises over the kept classes (`losses.kd_loss_topk` with ``lse=None``; logged once).
+        renormalises over the kept classes (`losses.kd_loss_topk` with ``lse=None``).
     """
     if soft.logits is not None:
         return losses.dense_targets(soft.logits, temperature)
@@ -146,15 +153,26 @@ def teacher_targets(
             return losses.topk_targets(
                 soft.topk_values, soft.topk_indices, lse, num_classes, temperature
             )
-    if temperature not in _warned_temperatures:
+    if warn and temperature not in _warned_temperatures:
         _warned_temperatures.add(temperature)
-        log.warning(
-            "the store has no normaliser for temperature %s (it has %s): the top-k loss "
-            "renormalises over the kept classes, which drops the tail mass",
-            temperature,
-            list(temperatures),
-        )
+        _warn_renormalised(temperature, temperatures)
     return None
+
+
+def warn_unstored_temperature(meta: StoreMeta, temperature: float) -> None:
+    """Log that a top-k store's loss will renormalise, if it keeps no normaliser at
+    `temperature` (the training loop's warning, once per run)."""
+    if meta.encoding == "topk" and not any(abs(t - temperature) < 1e-9 for t in meta.temperatures):
+        _warn_renormalised(temperature, meta.temperatures)
+
+
+def _warn_renormalised(temperature: float, temperatures: Sequence[float]) -> None:
+    log.warning(
+        "the store has no normaliser for temperature %s (it has %s): the top-k loss "
+        "renormalises over the kept classes, which drops the tail mass",
+        temperature,
+        list(temperatures),
+    )
 
 
 class AlignedBatches:

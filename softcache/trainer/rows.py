@@ -30,8 +30,8 @@ from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import (
     AlignedBatches,
     check_sample_count,
-    distillation_loss,
     teacher_targets,
+    warn_unstored_temperature,
 )
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabels
@@ -88,6 +88,7 @@ class RowLayout:
                 # student leaves it to the reader thread.
                 values="stored" if self.cuda else "float32",
             )
+            warn_unstored_temperature(store.meta, config.temperature)
         self.fresh = _fresh_augmentation(config, store)
 
     def batches(
@@ -105,12 +106,18 @@ class RowLayout:
         """
         if soft is None or self.cuda:
             return soft
+        return self._targets(soft)
+
+    def _targets(self, soft: SoftLabels) -> SoftLabels | losses.TeacherTargets:
+        """The batch's teacher targets, or its soft labels for the renormalised top-k fallback
+        (a temperature without a normaliser, warned about once per run in `__init__`)."""
         assert self.store is not None
         prepared = teacher_targets(
             soft,
             temperatures=self.store.meta.temperatures,
             temperature=self.config.temperature,
             num_classes=self.store.meta.num_classes,
+            warn=False,
         )
         return soft if prepared is None else prepared
 
@@ -158,14 +165,16 @@ class RowLayout:
                 alpha=config.alpha,
             )
             return loss, len(labels)
-        assert self.store is not None
+        if not isinstance(soft, losses.TeacherTargets):  # a GPU student's, or the fallback
+            soft = self._targets(soft.to(device, non_blocking=self.cuda))
         if isinstance(soft, losses.TeacherTargets):
             return losses.kd_loss_targets(logits, soft, labels, alpha=config.alpha), len(labels)
-        loss = distillation_loss(
+        loss = losses.kd_loss_topk(
             logits,
-            soft.to(device, non_blocking=self.cuda),
+            soft.topk_values,
+            soft.topk_indices,
+            None,
             labels,
-            temperatures=self.store.meta.temperatures,
             temperature=config.temperature,
             alpha=config.alpha,
         )
