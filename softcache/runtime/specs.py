@@ -15,6 +15,7 @@ same kind of directory served by a vLLM engine: a token build's teacher only
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -23,7 +24,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -292,14 +293,42 @@ def _module_source(name: str) -> dict[str, Any]:
         spec = importlib.util.find_spec(name)
         file = spec.origin if spec is not None else None
     out: dict[str, Any] = {"module": name}
-    top = name.split(".", 1)[0]
-    dists = importlib.metadata.packages_distributions().get(top)
-    if dists:
-        out["distribution"] = f"{dists[0]} {importlib.metadata.version(dists[0])}"
+    installed = bool(file) and any(
+        part in ("site-packages", "dist-packages") for part in Path(str(file)).parts
+    )
+    distribution = _distribution_of(name.split(".", 1)[0], installed)
+    if distribution:
+        out["distribution"] = distribution
     if file and os.path.isfile(file):
         out["file"] = str(Path(file).resolve())
         out["sha256"] = _file_sha256(Path(file))
     return out
+
+
+@functools.cache
+def _distribution_of(top: str, installed: bool) -> str | None:
+    """``"name version"`` of the installed distribution providing top-level package `top`.
+
+    A distribution named like the package is found directly; otherwise only a module that
+    lives in a ``site-packages`` folder is looked up in
+    `importlib.metadata.packages_distributions`, which reads every file list of the environment
+    (0.85 s in a venv of 130 distributions, paid by every build before: most of a small one's
+    time), once per process. A module of one's own project (not installed) costs no scan.
+    """
+    try:
+        dist = importlib.metadata.distribution(top)
+        return f"{dist.metadata['Name']} {dist.version}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if not installed:
+        return None
+    dists = _packages_distributions().get(top)
+    return f"{dists[0]} {importlib.metadata.version(dists[0])}" if dists else None
+
+
+@functools.cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
 
 
 def _hf_source(directory: str, *, pretrained: bool) -> dict[str, Any]:

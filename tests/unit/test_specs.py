@@ -108,3 +108,19 @@ def test_factory_softcache_errors_pass_through(isolated_imports: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"^pass --weights$"):
         instantiate(f"{name}:make", "teacher")
+
+
+def test_provenance_names_the_distribution_of_an_installed_module_only():
+    """An installed package's spec records its distribution, found by name or, when the names
+    differ (scikit-learn's `sklearn`), through the environment's file lists; a module of one's
+    own project records none, without reading the environment's file lists."""
+    import importlib.metadata
+
+    from softcache.runtime.specs import source_of
+
+    numpy_version = importlib.metadata.version("numpy")
+    assert source_of("numpy:zeros")["distribution"] == f"numpy {numpy_version}"
+    sklearn = source_of("sklearn.datasets:load_digits")
+    assert sklearn["distribution"].startswith("scikit-learn ")
+    local = source_of("tests.helpers.specs:teacher")
+    assert "distribution" not in local and local["sha256"]
