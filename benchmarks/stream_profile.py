@@ -8,12 +8,12 @@ the bare zstd decode of the same frames. benchmarks/README.md ("Where the time g
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import dask
 import numpy as np
 import torch
 
@@ -39,49 +39,40 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="softcache-stream-profile-"))
     bench = StreamBench("benchmarks.models:teacher_wide", "benchmarks.models:vectors_full", workdir)
     store, stream = bench.store, bench.stream_stored
-    shards = range(store.meta.num_shards)
-    blocks = list(shards)
+    rows = store.meta.shard_rows
+    blocks = list(range(store.meta.num_shards))
 
-    def zarr_serial() -> None:
-        for s in shards:
-            store.read(LOGITS, slice(*store.shard_bounds(s)))
-
-    def dask_threads() -> None:
-        for i in range(0, len(blocks), 2):  # the reader's groups of prefetch_blocks // 2
-            stream._compute(blocks[i : i + 2])
-
-    def dask_sync() -> None:
+    def shard_reads(names: tuple[str, ...]) -> None:
         for b in blocks:
-            graph = [{name: arr.blocks[b] for name, arr in stream._arrays.items()}]
-            dask.compute(graph, scheduler="sync")
-
-    def direct() -> None:
-        for b in blocks:
-            for name in stream._arrays:
+            for name in names:
                 store.read(name, slice(*store.shard_bounds(b)))
 
+    def zarr_python_reads() -> None:
+        os.environ["SOFTCACHE_ZARRS"] = "0"
+        try:
+            shard_reads(store.row_array_names)
+        finally:
+            del os.environ["SOFTCACHE_ZARRS"]
+
     raw = store.read(LOGITS)
-    decoded = [stream._decode(dict(d)) for d in stream._compute(blocks)]
-    cache = dict(enumerate(decoded))
+    cache = dict(enumerate(stream._compute(blocks, rows)))
     wide = SoftLabelStream(store)
-    wide_cache = dict(enumerate(wide._decode(dict(d)) for d in wide._compute(blocks)))
+    wide_cache = dict(enumerate(wide._compute(blocks, rows)))
 
     def gather(s: SoftLabelStream, blocks_cache: dict) -> None:
-        rows = store.meta.shard_rows
         for batch in PlanSampler(bench.plan):
-            s._gather(batch, batch // rows, blocks_cache, rows, (0, 0))
+            s.source.gather(batch, batch // rows, blocks_cache, rows, (0, 0))
 
     pieces: dict[str, Callable[[], object]] = {
         "zstd decode of the frames, 1 thread": bench._decode,
-        "zarr: shards one by one, logits": zarr_serial,
-        "zarr: all logits in one read": lambda: store.read(LOGITS),
-        "stream reads: dask threads (as the reader)": dask_threads,
-        "stream reads: dask sync scheduler": dask_sync,
-        "stream reads: zarr called directly": direct,
-        "fp16 -> fp32 widening (numpy)": lambda: store.decode_values(raw),
+        "zstd decode of the frames, all cores": bench._decode_pool,
+        "shard reads, logits (zarrs where installed)": lambda: shard_reads((LOGITS,)),
+        "shard reads, every array (the reader)": lambda: shard_reads(store.row_array_names),
+        "shard reads, every array, zarr-python": zarr_python_reads,
+        "all logits in one read": lambda: store.read(LOGITS),
         "fp16 -> fp32 widening (torch)": lambda: torch.from_numpy(raw).float(),
-        "row gather, fp16 rows": lambda: gather(stream, cache),
-        "row gather, float32 rows": lambda: gather(wide, wide_cache),
+        "row gather, fp16 as stored (the assembler)": lambda: gather(stream, cache),
+        "row gather + widening to float32": lambda: gather(wide, wide_cache),
         "whole stream, fp16 as stored": lambda: bench._read_stream(stream, bench.nbytes_stored),
         "whole stream, float32": lambda: bench._read_stream(wide, bench.nbytes),
     }
