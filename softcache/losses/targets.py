@@ -157,9 +157,6 @@ def kd_loss_targets(
             f"the targets are over {targets.weights.shape[1]} classes, the student has "
             f"{student_logits.shape[1]}"
         )
-    z = student_logits.float()
-    if temperature != 1.0:
-        z = z / temperature
     correction: Tensor | float = 0.0
     if targets.ids is not None:  # top-k, sparse form: the lean kernel
         assert targets.tail is not None
@@ -168,6 +165,9 @@ def kd_loss_targets(
             temperature=temperature,
         )  # fmt: skip
     else:
+        z = student_logits.float()
+        if temperature != 1.0:
+            z = z / temperature
         weights = targets.weights
         if targets.kept is not None:
             assert targets.tail is not None
