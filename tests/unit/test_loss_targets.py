@@ -88,7 +88,7 @@ def test_topk_targets_give_kd_loss_topk(
         ),
         student,
     )
-    monkeypatch_module.setattr(tg, "DENSE_TOPK_ELEMENTS", 0 if sparse else 1 << 22)
+    monkeypatch_module.setattr(tg, "DENSE_TOPK_ELEMENTS", 0 if sparse else 1 << 40)
     targets = topk_targets(values, indices.to(torch.int32), lse, classes, temperature)
     assert (targets.ids is not None) == sparse
     got = _loss_and_grad(lambda s: kd_loss_targets(s, targets, labels, alpha=alpha), student)
