@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from softcache.losses.rows import _check_scalars, _combine, _tail_mass
+from softcache.losses.rows import (
+    _check_logits,
+    _check_lse,
+    _check_scalars,
+    _check_topk,
+    _combine,
+    _tail_mass,
+)
 from softcache.losses.sparse import sparse_cross_entropy
 
 # Top-k targets are spread into (B, C) tensors up to this many elements per batch, where one
@@ -87,6 +94,7 @@ def dense_targets(teacher_logits: Tensor, temperature: float) -> TeacherTargets:
         temperature: ``T > 0``.
     """
     _check_scalars(temperature, 0.0)
+    _check_logits("teacher_logits", teacher_logits)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     p = log_p.exp()
     neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(dim=1)
@@ -107,7 +115,14 @@ def topk_targets(
         temperature: ``T > 0``.
     """
     _check_scalars(temperature, 0.0)
+    _check_topk(values, indices, values.shape[0], num_classes)
+    _check_lse(lse, values.shape[0])
     ids = indices.long()
+    if ids.device.type == "cpu" and ids.numel() and int(ids.max()) >= num_classes:
+        raise ValueError(
+            f"topk_indices hold class {int(ids.max())} but the student has {num_classes} "
+            "classes; the store's teacher had more classes than this student"
+        )
     log_p = values.float() / temperature - lse.float().unsqueeze(1)
     p = log_p.exp()
     has_tail = torch.full((p.shape[0],), ids.shape[1] < num_classes, device=p.device)

@@ -123,3 +123,15 @@ def test_targets_of_another_batch_or_head_are_refused():
         kd_loss_targets(torch.zeros(4, 11), targets, None)
     with pytest.raises(ValueError, match="alpha"):
         kd_loss_targets(torch.zeros(4, 10), targets, None, alpha=1.5)
+
+
+def test_teacher_targets_of_another_shape_are_refused_with_what_differs():
+    with pytest.raises(ValueError, match="2-D"):
+        dense_targets(torch.zeros(10), 1.0)
+    values, indices = torch.zeros(4, 3), torch.tensor([[0, 1, 2]] * 4)
+    with pytest.raises(ValueError, match="k=3 classes but the student has only 2"):
+        topk_targets(values, indices, torch.zeros(4), 2, 1.0)
+    with pytest.raises(ValueError, match="hold class 11 but the student has 10"):
+        topk_targets(values, indices + 9, torch.zeros(4), 10, 1.0)
+    with pytest.raises(ValueError, match="topk_indices has shape"):
+        topk_targets(values, indices[:, :2], torch.zeros(4), 10, 1.0)
