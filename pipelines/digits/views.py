@@ -54,10 +54,13 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.digits.models import DATA_DIR
-from pipelines.digits.run import CONFIG, ROOT, sh, softcache
+from pipelines.digits.run import ROOT, sh, softcache
 from softcache import open_store
 from softcache.config import TrainConfig
 
+# The full-label pipeline's settings (teacher, student, lr, T): the experiment is about views of a
+# teacher trained on every label, not the main job's scarce-label setting (`run.py`'s scarce.toml).
+CONFIG = "pipelines/digits/pipeline.toml"
 AUGMENT = "crop(size=8,scale=0.8:1)"
 VIEWS = (1, 4, 16)
 EPOCHS = 30
