@@ -192,7 +192,9 @@ class TrainBench:
         """An epoch's steps on one fixed batch: the training thread's work without a loader."""
         layout = self._layout(mode, store)
         plan = self._plan()
-        batch = next(iter(layout.batches(plan, len(plan), hash_stride=0, then=None)))
+        batches = layout.batches(plan, len(plan), hash_stride=0, then=None)
+        batch = next(batches)
+        batches.close()  # stops the stream's threads
         student = instantiate(self.workload.student, "student")
         optimizer = torch.optim.AdamW(student.parameters())
 
