@@ -65,6 +65,7 @@ class TeacherTargets:
         kept: ``(B, C)`` bool, the kept classes of rows whose tail is not empty (top-k, dense
             form), else None.
         ids: ``(B, k)`` int64 kept class ids (top-k, sparse form), else None.
+        num_classes: ``C``, the classes the targets are over (the student's head width).
     """
 
     weights: Tensor
@@ -73,6 +74,7 @@ class TeacherTargets:
     tail: Tensor | None = None
     kept: Tensor | None = None
     ids: Tensor | None = None
+    num_classes: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
         """A copy on `device`."""
@@ -98,7 +100,9 @@ def dense_targets(teacher_logits: Tensor, temperature: float) -> TeacherTargets:
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     p = log_p.exp()
     neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(dim=1)
-    return TeacherTargets(weights=p, neg_entropy=neg_entropy, temperature=temperature)
+    return TeacherTargets(
+        weights=p, neg_entropy=neg_entropy, temperature=temperature, num_classes=p.shape[1]
+    )
 
 
 @torch.no_grad()
@@ -131,11 +135,16 @@ def topk_targets(
         tail > 0, tail * torch.log(torch.where(tail > 0, tail, 1.0)), 0.0
     )
     if p.shape[0] * num_classes > DENSE_TOPK_ELEMENTS:
-        return TeacherTargets(p, neg_entropy, temperature, tail=tail.unsqueeze(1), ids=ids)
+        return TeacherTargets(
+            p, neg_entropy, temperature, tail=tail.unsqueeze(1), ids=ids, num_classes=num_classes
+        )
     weights = p.new_zeros(p.shape[0], num_classes).scatter_(1, ids, p)
     kept = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, ids, True)
     kept &= has_tail.unsqueeze(1)  # a row with no tail masks nothing: its tail term is 0
-    return TeacherTargets(weights, neg_entropy, temperature, tail=tail.unsqueeze(1), kept=kept)
+    return TeacherTargets(
+        weights, neg_entropy, temperature, tail=tail.unsqueeze(1), kept=kept,
+        num_classes=num_classes,
+    )  # fmt: skip
 
 
 def kd_loss_targets(
@@ -170,9 +179,9 @@ def kd_loss_targets(
             f"student_logits has shape {tuple(student_logits.shape)}, the targets are for a "
             f"batch of {rows} rows"
         )
-    if targets.ids is None and targets.weights.shape[1] != student_logits.shape[1]:
+    if targets.num_classes != student_logits.shape[1]:
         raise ValueError(
-            f"the targets are over {targets.weights.shape[1]} classes, the student has "
+            f"the targets are over {targets.num_classes} classes, the student has "
             f"{student_logits.shape[1]}"
         )
     correction: Tensor | float = 0.0

@@ -135,3 +135,12 @@ def test_teacher_targets_of_another_shape_are_refused_with_what_differs():
         topk_targets(values, indices + 9, torch.zeros(4), 10, 1.0)
     with pytest.raises(ValueError, match="topk_indices has shape"):
         topk_targets(values, indices[:, :2], torch.zeros(4), 10, 1.0)
+
+
+def test_sparse_targets_refuse_a_student_of_another_width(monkeypatch):
+    monkeypatch.setattr(tg, "DENSE_TOPK_ELEMENTS", 0)
+    values, indices = torch.zeros(4, 3), torch.tensor([[0, 1, 2]] * 4)
+    targets = topk_targets(values, indices, torch.zeros(4), 10, 1.0)
+    assert targets.ids is not None
+    with pytest.raises(ValueError, match="over 10 classes, the student has 8"):
+        kd_loss_targets(torch.zeros(4, 8), targets, None)
