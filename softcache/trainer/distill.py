@@ -107,15 +107,8 @@ def distillation_loss(
     )
     if prepared is not None:
         return losses.kd_loss_targets(student_logits, prepared, targets, alpha=alpha)
-    assert soft.topk_values is not None and soft.topk_indices is not None
-    return losses.kd_loss_topk(
-        student_logits,
-        soft.topk_values,
-        soft.topk_indices,
-        None,
-        targets,
-        temperature=temperature,
-        alpha=alpha,
+    return renormalised_topk_loss(
+        student_logits, soft, targets, temperature=temperature, alpha=alpha
     )
 
 
@@ -147,12 +140,12 @@ def teacher_targets(
     if soft.logits is not None:
         return losses.dense_targets(soft.logits, temperature)
     assert soft.topk_values is not None and soft.topk_indices is not None and soft.lse is not None
-    for column, t in enumerate(temperatures):
-        if abs(t - temperature) < 1e-9:
-            lse = soft.lse[:, column]
-            return losses.topk_targets(
-                soft.topk_values, soft.topk_indices, lse, num_classes, temperature
-            )
+    column = _lse_column(temperatures, temperature)
+    if column is not None:
+        lse = soft.lse[:, column]
+        return losses.topk_targets(
+            soft.topk_values, soft.topk_indices, lse, num_classes, temperature
+        )
     if warn and temperature not in _warned_temperatures:
         _warned_temperatures.add(temperature)
         _warn_renormalised(temperature, temperatures)
@@ -162,8 +155,38 @@ def teacher_targets(
 def warn_unstored_temperature(meta: StoreMeta, temperature: float) -> None:
     """Log that a top-k store's loss will renormalise, if it keeps no normaliser at
     `temperature` (the training loop's warning, once per run)."""
-    if meta.encoding == "topk" and not any(abs(t - temperature) < 1e-9 for t in meta.temperatures):
+    if meta.encoding == "topk" and _lse_column(meta.temperatures, temperature) is None:
         _warn_renormalised(temperature, meta.temperatures)
+
+
+def renormalised_topk_loss(
+    student_logits: torch.Tensor,
+    soft: SoftLabels,
+    targets: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The top-k loss of a store without a normaliser at `temperature`: renormalised over the
+    kept classes (`losses.kd_loss_topk` with ``lse=None``), where `teacher_targets` gives None."""
+    assert soft.topk_values is not None and soft.topk_indices is not None
+    return losses.kd_loss_topk(
+        student_logits,
+        soft.topk_values,
+        soft.topk_indices,
+        None,
+        targets,
+        temperature=temperature,
+        alpha=alpha,
+    )
+
+
+def _lse_column(temperatures: Sequence[float], temperature: float) -> int | None:
+    """The store's normaliser column for `temperature`, or None when it keeps none for it."""
+    for column, t in enumerate(temperatures):
+        if abs(t - temperature) < 1e-9:
+            return column
+    return None
 
 
 def _warn_renormalised(temperature: float, temperatures: Sequence[float]) -> None:

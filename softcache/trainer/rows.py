@@ -30,6 +30,7 @@ from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import (
     AlignedBatches,
     check_sample_count,
+    renormalised_topk_loss,
     teacher_targets,
     warn_unstored_temperature,
 )
@@ -169,14 +170,8 @@ class RowLayout:
             soft = self._targets(soft.to(device, non_blocking=self.cuda))
         if isinstance(soft, losses.TeacherTargets):
             return losses.kd_loss_targets(logits, soft, labels, alpha=config.alpha), len(labels)
-        loss = losses.kd_loss_topk(
-            logits,
-            soft.topk_values,
-            soft.topk_indices,
-            None,
-            labels,
-            temperature=config.temperature,
-            alpha=config.alpha,
+        loss = renormalised_topk_loss(
+            logits, soft, labels, temperature=config.temperature, alpha=config.alpha
         )
         return loss, len(labels)
 

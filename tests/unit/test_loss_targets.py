@@ -76,7 +76,7 @@ def test_dense_targets_give_kd_loss_dense(seed, batch, classes, scale, temperatu
     sparse=st.booleans(),
 )
 def test_topk_targets_give_kd_loss_topk(
-    seed, batch, classes, k_fraction, scale, temperature, alpha, sparse, monkeypatch_module
+    seed, batch, classes, k_fraction, scale, temperature, alpha, sparse
 ):
     student, teacher, labels = _case(seed, batch, classes, scale)
     k = max(1, round(k_fraction * classes))
@@ -88,28 +88,31 @@ def test_topk_targets_give_kd_loss_topk(
         ),
         student,
     )
-    monkeypatch_module.setattr(tg, "DENSE_TOPK_ELEMENTS", 0 if sparse else 1 << 40)
-    targets = topk_targets(values, indices.to(torch.int32), lse, classes, temperature)
-    assert (targets.ids is not None) == sparse
+    targets = _topk_targets(sparse, values, indices.to(torch.int32), lse, classes, temperature)
     got = _loss_and_grad(lambda s: kd_loss_targets(s, targets, labels, alpha=alpha), student)
     _close(got, want, temperature)
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
+def _topk_targets(sparse: bool, *args) -> tg.TeacherTargets:
+    """`topk_targets` in the form asked for (sparse: the lean kernel's), whatever the batch size."""
     with pytest.MonkeyPatch.context() as mp:
-        yield mp
+        mp.setattr(tg, "DENSE_TOPK_ELEMENTS", 0 if sparse else 1 << 40)
+        targets = topk_targets(*args)
+    assert (targets.ids is not None) == sparse
+    return targets
 
 
-def test_a_tail_the_student_has_no_mass_in_still_gets_its_gradient():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_tail_the_student_has_no_mass_in_still_gets_its_gradient(sparse):
     """The student puts ~all its mass on the kept class, the teacher 30 % on the tail: the
-    reference's q_tail underflows in float32; the prepared form spreads the tail's weight by the
-    student's tail softmax, which stays finite, and pushes the tail up."""
+    reference's q_tail underflows in float32; both prepared forms keep the tail's gradient
+    finite (the dense form spreads the tail's weight by the student's tail softmax, the lean
+    kernel works in log space) and push the tail up."""
     student = torch.tensor([[200.0, 0.0, -1.0, -2.0]])
     values = torch.tensor([[2.0]])
     indices = torch.tensor([[0]])
     lse = torch.logsumexp(torch.tensor([[2.0, 1.0, 0.5, 0.0]]), dim=1)
-    targets = topk_targets(values, indices, lse, 4, 1.0)
+    targets = _topk_targets(sparse, values, indices, lse, 4, 1.0)
     loss, grad = _loss_and_grad(lambda s: kd_loss_targets(s, targets, None), student)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad[0, 0] > 0 and (grad[0, 1:] < 0).all()  # mass moves from the kept class to the tail
@@ -137,10 +140,8 @@ def test_teacher_targets_of_another_shape_are_refused_with_what_differs():
         topk_targets(values, indices[:, :2], torch.zeros(4), 10, 1.0)
 
 
-def test_sparse_targets_refuse_a_student_of_another_width(monkeypatch):
-    monkeypatch.setattr(tg, "DENSE_TOPK_ELEMENTS", 0)
+def test_sparse_targets_refuse_a_student_of_another_width():
     values, indices = torch.zeros(4, 3), torch.tensor([[0, 1, 2]] * 4)
-    targets = topk_targets(values, indices, torch.zeros(4), 10, 1.0)
-    assert targets.ids is not None
+    targets = _topk_targets(True, values, indices, torch.zeros(4), 10, 1.0)
     with pytest.raises(ValueError, match="over 10 classes, the student has 8"):
         kd_loss_targets(torch.zeros(4, 8), targets, None)
