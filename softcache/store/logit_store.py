@@ -9,6 +9,7 @@ missing chunk object always means loss, which `verify` can then detect.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -330,14 +331,54 @@ class LogitStore:
         try:
             return np.asarray(self.array(name)[rows])
         except (RuntimeError, ValueError) as exc:
-            text = str(exc).lower()
-            if not any(word in text for word in ("checksum", "corrupt", "decompress", "zstd")):
+            corrupt = self._corrupt_chunk(exc, f"array {name}, rows {rows.start}..{rows.stop}")
+            if corrupt is None:
                 raise
-            raise CorruptChunkError(
-                f"store {self.location}: array {name}, rows {rows.start}..{rows.stop}: a chunk "
-                f"failed its checksum or could not be decoded ({exc}); the store is damaged: "
-                "`softcache verify` names every damaged shard"
-            ) from exc
+            raise corrupt from exc
+
+    def read_many(self, requests: Iterable[tuple[str, slice]]) -> list[np.ndarray]:
+        """Several row ranges of several arrays, read concurrently: `read` of each, in order.
+
+        One round of zarr's event loop fetches and decodes every request together, so the shards
+        of a stream's read group (every array of several blocks) overlap their object reads and
+        their decoding, where one `read` after another waits for each in turn.
+
+        Args:
+            requests: `(array name, rows)` pairs.
+
+        Returns:
+            One numpy array per request, in storage dtype, in the order of `requests`.
+
+        Raises:
+            CorruptChunkError: as `read`.
+        """
+        pairs = list(requests)
+        # Resolved here, not in the coroutine: opening an array blocks on zarr's event loop.
+        arrays = [self.array(name).async_array for name, _ in pairs]
+
+        async def read_all() -> list[Any]:
+            return await asyncio.gather(
+                *(arr.getitem(rows) for arr, (_, rows) in zip(arrays, pairs, strict=True))
+            )
+
+        try:
+            return [np.asarray(out) for out in sync(read_all())]
+        except (RuntimeError, ValueError) as exc:
+            where = ", ".join(f"{n} rows {r.start}..{r.stop}" for n, r in pairs)
+            corrupt = self._corrupt_chunk(exc, f"one of {where}")
+            if corrupt is None:
+                raise
+            raise corrupt from exc
+
+    def _corrupt_chunk(self, exc: Exception, where: str) -> CorruptChunkError | None:
+        """The `CorruptChunkError` a failed read means, or None if it was not a decode failure."""
+        text = str(exc).lower()
+        if not any(word in text for word in ("checksum", "corrupt", "decompress", "zstd")):
+            return None
+        return CorruptChunkError(
+            f"store {self.location}: {where}: a chunk failed its checksum or could not be "
+            f"decoded ({exc}); the store is damaged: `softcache verify` names every damaged shard"
+        )
 
     def done_mask(self) -> np.ndarray:
         """(num_shards,) bool: which shards a writer has recorded as written."""

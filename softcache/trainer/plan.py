@@ -207,6 +207,38 @@ class EpochPlan:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self.batches()
 
+    def rows_per_block(self, stop: int | None = None) -> np.ndarray:
+        """How many rows of each of this rank's blocks the batches from the cursor to `stop` use.
+
+        Computed from the layout, not by drawing the batches: only a window cut by the cursor or
+        by `stop` is shuffled to see which of its rows fall inside (a stream calls this at the
+        start of every epoch, before its first read).
+
+        Args:
+            stop: the batch count to stop at (None: `len(self)`).
+
+        Returns:
+            ``(num_rank_blocks,)`` int64, aligned with `block_order`.
+        """
+        order, lengths, window_ends = self._layout()
+        num_batches = len(self) if stop is None else min(stop, len(self))
+        start = self._cursor * self.batch_size
+        end = min(num_batches * self.batch_size, self.num_rows())
+        counts = np.zeros(order.size, dtype=np.int64)
+        window_starts = window_ends - self._window_lengths(order)
+        for w, (lo, hi) in enumerate(zip(window_starts, window_ends, strict=True)):
+            first, last = max(start, int(lo)), min(end, int(hi))
+            if first >= last:
+                continue
+            blocks = slice(w * self.window_blocks, (w + 1) * self.window_blocks)
+            if first == lo and last == hi:
+                counts[blocks] = lengths[blocks]
+                continue
+            rows = self._window_rows(order, w)[first - int(lo) : last - int(lo)]
+            used = np.bincount(rows // self.block_rows, minlength=self.num_blocks)
+            counts[blocks] = used[order[blocks]]
+        return counts
+
     def state_dict(self) -> dict[str, Any]:
         """The plan's layout and position, as plain JSON-able data."""
         state: dict[str, Any] = {key: getattr(self, key) for key in _LAYOUT_KEYS}

@@ -125,6 +125,26 @@ def test_resume_from_state_dict_yields_exactly_the_remaining_batches(layout, dat
         np.testing.assert_array_equal(got, want)
 
 
+@FEW
+@given(layouts(), st.data())
+def test_rows_per_block_counts_the_rows_of_the_batches_between_cursor_and_stop(layout, data):
+    # What the stream reads is decided by these counts: a block with none is never read, and a
+    # block leaves memory when its count is used up, so they must be the batches' own counts.
+    rank = data.draw(st.integers(0, layout["world_size"] - 1))
+    plan = EpochPlan(**layout, rank=rank)
+    cursor = data.draw(st.integers(0, len(plan)))
+    stop = data.draw(st.none() | st.integers(0, len(plan) + 2))
+    list(itertools.islice(plan, cursor))
+    batches = list(itertools.islice(EpochPlan(**layout, rank=rank), len(plan)))
+    used = batches[cursor : len(plan) if stop is None else stop]
+    rows = np.concatenate(used) if used else np.zeros(0, dtype=np.int64)
+    per_block = np.bincount(rows // layout["block_rows"], minlength=plan.num_blocks)
+    counts = plan.rows_per_block(stop)
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, per_block[plan.block_order()])
+    assert plan.cursor == cursor  # counting does not draw batches
+
+
 def test_break_leaves_cursor_at_batches_yielded_and_exhausted_epoch_is_empty():
     plan = EpochPlan(num_samples=100, block_rows=10, batch_size=7)
     assert len(plan) == 15

@@ -15,7 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from softcache.errors import IncompleteStoreError, SoftcacheError, StoreFormatError
+from softcache.errors import (
+    CorruptChunkError,
+    IncompleteStoreError,
+    SoftcacheError,
+    StoreFormatError,
+)
 from softcache.store import (
     ATTR_KEY,
     FORMAT_VERSION,
@@ -163,6 +168,26 @@ def test_a_corrupted_chunk_fails_loudly(tmp_path: Path) -> None:
     reopened.read_rows(0, 16)  # other shards still read
     with pytest.raises(ValueError, match="checksum"):
         reopened.read_rows(16, 32)
+
+
+def test_read_many_reads_what_read_reads_and_names_a_corrupted_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    _fill(LogitStore.create(path, _meta()))
+    store = LogitStore.open(path, require_complete=False)
+    requests = [(LOGITS, slice(16, 32)), (SAMPLE_HASH, slice(0, 16)), (LOGITS, slice(3, 40))]
+    for got, (name, rows) in zip(store.read_many(requests), requests, strict=True):
+        want = store.read(name, rows)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert store.read_many([]) == []
+
+    shard_file = path / LOGITS / "c" / "1" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[40] ^= 0x01
+    shard_file.write_bytes(bytes(data))
+    damaged = LogitStore.open(path, require_complete=False)
+    with pytest.raises(CorruptChunkError, match=r"logits rows 16\.\.32.*softcache verify"):
+        damaged.read_many([(SAMPLE_HASH, slice(16, 32)), (LOGITS, slice(16, 32))])
 
 
 def test_an_all_zero_shard_is_still_written(tmp_path: Path) -> None:
