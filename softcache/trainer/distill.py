@@ -218,6 +218,9 @@ class AlignedBatches:
             the view's stored parameters, and their hashes checked against the view's.
         values: what the stream delivers, `float32` or `stored` (see `SoftLabelStream`):
             `stored` for a GPU student, whose `soft.to(device)` then widens on the device.
+        assemble_ahead: soft-label batches gathered ahead on a thread of the stream's own (see
+            `SoftLabelStream`); 0 gathers them on the thread that iterates `epoch`, for a
+            caller that runs it off the training thread already (`softcache.trainer.ahead.Ahead`).
 
     The plan runs over samples: `block_rows = store.meta.shard_samples`.
     """
@@ -235,6 +238,7 @@ class AlignedBatches:
         equal_steps: bool = True,
         view_policy: str = "cycle",
         values: str = "float32",
+        assemble_ahead: int = 2,
     ) -> None:
         if store.meta.tokens:
             raise ConfigError(
@@ -255,6 +259,7 @@ class AlignedBatches:
             equal_steps=equal_steps,
             view_policy=view_policy,
             values=values,
+            assemble_ahead=assemble_ahead,
             pin_memory=pin_memory,
         )
         self.hash_stride = hash_stride

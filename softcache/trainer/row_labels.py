@@ -170,16 +170,21 @@ class RowBlocks:
             offsets = offsets * self.views + views  # the chosen view's row inside the shard
         unique = np.unique(block_ids)
         cols: dict[str, np.ndarray] = {}
-        for name in self._names:
-            if unique.size == 1:
-                cols[name] = cache[int(unique[0])][name][offsets]
-                continue
-            first = cache[int(unique[0])][name]
-            col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
+        if unique.size == 1:
+            block = cache[int(unique[0])]
+            cols = {name: block[name][offsets] for name in self._names}
+        else:
+            # Which batch rows come from which block, worked out once for every array.
+            parts = []
             for b in unique:
-                mask = block_ids == b
-                col[mask] = cache[int(b)][name][offsets[mask]]
-            cols[name] = col
+                where = np.flatnonzero(block_ids == b)
+                parts.append((cache[int(b)], where, offsets[where]))
+            for name in self._names:
+                first = parts[0][0][name]
+                col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
+                for block, where, rows_in_block in parts:
+                    col[where] = block[name][rows_in_block]
+                cols[name] = col
         meta = self.store.meta
         out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
         if VIEW_PARAMS in cols:

@@ -88,6 +88,9 @@ class RowLayout:
                 # A GPU widens fp16 -> fp32 for free after a copy of half the bytes; a CPU
                 # student leaves it to the reader thread.
                 values="stored" if self.cuda else "float32",
+                # The training loop runs this layout's batches on a thread of their own
+                # (`Ahead`): gathering there too spares a thread and a handoff per batch.
+                assemble_ahead=0,
             )
             warn_unstored_temperature(store.meta, config.temperature)
         self.fresh = _fresh_augmentation(config, store)

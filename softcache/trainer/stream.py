@@ -97,8 +97,10 @@ class SoftLabelStream:
             thread) or `stored` (the store's dtypes: float16 / bfloat16 values, uint16 / int32
             ids, for `SoftLabels.to(device)` to widen on the device). Token stores always
             deliver `TokenCodec.decode`'s tensors.
-        assemble_ahead: batches gathered ahead of the training loop, on a thread of their own
-            (at least 1): the training thread only takes finished batches from a queue.
+        assemble_ahead: batches gathered ahead of the training loop, on a thread of their own:
+            the training thread only takes finished batches from a queue. 0: batches are
+            gathered on the thread that iterates, for a caller already off the training thread
+            (the trainer's own batch thread): one thread and one handoff per batch fewer.
         pin_memory: deliver row batches in pinned host memory (pinned on the assembler thread),
             for non-blocking copies to a GPU; ignored where CUDA is not available.
 
@@ -122,6 +124,8 @@ class SoftLabelStream:
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
+        if assemble_ahead < 0:
+            raise ValueError(f"assemble_ahead must be >= 0, got {assemble_ahead}")
         if values not in VALUE_MODES:
             raise ValueError(f"values must be one of {', '.join(VALUE_MODES)}, got {values!r}")
         self.values = values
@@ -190,9 +194,12 @@ class SoftLabelStream:
             remaining,
             then,
         )
+        # Also stops the reader of an iterator whose batches go unread.
+        if self.assemble_ahead == 0:
+            weakref.finalize(batches, reader.close)
+            return batches
         assembler = Ahead(batches, depth=self.assemble_ahead)
         iterator = assembler.results()
-        # Also stops the threads of an iterator whose batches go unread.
         weakref.finalize(iterator, assembler.close)
         weakref.finalize(iterator, reader.close)
         return iterator
@@ -221,7 +228,8 @@ class SoftLabelStream:
         try:
             for batch in batches:
                 block_ids = batch // rows
-                for b in np.unique(block_ids):
+                used, counts = np.unique(block_ids, return_counts=True)
+                for b in used:
                     while int(b) not in cache:
                         got, data = reader.next()
                         cache[got] = data
@@ -231,7 +239,7 @@ class SoftLabelStream:
                             then = None
                 out = self.source.gather(batch, block_ids, cache, rows, seed_epoch)
                 yield out.pin_memory() if self.pin_memory and isinstance(out, SoftLabels) else out
-                for b, n in zip(*np.unique(block_ids, return_counts=True), strict=True):
+                for b, n in zip(used, counts, strict=True):
                     remaining[int(b)] -= int(n)
                     if remaining[int(b)] == 0:
                         del cache[int(b)]

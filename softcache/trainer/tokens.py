@@ -110,8 +110,9 @@ class TokenLayout:
         self.stream: SoftLabelStream | None = None
         self.codec: TokenCodec | None = None
         if store is not None and config.mode == "offline":
+            # assemble_ahead=0: the training loop runs these batches on a thread of their own.
             self.stream = SoftLabelStream(
-                store, prefetch_blocks=config.prefetch_blocks, client=client
+                store, prefetch_blocks=config.prefetch_blocks, client=client, assemble_ahead=0
             )
             self.codec = store.meta.codec
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -30,19 +32,39 @@ def _check_rows(store: LogitStore, soft, full: dict[str, np.ndarray]) -> None:
         assert np.array_equal(soft.lse.numpy(), full[LSE][idx])
 
 
+@pytest.mark.parametrize("assemble_ahead", [0, 2])
 @pytest.mark.parametrize("encoding", ["dense", "topk"])
-def test_stream_follows_the_plan_with_exact_rows(make_store, encoding):
+def test_stream_follows_the_plan_with_exact_rows(make_store, encoding, assemble_ahead):
     path, _ = make_store(encoding=encoding, top_k=3)
     store = LogitStore.open(path)
     full = store.read_rows(0, store.meta.num_samples)
     plan = _plan(store)
     expected = list(_plan(store).batches())
-    got = list(SoftLabelStream(store, prefetch_blocks=2).batches(plan))
+    stream = SoftLabelStream(store, prefetch_blocks=2, assemble_ahead=assemble_ahead)
+    got = list(stream.batches(plan))
     assert len(got) == len(expected)
     for soft, rows in zip(got, expected, strict=True):
         assert np.array_equal(soft.indices, rows)
         _check_rows(store, soft, full)
     assert plan.cursor == 0  # the stream follows a copy
+
+
+def test_gathering_on_the_callers_thread_stops_the_reader_when_the_caller_stops(make_store):
+    path, _ = make_store()
+    store = LogitStore.open(path)
+    before = set(threading.enumerate())
+    stream = SoftLabelStream(store, prefetch_blocks=1, assemble_ahead=0)
+    batches = stream.batches(_plan(store))
+    next(batches)
+    started = [t for t in threading.enumerate() if t not in before]
+    readers = [t for t in started if t.name == "softcache-stream"]
+    assert readers and not [t for t in started if t.name == "softcache-ahead"]
+    batches.close()  # an epoch abandoned after one batch
+    for reader in readers:
+        reader.join(timeout=5)
+        assert not reader.is_alive()
+    with pytest.raises(ValueError, match="assemble_ahead must be >= 0"):
+        SoftLabelStream(store, assemble_ahead=-1)
 
 
 def test_stream_resumes_mid_epoch(make_store):
