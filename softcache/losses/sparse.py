@@ -102,10 +102,17 @@ class _SparseCrossEntropy(torch.autograd.Function):
         buffer = logits.new_empty((min(chunk_rows, rows), vocab), dtype=dtype)
         for a in range(0, rows, chunk_rows):
             b = min(a + chunk_rows, rows)
-            z = _scaled(logits[a:b], temperature, buffer[: b - a])
-            kept = z.gather(1, ids[a:b])
-            top = z.amax(dim=1, keepdim=True)
-            z.sub_(top).exp_()
+            if temperature == 1.0 and logits.dtype == dtype:  # z - max in one pass, no copy
+                z = logits[a:b]
+                kept = z.gather(1, ids[a:b])
+                top = z.amax(dim=1, keepdim=True)
+                z = torch.sub(z, top, out=buffer[: b - a])
+            else:
+                z = _scaled(logits[a:b], temperature, buffer[: b - a])
+                kept = z.gather(1, ids[a:b])
+                top = z.amax(dim=1, keepdim=True)
+                z.sub_(top)
+            z.exp_()
             whole = z.sum(dim=1)
             lse[a:b] = top.squeeze(1) + whole.log()
             log_q_kept[a:b] = kept - lse[a:b, None]
@@ -150,8 +157,11 @@ class _SparseCrossEntropy(torch.autograd.Function):
         for a in range(0, rows, chunk_rows):
             b = min(a + chunk_rows, rows)
             out = grad[a:b] if direct else buffer[: b - a]  # type: ignore[index]
-            g = _scaled(logits[a:b], tau, out)
-            g.sub_(shift[a:b, None]).exp_().mul_((sign[a:b] * scale[a:b])[:, None])
+            if direct and tau == 1.0:  # z - L in one pass (the same values as copy, then sub)
+                g = torch.sub(logits[a:b], shift[a:b, None], out=out)
+            else:
+                g = _scaled(logits[a:b], tau, out).sub_(shift[a:b, None])
+            g.exp_().mul_((sign[a:b] * scale[a:b])[:, None])
             row_scale = scale[a:b, None]
             if ctx.tail:  # on the support m = 1: q_i - p_i, overwriting the tail's factor
                 g.scatter_(1, ids[a:b], (log_q_kept[a:b].exp() - weights[a:b]) * row_scale)
@@ -168,6 +178,10 @@ def _scaled(
     """``logits / tau`` written into ``out`` (a fresh ``dtype`` tensor when None)."""
     if out is None:
         out = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    if temperature != 1.0 and logits.dtype == out.dtype:
+        # One pass, the same values as copy then divide (a narrower dtype is widened first, so
+        # that the division runs in float32, not in the logits' dtype).
+        return torch.div(logits, temperature, out=out)
     out.copy_(logits)
     if temperature != 1.0:
         out.div_(temperature)
