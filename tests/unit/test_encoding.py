@@ -33,6 +33,24 @@ def test_dense_values_are_the_cast_logits(value_dtype: str) -> None:
     assert not out[NONFINITE].any() and not out[OVERFLOW].any()
 
 
+def test_float16_widening_is_numpys_cast_for_every_bit_pattern() -> None:
+    # decode_values widens float16 with torch (vectorised), not numpy: every one of the 65,536
+    # values, infinities and subnormals included, must come out bit for bit the same. NaNs stay
+    # NaN (the hardware cast quiets a signalling NaN's payload; a store holds no NaN anyway: the
+    # encoder flags non-finite rows).
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    got = decode_values(every, "float16")
+    nan = np.isnan(every)
+    assert np.isnan(got[nan]).all()
+    want = every.astype(np.float32)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    read_only = every[:, ::3]  # a strided, read-only view, as a store read may hand over
+    read_only.flags.writeable = False
+    got = decode_values(read_only, "float16")
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, read_only.astype(np.float32))
+
+
 def test_bfloat16_bits_agree_with_the_numpy_encoder() -> None:
     """The device encoder (torch) and store.encode_values (numpy) give the same bit patterns."""
     logits = _logits(classes=300, scale=100.0)
