@@ -59,7 +59,7 @@ class SoftLabels:
 
     def pin_memory(self) -> SoftLabels:
         """A copy with the tensors in pinned host memory, so `to(cuda, non_blocking=True)` copies
-        asynchronously (the assembler thread pins when the stream is told to)."""
+        asynchronously (the assembling thread pins when the stream is told to)."""
 
         def pin(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.pin_memory()
@@ -201,7 +201,7 @@ class RowBlocks:
         """What the reader thread does to a block after Dask decoded it: nothing.
 
         Widening (fp16 -> fp32, uint16 ids -> int64) happens per batch in `gather`, on the
-        assembler thread, so the reader thread (zstd, zarrs) and the assembler thread (gather,
+        assembling thread, so the reader thread (zstd, zarrs) and the assembling thread (gather,
         widening) share the work on two cores rather than one doing both.
         """
         return data

@@ -10,11 +10,14 @@ batch pays scheduling overhead per batch. Both are orders of magnitude slower th
 needs. So the stream works in three threads:
 
 1. a reader reads whole storage blocks (shards) in `EpochPlan.block_order`, at most
-   `prefetch_blocks` ahead: direct reads of whole shards in this process (the codec pipeline spreads
-   a shard's chunks over every core: zarrs where installed, see `softcache.store.read_pipeline`), or
-   Dask tasks on a cluster when a `distributed.Client` is given (or a scheduler address to the CLI);
+   `prefetch_blocks` ahead, a shuffle window's blocks at a time (the window's first batch needs
+   all of them): in this process one concurrent `LogitStore.read_many` of every array of those
+   blocks (the codec pipeline spreads the chunks over every core: zarrs where installed, see
+   `softcache.store.read_pipeline`), or Dask tasks on a cluster when a `distributed.Client` is
+   given (or a scheduler address to the CLI);
 2. an assembler gathers each batch's rows from the blocks in memory and widens them (fp16 -> fp32,
-   uint16 -> int64), at most `assemble_ahead` batches ahead;
+   uint16 -> int64), at most `assemble_ahead` batches ahead; with `assemble_ahead=0` the thread
+   that iterates does it (the trainer's own batch thread, already off the training thread);
 3. the training thread takes finished batches from a queue: the stream costs it a queue `get`.
 
 Where the widening happens is a choice (`values`). For a CPU student the assembler widens

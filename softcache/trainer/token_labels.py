@@ -3,8 +3,9 @@
 The training plan (`softcache.trainer.plan.EpochPlan`) runs over samples in blocks of consecutive
 samples. A block's tokens are one contiguous range of rows (CSR `offsets`), so reading a block is
 one slice per array, decoded from the whole shards it overlaps (never per row or per batch). The
-reader thread decodes the block (`TokenCodec.decode`); the assembler thread then gathers a batch's
-samples' rows, with one `index_select` per (block, field).
+reader thread decodes the block (`TokenCodec.decode`); the assembler (the stream's own thread, or
+the trainer's batch thread) then gathers a batch's samples' rows, with one `index_select` per
+(block, field).
 """
 
 from __future__ import annotations
