@@ -148,3 +148,58 @@ def test_a_zip_store_streams_the_same_batches(
     plain = _stream(stores["topk-bf16"], monkeypatch, False)
     for a, b in zip(fast, plain, strict=True):
         _same(a, b)
+
+
+def _plain_rows(path: Path, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows of one array read by plain zarr-python, no softcache code on the way."""
+    return np.asarray(zarr.open_group(str(path), mode="r")[name][...])[rows]
+
+
+def _widened(stored: np.ndarray, value_dtype: str) -> np.ndarray:
+    """The float32 of stored values, by numpy alone (bfloat16: the high half of a float32)."""
+    if value_dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+@pytest.mark.parametrize("assemble_ahead", [0, 2])
+@pytest.mark.parametrize("values", ["float32", "stored"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_stream_delivers_the_rows_plain_zarr_reads(
+    stores: dict[str, Path], kind: str, values: str, assemble_ahead: int
+) -> None:
+    # The stream's fast paths (a window read in one concurrent read_many, zarrs, torch's float16
+    # widening, gathering on the caller's thread) against plain zarr and numpy, batch by batch.
+    path = stores[kind]
+    store = LogitStore.open(str(path))
+    meta = store.meta
+    plan = EpochPlan(num_samples=meta.num_samples, block_rows=meta.shard_samples, batch_size=16)
+    stream = SoftLabelStream(store, values=values, assemble_ahead=assemble_ahead)
+    batches = list(stream.batches(plan))
+    assert len(batches) == len(plan) > 1
+    for soft in batches:
+        rows = soft.indices if soft.views is None else soft.indices * meta.views + soft.views
+        got = {
+            "sample_hash": soft.sample_hash,
+            "logits": soft.logits,
+            "topk_values": soft.topk_values,
+            "topk_indices": soft.topk_indices,
+            "lse": soft.lse,
+            "view_params": soft.view_params,
+        }
+        for name in store.row_array_names:
+            plain = _plain_rows(path, name, rows)
+            value = got[name]
+            if isinstance(value, torch.Tensor):
+                if value.dtype == torch.bfloat16:  # stored bfloat16: compare the bits
+                    value = value.view(torch.int16)
+                value = value.numpy()
+            if name in ("logits", "topk_values") and values == "float32":
+                plain = _widened(plain, meta.value_dtype)
+            elif name == "topk_indices" and values == "float32":
+                plain = plain.astype(np.int64)
+            elif name in ("logits", "topk_values") and meta.value_dtype == "bfloat16":
+                plain = plain.view(np.int16)
+            assert value.dtype == plain.dtype, (name, value.dtype, plain.dtype)
+            bits = np.dtype(f"u{plain.dtype.itemsize}")
+            assert np.array_equal(value.view(bits), plain.view(bits)), f"{kind}: {name} differs"
