@@ -203,3 +203,16 @@ def test_the_stream_delivers_the_rows_plain_zarr_reads(
             assert value.dtype == plain.dtype, (name, value.dtype, plain.dtype)
             bits = np.dtype(f"u{plain.dtype.itemsize}")
             assert np.array_equal(value.view(bits), plain.view(bits)), f"{kind}: {name} differs"
+
+
+@pytest.mark.parametrize("kind", list(TOKENS))
+def test_a_token_stream_gathered_on_the_callers_thread_is_the_plain_stream(
+    stores: dict[str, Path], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The trainer reads token stores with assemble_ahead=0 and zarrs: the same decoded batches
+    # as the stream's own assembler thread over zarr-python.
+    fast = _stream(stores[kind], monkeypatch, True, assemble_ahead=0)
+    plain = _stream(stores[kind], monkeypatch, False, assemble_ahead=2)
+    assert len(fast) == len(plain) > 1
+    for a, b in zip(fast, plain, strict=True):
+        _same(a, b)
