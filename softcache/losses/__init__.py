@@ -7,8 +7,6 @@ from softcache.losses.targets import (
     TeacherTargets,
     dense_targets,
     kd_loss_targets,
-    target_rows,
-    targets_of_rows,
     topk_targets,
 )
 from softcache.losses.tokens import dense_kl, kl_terms, sampled_ce, sampled_kl, topk_residual_kl
@@ -25,8 +23,6 @@ __all__ = [
     "sampled_ce",
     "sampled_kl",
     "sparse_cross_entropy",
-    "target_rows",
-    "targets_of_rows",
     "topk_residual_kl",
     "topk_targets",
     "topk_teacher_probs",

@@ -25,7 +25,6 @@ and the loss runs the memory-lean kernel (`softcache.losses.sparse.sparse_cross_
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -88,39 +87,6 @@ class TeacherTargets:
         return TeacherTargets(**moved)
 
 
-def target_rows(targets: TeacherTargets) -> dict[str, Tensor]:
-    """The targets' per-row tensors by field name (every one has the rows first), so that rows
-    of targets made for a whole block can be gathered into batches (`targets_of_rows`)."""
-    return {
-        f.name: getattr(targets, f.name)
-        for f in fields(targets)
-        if isinstance(getattr(targets, f.name), Tensor)
-    }
-
-
-def targets_of_rows(
-    rows: Mapping[str, Tensor], *, temperature: float, num_classes: int
-) -> TeacherTargets:
-    """`TeacherTargets` from per-row tensors (`target_rows` of other targets, rows gathered).
-
-    Raises:
-        ValueError: a field that `TeacherTargets` does not have, or rows of different counts.
-    """
-    names = {f.name for f in fields(TeacherTargets)} - {"temperature", "num_classes"}
-    unknown = set(rows) - names
-    if unknown or not {"weights", "neg_entropy"} <= set(rows):
-        raise ValueError(
-            f"target rows need weights and neg_entropy and may hold {sorted(names)}; got "
-            f"{sorted(rows)}"
-        )
-    counts = {int(t.shape[0]) for t in rows.values()}
-    if len(counts) != 1:
-        raise ValueError(
-            f"target rows of different lengths: { {k: t.shape[0] for k, t in rows.items()} }"
-        )
-    return TeacherTargets(**rows, temperature=temperature, num_classes=num_classes)
-
-
 @torch.no_grad()
 def dense_targets(teacher_logits: Tensor, temperature: float) -> TeacherTargets:
     """`kd_loss_dense`'s teacher side: ``softmax(t / T)`` and its negative entropy.
@@ -141,13 +107,7 @@ def dense_targets(teacher_logits: Tensor, temperature: float) -> TeacherTargets:
 
 @torch.no_grad()
 def topk_targets(
-    values: Tensor,
-    indices: Tensor,
-    lse: Tensor,
-    num_classes: int,
-    temperature: float,
-    *,
-    dense_form: bool | None = None,
+    values: Tensor, indices: Tensor, lse: Tensor, num_classes: int, temperature: float
 ) -> TeacherTargets:
     """`kd_loss_topk`'s teacher side (with a normaliser): kept probabilities, tail, entropy.
 
@@ -157,9 +117,6 @@ def topk_targets(
         lse: ``(B,)`` ``logsumexp(t / T)`` of the full rows at ``temperature``.
         num_classes: ``C``, the student's number of classes.
         temperature: ``T > 0``.
-        dense_form: spread the targets into ``(B, C)`` tensors (True) or keep them ``(B, k)``
-            (False); None: dense up to `DENSE_TOPK_ELEMENTS` per call. Targets made for many
-            rows at once and sliced into batches later pass the batches' choice.
     """
     _check_scalars(temperature, 0.0)
     _check_topk(values, indices, values.shape[0], num_classes)
@@ -177,9 +134,7 @@ def topk_targets(
     neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(dim=1) + torch.where(
         tail > 0, tail * torch.log(torch.where(tail > 0, tail, 1.0)), 0.0
     )
-    if dense_form is None:
-        dense_form = p.shape[0] * num_classes <= DENSE_TOPK_ELEMENTS
-    if not dense_form:
+    if p.shape[0] * num_classes > DENSE_TOPK_ELEMENTS:
         return TeacherTargets(
             p, neg_entropy, temperature, tail=tail.unsqueeze(1), ids=ids, num_classes=num_classes
         )

@@ -46,7 +46,7 @@ drops to keep the step counts equal changes from epoch to epoch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -119,7 +119,6 @@ def teacher_targets(
     temperature: float,
     num_classes: int,
     warn: bool = True,
-    dense_form: bool | None = None,
 ) -> losses.TeacherTargets | None:
     """The teacher's side of the batch's KD loss at `temperature` (`losses.kd_loss_targets`).
 
@@ -133,8 +132,6 @@ def teacher_targets(
         num_classes: C, the student's classes.
         warn: log the renormalising fallback (once per process and temperature); a caller that
             warned already (`warn_unstored_temperature`) passes False.
-        dense_form: top-k: the form of the targets (`losses.topk_targets`); None decides by
-            the size of `soft`.
 
     Returns:
         The targets; None for a top-k store without a normaliser at `temperature`, whose loss
@@ -147,9 +144,8 @@ def teacher_targets(
     if column is not None:
         lse = soft.lse[:, column]
         return losses.topk_targets(
-            soft.topk_values, soft.topk_indices, lse, num_classes, temperature,
-            dense_form=dense_form,
-        )  # fmt: skip
+            soft.topk_values, soft.topk_indices, lse, num_classes, temperature
+        )
     if warn and temperature not in _warned_temperatures:
         _warned_temperatures.add(temperature)
         _warn_renormalised(temperature, temperatures)
@@ -225,8 +221,6 @@ class AlignedBatches:
         assemble_ahead: soft-label batches gathered ahead on a thread of the stream's own (see
             `SoftLabelStream`); 0 gathers them on the thread that iterates `epoch`, for a
             caller that runs it off the training thread already (`softcache.trainer.ahead.Ahead`).
-        prepare: made of each block of soft labels once, on the reader thread; each batch's
-            rows of it arrive in `SoftLabels.prepared` (see `SoftLabelStream`).
 
     The plan runs over samples: `block_rows = store.meta.shard_samples`.
     """
@@ -245,7 +239,6 @@ class AlignedBatches:
         view_policy: str = "cycle",
         values: str = "float32",
         assemble_ahead: int = 2,
-        prepare: Callable[[SoftLabels], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         if store.meta.tokens:
             raise ConfigError(
@@ -268,7 +261,6 @@ class AlignedBatches:
             values=values,
             assemble_ahead=assemble_ahead,
             pin_memory=pin_memory,
-            prepare=prepare,
         )
         self.hash_stride = hash_stride
         self.augmentation = augmentation_of(store.meta.augmentation)

@@ -8,7 +8,6 @@ GPU student, see `SoftLabelStream`'s `values`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +27,6 @@ from softcache.store import (
 
 # What a stream delivers: decoded float32 / int64, or the store's own dtypes.
 VALUE_MODES = ("float32", "stored")
-# Keys of a decoded block that hold what `prepare` made (no store array name has a colon).
-_PREPARED = "prepared:"
 
 
 @dataclass
@@ -49,9 +46,6 @@ class SoftLabels:
             None.
         view_params: (B, P) float64 parameters that recreate each row's view from the sample
             (stores with views), else None: apply them to the inputs before the student sees them.
-        prepared: what a stream's `prepare` made of the rows' blocks, the batch's rows of each
-            array by name (None without `prepare`): e.g. the teacher's side of the loss, made
-            once per block on the reader thread (see `SoftLabelStream`).
     """
 
     indices: np.ndarray
@@ -62,7 +56,6 @@ class SoftLabels:
     lse: torch.Tensor | None = None
     views: np.ndarray | None = None
     view_params: np.ndarray | None = None
-    prepared: dict[str, np.ndarray] | None = None
 
     def pin_memory(self) -> SoftLabels:
         """A copy with the tensors in pinned host memory, so `to(cuda, non_blocking=True)` copies
@@ -80,7 +73,6 @@ class SoftLabels:
             pin(self.lse),
             self.views,
             self.view_params,
-            self.prepared,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
@@ -105,7 +97,6 @@ class SoftLabels:
             move(self.lse, torch.float32),
             self.views,
             self.view_params,
-            self.prepared,
         )
 
     def check_alignment(self, input_hashes: np.ndarray, stride: int = 1) -> None:
@@ -139,23 +130,14 @@ class RowBlocks:
         store: an open, complete row store.
         view_policy: which view of each sample an epoch uses (`softcache.data.augment.choose_views`).
         values: `float32` or `stored` (see `SoftLabelStream`).
-        prepare: made of each block once, on the reader thread (see `SoftLabelStream`).
     """
 
-    def __init__(
-        self,
-        store: LogitStore,
-        *,
-        view_policy: str,
-        values: str,
-        prepare: Callable[[SoftLabels], Mapping[str, torch.Tensor]] | None = None,
-    ) -> None:
+    def __init__(self, store: LogitStore, *, view_policy: str, values: str) -> None:
         self.store = store
         self._names = store.row_array_names
         self.view_policy = view_policy
         self.values = values
         self.views = store.meta.views
-        self.prepare = prepare
 
     def check_block_rows(self, block_rows: int) -> None:
         """A plan over this store must take whole shards as its blocks."""
@@ -187,18 +169,17 @@ class RowBlocks:
             views = choose_views(self.view_policy, self.views, batch, *seed_epoch)
             offsets = offsets * self.views + views  # the chosen view's row inside the shard
         unique = np.unique(block_ids)
-        names = [*self._names, *(k for k in cache[int(unique[0])] if k.startswith(_PREPARED))]
         cols: dict[str, np.ndarray] = {}
         if unique.size == 1:
             block = cache[int(unique[0])]
-            cols = {name: block[name][offsets] for name in names}
+            cols = {name: block[name][offsets] for name in self._names}
         else:
             # Which batch rows come from which block, worked out once for every array.
             parts = []
             for b in unique:
                 where = np.flatnonzero(block_ids == b)
                 parts.append((cache[int(b)], where, offsets[where]))
-            for name in names:
+            for name in self._names:
                 first = parts[0][0][name]
                 col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
                 for block, where, rows_in_block in parts:
@@ -208,9 +189,6 @@ class RowBlocks:
         out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
         if VIEW_PARAMS in cols:
             out.view_params = cols[VIEW_PARAMS]
-        if self.prepare is not None:
-            n = len(_PREPARED)
-            out.prepared = {k[n:]: v for k, v in cols.items() if k.startswith(_PREPARED)}
         if meta.encoding == "dense":
             out.logits = self._values(cols[LOGITS])
         else:
@@ -220,35 +198,13 @@ class RowBlocks:
         return out
 
     def decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the reader thread does to a block after it is read: `prepare`, if given.
+        """What the reader thread does to a block after Dask decoded it: nothing.
 
         Widening (fp16 -> fp32, uint16 ids -> int64) happens per batch in `gather`, on the
         assembling thread, so the reader thread (zstd, zarrs) and the assembling thread (gather,
-        widening) share the work on two cores rather than one doing both. `prepare` sees the
-        whole block widened, once, and its per-row arrays are gathered with the batch's rows.
+        widening) share the work on two cores rather than one doing both.
         """
-        if self.prepare is None:
-            return data
-        rows = len(data[SAMPLE_HASH])
-        whole = SoftLabels(indices=np.arange(rows), sample_hash=data[SAMPLE_HASH])
-        if LOGITS in data:
-            whole.logits = torch.from_numpy(
-                decode_values(data[LOGITS], self.store.meta.value_dtype)
-            )
-        else:
-            whole.topk_values = torch.from_numpy(
-                decode_values(data[TOPK_VALUES], self.store.meta.value_dtype)
-            )
-            whole.topk_indices = torch.from_numpy(data[TOPK_INDICES].astype(np.int64))
-            whole.lse = torch.from_numpy(data[LSE])
-        prepared = {}
-        for name, value in self.prepare(whole).items():
-            if value.shape[0] != rows:
-                raise ValueError(
-                    f"prepare returned {name!r} with {value.shape[0]} rows for a block of {rows}"
-                )
-            prepared[_PREPARED + name] = value.detach().cpu().numpy()
-        return {**data, **prepared}
+        return data
 
     def _values(self, col: np.ndarray) -> torch.Tensor:
         """A batch's stored values as delivered: float32, or the stored dtype (bfloat16 as

@@ -23,7 +23,6 @@ from softcache import losses
 from softcache.config import TrainConfig
 from softcache.data.hashing import collate_pairs, collate_with_hashes
 from softcache.errors import ConfigError, DatasetMismatchError
-from softcache.losses.targets import DENSE_TOPK_ELEMENTS
 from softcache.runtime.devices import autocast
 from softcache.runtime.specs import dataset_from
 from softcache.store import LogitStore
@@ -92,7 +91,6 @@ class RowLayout:
                 # The training loop runs this layout's batches on a thread of their own
                 # (`Ahead`): gathering there too spares a thread and a handoff per batch.
                 assemble_ahead=0,
-                prepare=None if self.cuda else self._block_targets,
             )
             warn_unstored_temperature(store.meta, config.temperature)
         self.fresh = _fresh_augmentation(config, store)
@@ -106,40 +104,13 @@ class RowLayout:
             yield inputs, labels, self._prepared(soft), indices
 
     def _prepared(self, soft: SoftLabels | None) -> SoftLabels | losses.TeacherTargets | None:
-        """For a CPU student, the teacher's side of the loss (`losses.kd_loss_targets`): the
-        step then runs only the student's side. Made once per block on the stream's reader
-        thread (`_block_targets`) and gathered with the batch's rows; a GPU student gets the
-        stored dtypes, widened and prepared on the device after a copy of half the bytes.
+        """For a CPU student, the teacher's side of the loss, made here on the batch thread
+        (`losses.kd_loss_targets`): the step then runs only the student's side. A GPU student
+        gets the stored dtypes, widened and prepared on the device after a copy of half the bytes.
         """
         if soft is None or self.cuda:
             return soft
-        if soft.prepared:
-            assert self.store is not None
-            return losses.targets_of_rows(
-                {name: torch.from_numpy(rows) for name, rows in soft.prepared.items()},
-                temperature=self.config.temperature,
-                num_classes=self.store.meta.num_classes,
-            )
         return self._targets(soft)
-
-    def _block_targets(self, block: SoftLabels) -> dict[str, torch.Tensor]:
-        """A whole block's teacher targets, by row (none for the renormalised top-k fallback).
-
-        Made per block, the ~25 small tensor ops per batch of `losses.topk_targets` run once
-        per shard instead (in the trainer's loader, 12-24 ms of CPU per epoch of the fast
-        benchmark student). Top-k targets take the form a batch of this run's size would.
-        """
-        assert self.store is not None
-        meta = self.store.meta
-        targets = teacher_targets(
-            block,
-            temperatures=meta.temperatures,
-            temperature=self.config.temperature,
-            num_classes=meta.num_classes,
-            warn=False,
-            dense_form=self.config.batch_size * meta.num_classes <= DENSE_TOPK_ELEMENTS,
-        )
-        return {} if targets is None else losses.target_rows(targets)
 
     def _targets(self, soft: SoftLabels) -> SoftLabels | losses.TeacherTargets:
         """The batch's teacher targets, or its soft labels for the renormalised top-k fallback

@@ -39,7 +39,7 @@ import itertools
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import dask.array as da
@@ -106,11 +106,6 @@ class SoftLabelStream:
             (the trainer's own batch thread): one thread and one handoff per batch fewer.
         pin_memory: deliver row batches in pinned host memory (pinned on the assembler thread),
             for non-blocking copies to a GPU; ignored where CUDA is not available.
-        prepare: row stores: a function of a whole block's `SoftLabels` (float32 values, int64
-            class ids; `indices` are the rows' offsets in the block) returning per-row tensors
-            by name, run once per block on the reader thread; each batch carries its rows of
-            them in `SoftLabels.prepared`. Work done per block rather than per batch: the
-            trainer makes the teacher's side of the loss this way (`losses.target_rows`).
 
     A row store's plan runs over samples in blocks of one shard (`block_rows =
     store.meta.shard_samples`: a shard holds whole samples, all their views, and each batch row
@@ -129,7 +124,6 @@ class SoftLabelStream:
         values: str = "float32",
         assemble_ahead: int = 2,
         pin_memory: bool = False,
-        prepare: Callable[[SoftLabels], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
@@ -156,14 +150,10 @@ class SoftLabelStream:
             if client is not None
             else {}
         )
-        if prepare is not None and store.meta.tokens:
-            raise ValueError(
-                f"prepare is for row stores; store {store.location} holds per-token soft labels"
-            )
         self.source: RowBlocks | TokenBlocks = (
             TokenBlocks(store)
             if store.meta.tokens
-            else RowBlocks(store, view_policy=view_policy, values=values, prepare=prepare)
+            else RowBlocks(store, view_policy=view_policy, values=values)
         )
 
     def _check_plan(self, plan: EpochPlan) -> None:

@@ -288,31 +288,19 @@ def test_every_command_is_on_the_cli() -> None:
         assert CliRunner().invoke(main, [name, "--help"]).exit_code == 0, name
 
 
-@pytest.mark.parametrize("form", ["dense", "sparse"])
 @pytest.mark.parametrize("kind", ["dense", "topk"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
 def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
-    built_stores, in_root, tmp_path, kind, temperature, form, monkeypatch
+    built_stores, in_root, tmp_path, kind, temperature
 ):
-    """For a CPU student the trainer hands the step the teacher's side of the loss
-    (`losses.kd_loss_targets`), made once per block on the stream's reader thread and gathered
-    by batch; it must be the loss `distillation_loss` computes from the same batch's soft labels,
-    value and gradient, in both forms of top-k targets, the top-k store's missing temperature
-    (3.0: the renormalised fallback, made per batch) included."""
-    import softcache.trainer.rows as rows_module
+    """For a CPU student the trainer's batch thread hands the step the teacher's side of the loss
+    (`losses.kd_loss_targets`); it must be the loss `distillation_loss` computes from the same
+    batch's soft labels, value and gradient, the top-k store's missing temperature (3.0: the
+    renormalised fallback) included."""
     from softcache.losses import TeacherTargets
     from softcache.trainer.ddp import Ranks
     from softcache.trainer.rows import RowLayout
 
-    if form == "sparse":
-        if kind == "dense":
-            pytest.skip("dense targets have one form")
-        monkeypatch.setattr(rows_module, "DENSE_TOPK_ELEMENTS", 0)
-    per_batch = []
-    original = RowLayout._targets
-    monkeypatch.setattr(
-        RowLayout, "_targets", lambda self, soft: per_batch.append(1) or original(self, soft)
-    )
     store = softcache.open_store(built_stores[kind])
     config = TrainConfig(
         student=spec("teacher"), dataset=spec("dataset"), store=str(built_stores[kind]),
@@ -334,8 +322,6 @@ def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
     ):
         fallback = kind == "topk" and temperature not in store.meta.temperatures
         assert isinstance(targets, TeacherTargets) != fallback
-        if not fallback:
-            assert (targets.ids is not None) == (form == "sparse")
         assert torch.equal(inputs, inputs_raw) and torch.equal(labels, labels_raw)
         got = layout.loss(student, (inputs, labels, targets, None), None)[0]
         (g_got,) = torch.autograd.grad(got, list(student.parameters())[-1])
@@ -346,5 +332,3 @@ def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
         (g_want,) = torch.autograd.grad(want, list(student.parameters())[-1])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
-    fallback = kind == "topk" and temperature not in store.meta.temperatures
-    assert bool(per_batch) == fallback  # targets come from the blocks unless there are none

@@ -16,13 +16,7 @@ from hypothesis import strategies as st
 
 from softcache.losses import kd_loss_dense, kd_loss_topk
 from softcache.losses import targets as tg
-from softcache.losses.targets import (
-    dense_targets,
-    kd_loss_targets,
-    target_rows,
-    targets_of_rows,
-    topk_targets,
-)
+from softcache.losses.targets import dense_targets, kd_loss_targets, topk_targets
 
 MANY = settings(max_examples=150, deadline=None)
 
@@ -151,32 +145,3 @@ def test_sparse_targets_refuse_a_student_of_another_width():
     targets = _topk_targets(True, values, indices, torch.zeros(4), 10, 1.0)
     with pytest.raises(ValueError, match="over 10 classes, the student has 8"):
         kd_loss_targets(torch.zeros(4, 8), targets, None)
-
-
-def test_target_rows_gathered_by_batch_are_the_batches_own_targets():
-    # The trainer makes targets for a whole block and gathers each batch's rows of them.
-    g = torch.Generator().manual_seed(7)
-    logits = torch.randn(40, 30, generator=g) * 3
-    values, indices = logits.topk(4, dim=1)
-    lse = torch.logsumexp(logits / 2.0, dim=1)
-    batch = torch.tensor([3, 17, 0, 39, 22])
-    for dense_form in (True, False):
-        block = topk_targets(values, indices, lse, 30, 2.0, dense_form=dense_form)
-        rows = {k: v[batch] for k, v in target_rows(block).items()}
-        got = targets_of_rows(rows, temperature=2.0, num_classes=30)
-        want = topk_targets(
-            values[batch], indices[batch], lse[batch], 30, 2.0, dense_form=dense_form
-        )
-        for name, tensor in target_rows(want).items():
-            torch.testing.assert_close(getattr(got, name), tensor, rtol=0, atol=0)
-        assert (got.ids is None) == dense_form and got.num_classes == 30
-    dense = dense_targets(logits, 2.0)
-    assert set(target_rows(dense)) == {"weights", "neg_entropy"}
-    with pytest.raises(ValueError, match="may hold"):
-        targets_of_rows({"weights": dense.weights}, temperature=2.0, num_classes=30)
-    with pytest.raises(ValueError, match="different lengths"):
-        targets_of_rows(
-            {"weights": dense.weights, "neg_entropy": dense.neg_entropy[:3]},
-            temperature=2.0,
-            num_classes=30,
-        )

@@ -170,26 +170,3 @@ def test_stream_rejects_an_unknown_value_mode(make_store):
     path, _ = make_store()
     with pytest.raises(ValueError, match="values must be one of float32, stored"):
         SoftLabelStream(LogitStore.open(path), values="float64")
-
-
-def test_prepare_runs_once_per_block_and_its_rows_follow_the_batch(make_store):
-    path, _ = make_store()
-    store = LogitStore.open(path)
-    full = store.read_rows(0, store.meta.num_samples)
-    calls = []
-
-    def prepare(block):
-        calls.append(len(block.indices))
-        return {"top": block.logits.argmax(dim=1), "hash": torch.from_numpy(block.sample_hash)}
-
-    stream = SoftLabelStream(store, prepare=prepare, assemble_ahead=0)
-    plan = _plan(store)
-    for soft in stream.batches(plan):
-        _check_rows(store, soft, full)
-        assert np.array_equal(soft.prepared["hash"], soft.sample_hash)
-        assert np.array_equal(soft.prepared["top"], soft.logits.argmax(dim=1).numpy())
-    assert len(calls) == store.meta.num_shards  # once per block, not per batch
-
-    wrong = SoftLabelStream(store, prepare=lambda block: {"x": torch.zeros(1)})
-    with pytest.raises(ValueError, match="prepare returned 'x' with 1 rows"):
-        list(wrong.batches(plan))
