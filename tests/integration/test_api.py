@@ -288,18 +288,25 @@ def test_every_command_is_on_the_cli() -> None:
         assert CliRunner().invoke(main, [name, "--help"]).exit_code == 0, name
 
 
+@pytest.mark.parametrize("form", ["dense", "sparse"])
 @pytest.mark.parametrize("kind", ["dense", "topk"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
 def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
-    built_stores, in_root, tmp_path, kind, temperature
+    built_stores, in_root, tmp_path, kind, temperature, form, monkeypatch
 ):
     """For a CPU student the trainer's batch thread hands the step the teacher's side of the loss
     (`losses.kd_loss_targets`); it must be the loss `distillation_loss` computes from the same
-    batch's soft labels, value and gradient, the top-k store's missing temperature (3.0: the
-    renormalised fallback) included."""
+    batch's soft labels, value and gradient, in both forms of top-k targets, the top-k store's
+    missing temperature (3.0: the renormalised fallback) included."""
+    import softcache.losses.targets as targets_module
     from softcache.losses import TeacherTargets
     from softcache.trainer.ddp import Ranks
     from softcache.trainer.rows import RowLayout
+
+    if form == "sparse":
+        if kind == "dense":
+            pytest.skip("dense targets have one form")
+        monkeypatch.setattr(targets_module, "DENSE_TOPK_ELEMENTS", 0)
 
     store = softcache.open_store(built_stores[kind])
     config = TrainConfig(
@@ -322,6 +329,8 @@ def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
     ):
         fallback = kind == "topk" and temperature not in store.meta.temperatures
         assert isinstance(targets, TeacherTargets) != fallback
+        if not fallback:
+            assert (targets.ids is not None) == (form == "sparse")
         assert torch.equal(inputs, inputs_raw) and torch.equal(labels, labels_raw)
         got = layout.loss(student, (inputs, labels, targets, None), None)[0]
         (g_got,) = torch.autograd.grad(got, list(student.parameters())[-1])
