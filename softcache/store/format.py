@@ -23,7 +23,6 @@ metadata says so, and `decode_values` turns them back into float32.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -280,9 +279,9 @@ def decode_values(values: np.ndarray, value_dtype: str) -> np.ndarray:
         # numpy widens float16 one element at a time (0.35 G values/s here); torch's cast is
         # vectorised (F16C): 4x faster per batch, the same values (widening is exact; a
         # signalling NaN comes out quiet, and stores hold no NaN).
-        with warnings.catch_warnings():  # a read-only array: torch only reads it here
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(np.ascontiguousarray(values)).float().numpy()
+        if not values.flags.writeable:  # torch.from_numpy warns on read-only memory
+            values = values.copy()
+        return torch.from_numpy(np.ascontiguousarray(values)).float().numpy()
     return values.astype(np.float32)
 
 
