@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from softcache.losses import kd_loss_dense
@@ -193,6 +193,7 @@ def test_sample_ids_layout_and_determinism() -> None:
     vocab=st.integers(2, 40),
     temperature=st.floats(0.25, 8.0),
 )
+@example(seed=342074735, rows=1, vocab=2, temperature=0.25)
 def test_topk_residual_kl_with_every_token_kept_is_the_dense_loss(seed, rows, vocab, temperature):
     student, teacher = _logits(seed, rows, vocab), _logits(seed + 1, rows, vocab)
     values, indices, residual = tk.topk_residual(teacher, vocab, temperature=temperature)
@@ -201,9 +202,12 @@ def test_topk_residual_kl_with_every_token_kept_is_the_dense_loss(seed, rows, vo
     dense = kd_loss_dense(s_dense, teacher, None, temperature=temperature)
     topk.backward()
     dense.backward()
-    # Float32 rounding of the stored log-probabilities, scaled by tau^2 like the loss.
+    # Float32 rounding of the stored log-probabilities, scaled by tau^2 like the loss; the
+    # gradient, tau (q - p), by tau, and no less than the rounding of q - p itself: at tau = 0.25
+    # a gradient of O(0.1) differed by 2e-7 (seed 342074735, 1 row, vocab 2).
     torch.testing.assert_close(topk, dense, rtol=1e-4, atol=2e-6 * temperature**2)
-    torch.testing.assert_close(s_topk.grad, s_dense.grad, rtol=1e-4, atol=1e-6 * temperature**2)
+    grad_atol = 1e-6 * max(temperature, 1.0)
+    torch.testing.assert_close(s_topk.grad, s_dense.grad, rtol=1e-4, atol=grad_atol)
 
 
 @FEW
