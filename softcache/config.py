@@ -40,6 +40,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 HASH_CHECKS = ("all", "first-epoch", "off")
 VIEW_POLICIES = ("cycle", "random")
+LOADERS = ("process", "thread")
 # The two layouts a config can choose (`lm`): one row per sample, or one row per token.
 ROWS, TOKENS = "rows", "tokens"
 
@@ -408,6 +409,12 @@ class TrainConfig(_Config):
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
     amp: bool = setting(False, flag="pair", help="Autocast on CUDA (fp16, with loss scaling).")
     num_workers: int = setting(0, help="DataLoader workers for inputs.")
+    loader: str = setting(
+        "process",
+        choices=LOADERS,
+        help="Where batches are made: a child process (inputs, hash checks, soft labels and "
+        "teacher targets leave the training process and its GIL) or a thread of it.",
+    )
     block_rows: int = setting(
         512, help="Samples per plan block when no --store is given (else the store decides)."
     )
@@ -483,6 +490,7 @@ class TrainConfig(_Config):
         self._check_layout_fields()
         _check_choice("mode", self.mode, TRAIN_MODES)
         _check_choice("view_policy", self.view_policy, VIEW_POLICIES)
+        _check_choice("loader", self.loader, LOADERS)
         _check_choice("hash_check", self.hash_check, HASH_CHECKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +46,8 @@ from softcache.runtime.specs import module_from
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
 from softcache.trainer.ahead import Ahead
+from softcache.trainer.batch_process import open_batch_process, ready_or_none
+from softcache.trainer.layouts import TrainLayout, open_layout
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 
@@ -56,47 +57,6 @@ RESUME_KEYS = (
     "weight_decay", "schedule", "temperature", "alpha", "seed", "block_rows", "window_blocks",
     "max_steps",
 )  # fmt: skip
-
-
-class TrainLayout(Protocol):
-    """What the loop needs from a layout (rows or tokens)."""
-
-    #: what a loss is a mean over, and throughput is counted in: "samples" or "tokens"
-    unit: str
-    #: settings beyond `RESUME_KEYS` a resumed run must share
-    resume_keys: tuple[str, ...]
-    #: the keys of the evaluation's results, recorded per epoch in metrics.json
-    eval_keys: tuple[str, ...]
-    num_samples: int
-    #: samples per plan block
-    block_rows: int
-    #: the student's tokenizer, saved with a Hugging Face student (None: none)
-    tokenizer: Any
-
-    def batches(
-        self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
-    ) -> Iterator[Any]:
-        """The epoch's batches from the plan's cursor up to batch `steps` (the plan is not
-        advanced); `then` is the next epoch's plan, for read-ahead."""
-        ...
-
-    def loss(self, model: nn.Module, batch: Any, teacher: nn.Module | None) -> tuple[Any, int]:
-        """The batch's loss (a scalar tensor, a mean) and what it is a mean over (its count)."""
-        ...
-
-    def check_student(self, student: nn.Module) -> None:
-        """Refuse a student that cannot learn from this layout's soft labels, before training."""
-        ...
-
-    def evaluator(self, teacher: nn.Module | None) -> Callable[[nn.Module], dict[str, Any]]:
-        """The per-epoch evaluation of the student (run on rank 0 only)."""
-        ...
-
-    def metrics(self) -> dict[str, Any]:
-        """The layout's own entries of metrics.json (store size, ...)."""
-        ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -150,19 +110,6 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         return _train(config, ranks, device, progress=progress, client=client, stack=stack)
 
 
-def open_layout(
-    config: TrainConfig, ranks: ddp.Ranks, device: torch.device, client: Any | None
-) -> TrainLayout:
-    """The layout `config` trains on: token sequences with `lm`, else rows."""
-    if config.lm:
-        from softcache.trainer.tokens import TokenLayout
-
-        return TokenLayout(config, ranks, device, client)
-    from softcache.trainer.rows import RowLayout
-
-    return RowLayout(config, ranks, device, client)
-
-
 def _train(
     config: TrainConfig,
     ranks: ddp.Ranks,
@@ -177,6 +124,11 @@ def _train(
     _check_output(output, config)
     layout = open_layout(config, ranks, device, client)
     stack.callback(layout.close)
+    # The batches' maker: a child process (builds its own layout from the config while this
+    # process builds the student), or None for a thread of this one (see `batch_process`).
+    feeder = open_batch_process(config, ranks, device) if client is None else None
+    if feeder is not None:
+        stack.callback(feeder.close)
     torch.manual_seed(config.seed)  # the same initial student on every rank
     student = module_from(config.student, "student").to(device)
     layout.check_student(student)
@@ -229,6 +181,7 @@ def _train(
             student, device_ids=[device.index] if cuda else None
         )
     evaluate = layout.evaluator(teacher) if ranks.main else None
+    feeder = ready_or_none(feeder)
 
     first_epoch = plan.epoch
     for epoch in range(plan.epoch, config.epochs):
@@ -254,10 +207,14 @@ def _train(
         t_ready = t_epoch
         model.train()
         stride = epoch_hash_stride(config, first_epoch=epoch == first_epoch)
-        # Inputs and soft labels are made on a background thread (`Ahead`): the step only takes
-        # finished batches, so their collation, hashing and gathering overlap with it.
-        source = layout.batches(plan, steps, hash_stride=stride, then=then)
-        batches = Ahead(source, depth=2, name="batches").results()
+        # Inputs and soft labels are made in the batch process, or on a background thread
+        # (`Ahead`): the step only takes finished batches, so their collation, hashing and
+        # gathering overlap with it.
+        if feeder is not None:
+            batches = feeder.batches(plan, steps, hash_stride=stride, then=then)
+        else:
+            source = layout.batches(plan, steps, hash_stride=stride, then=then)
+            batches = Ahead(source, depth=2, name="batches").results()
         for i, batch in enumerate(batches):
             stats.wait += time.perf_counter() - t_ready
             with autocast(device, config.amp):

@@ -49,11 +49,19 @@ class RowLayout:
     tokenizer: Any = None  # row students have none
 
     def __init__(
-        self, config: TrainConfig, ranks: Ranks, device: torch.device, client: Any | None
+        self,
+        config: TrainConfig,
+        ranks: Ranks,
+        device: torch.device,
+        client: Any | None,
+        *,
+        pin_memory: bool | None = None,
     ) -> None:
         self.config = config
         self.device = device
         self.cuda = device.type == "cuda"
+        # Pinned batches copy to a GPU asynchronously (default: on CUDA).
+        self.pin_memory = self.cuda if pin_memory is None else pin_memory
         self.dataset = dataset_from(config.dataset, "dataset")
         self.num_samples = len(self.dataset)
         self.store = (
@@ -81,7 +89,7 @@ class RowLayout:
                 self.dataset,
                 store,
                 num_workers=config.num_workers,
-                pin_memory=self.cuda,
+                pin_memory=self.pin_memory,
                 prefetch_blocks=config.prefetch_blocks,
                 client=client,
                 view_policy=config.view_policy,
@@ -140,7 +148,7 @@ class RowLayout:
             batch_sampler=PlanSampler(plan, steps),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=collate_pairs,
             num_workers=self.config.num_workers,
-            pin_memory=self.cuda,
+            pin_memory=self.pin_memory,
         )
         # A second, independent copy of the plan names each batch's rows (a sampler's own cursor
         # is shared by its iterators).

@@ -77,11 +77,19 @@ class TokenLayout:
     eval_keys: tuple[str, ...] = EVAL_KEYS
 
     def __init__(
-        self, config: TrainConfig, ranks: Ranks, device: torch.device, client: Any | None
+        self,
+        config: TrainConfig,
+        ranks: Ranks,
+        device: torch.device,
+        client: Any | None,
+        *,
+        pin_memory: bool | None = None,
     ) -> None:
         self.config = config
         self.device = device
         self.cuda = device.type == "cuda"
+        # Pinned batches copy to a GPU asynchronously (default: on CUDA).
+        self.pin_memory = self.cuda if pin_memory is None else pin_memory
         self.dataset = dataset_from(config.dataset, "dataset")
         if not hasattr(self.dataset, "__getitem__") or not hasattr(self.dataset, "__len__"):
             raise ConfigError(
@@ -124,7 +132,7 @@ class TokenLayout:
             batch_sampler=PlanSampler(plan, steps),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=collate_sequences,
             num_workers=self.config.num_workers,
-            pin_memory=self.cuda,
+            pin_memory=self.pin_memory,
         )
         if self.stream is None:
             for batch in loader:

@@ -29,6 +29,7 @@ WEIGHT_SEED = 99
 NAN_SAMPLE = 137  # the first (and only) sample `nan_teacher` gives non-finite logits
 OVERFLOW_SAMPLE = 42  # the sample whose logits `overflow_teacher` pushes beyond float16's range
 BAD_ITEM = 150  # the sample `late_bad_item_dataset` returns as a bare tensor
+ALTERED_SAMPLE = 100  # the sample `altered_dataset` changes (one pixel)
 MISMATCH_FROM = 192  # samples from here on (shard 3, a batch boundary) have the wrong shape
 
 
@@ -73,6 +74,13 @@ class Synthetic(Dataset):
 def dataset() -> Synthetic:
     """N labelled samples."""
     return Synthetic(inputs(), labels().tolist())
+
+
+def altered_dataset() -> Synthetic:
+    """`dataset` with one pixel of sample ALTERED_SAMPLE changed: the alignment check's case."""
+    x = inputs()
+    x[ALTERED_SAMPLE, 0, 0, 0] += 0.5
+    return Synthetic(x, labels().tolist())
 
 
 def unlabelled_dataset() -> Synthetic:

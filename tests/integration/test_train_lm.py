@@ -555,12 +555,12 @@ def test_token_blocks_refuse_a_row_store(make_store) -> None:
 # ---- alignment in training ------------------------------------------------------------------------
 
 
-def _next_token_run(out: Path, stores: dict[str, str]) -> dict:
+def _next_token_run(out: Path, stores: dict[str, str], *extra: str) -> dict:
     return _train(
         out,
         "--store", stores["next"], "--mode", "offline", "--alpha", "0",
         "--teacher", NEXT_TEACHER, "--eval-dataset", NEXT_DATA,
-        "--epochs", "4", "--batch-size", "8", "--lr", "5e-2",
+        "--epochs", "4", "--batch-size", "8", "--lr", "5e-2", *extra,
         dataset=NEXT_DATA, student="next_token_student",
     )  # fmt: skip
 
@@ -591,7 +591,8 @@ def test_rows_shifted_by_one_would_not_teach_it(
         return got
 
     monkeypatch.setattr(TokenBlocks, "gather", shifted)
-    metrics = _next_token_run(tmp_path / "shifted", stores)
+    # The patch is this process's: the batches must be made here, not in a batch process.
+    metrics = _next_token_run(tmp_path / "shifted", stores, "--loader", "thread")
     accuracy = _next_token_accuracy(_trained(tmp_path / "shifted", ls.next_token_student))
     assert accuracy < 0.1, accuracy
     assert metrics["teacher_agreement"][-1] < 0.2

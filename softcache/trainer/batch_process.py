@@ -1,0 +1,598 @@
+"""A layout's batches made in a child process and handed to the training loop in shared memory.
+
+A batch thread (`softcache.trainer.ahead.Ahead`) takes the loader's work off the training thread but
+not off its interpreter: the two share the GIL. A training step is hundreds of short torch calls,
+each of which releases the GIL and takes it back; whenever the batch thread holds it then (collating
+inputs, zarr's read path, the teacher targets' small ops), the step waits. Measured on the fast
+student of `benchmarks/train.py` (2 cores): an epoch of its steps took 145 ms alone, 290 ms beside
+a batch thread running the offline loader without pause, and 155-161 ms beside the same loader in
+another process. A GPU student's step is almost all such calls.
+
+So by default (`TrainConfig.loader = "process"`) the training loop's batches are made by a child
+process that builds the same layout from the same config and runs `layout.batches` there: input
+collation, the alignment check's hashing, the store reads, the gather and the teacher targets all
+leave the training process. Each batch crosses in shared memory: the child writes every tensor and
+array of the batch into one of `depth + 1` slots (shared uint8 tensors, grown when a batch does not
+fit) and sends a small pickle whose tensors are references into the slot; the parent rebuilds the
+batch as views of the slot (one `as_strided` per tensor). A batch's views stay valid until the next
+batch is asked for: the parent then counts it done in a shared counter, which the child reads before
+it reuses the slot (batch n lives in slot n % slots), so the hand-off sends no message back and
+wakes nobody. It costs the training thread 82-85 us per batch after an 8.5 ms CPU step, against
+66-72 us for the batch thread's queue (a message and a wake-up per freed slot made it 214-235 us).
+On CUDA the slots are page-locked in the parent (`cudaHostRegister`), so copies to the device can
+be asynchronous as with a pinned DataLoader.
+
+The batches are those the thread path makes, bit for bit: the same layout code runs on the same
+config, in the same order, and nothing in it draws from torch's global RNG.
+
+The child starts from multiprocessing's fork server (which imports torch and softcache once per
+parent process, so a child costs a fork, not an interpreter start) without re-importing the
+parent's `__main__` (a script without a main guard would run again in it). Where a child cannot be
+made (no fork server on this platform, a config that does not pickle, a spec the child cannot
+resolve) the loop warns and uses the batch thread; `loader = "thread"` asks for it. The price of a
+child: the dataset and the store are opened twice (the parent's layout still computes losses and
+evaluates), so an in-memory dataset is held twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import logging
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import threading
+import traceback
+import warnings
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from multiprocessing import connection, popen_forkserver, spawn
+from typing import Any
+
+import numpy as np
+import torch
+import torch.multiprocessing  # registers the reductions that share tensors' memory
+
+from softcache.config import TrainConfig
+from softcache.trainer.ddp import Ranks
+from softcache.trainer.layouts import open_layout
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import plan_from_state
+
+# Offsets of tensors in a slot are aligned to this many bytes (any dtype's view is then aligned).
+_ALIGN = 64
+# A grown slot gets this much headroom, so batches of slowly varying size (token batches padded
+# to their longest sequence) do not grow it every time.
+_GROWTH = 1.25
+# What the fork server imports once, so that a child costs a fork rather than these imports.
+_PRELOAD = (
+    __name__,
+    "softcache.trainer.rows",
+    "softcache.trainer.tokens",
+)
+# Seconds between checks that the child is alive while waiting for it.
+_POLL = 1.0
+# Seconds the child sleeps (on its command pipe) between checks for a free slot: it is ahead of
+# the loop then, by `depth` batches.
+_SLOT_WAIT = 0.0005
+
+
+class BatchProcessError(RuntimeError):
+    """The batch process died, or could not be started."""
+
+
+class BatchProcess:
+    """A training layout's batches, made in a child process (see the module docstring).
+
+    Args:
+        config: the run's configuration; the child builds its layout from it.
+        ranks: this process's DDP rank and world size.
+        device: where the student runs (the child makes the batches for it: stored dtypes for
+            CUDA, teacher targets for a CPU student) without touching the device.
+        depth: batches the child makes ahead of the one in use.
+
+    Raises:
+        BatchProcessError: the config does not pickle (an object the child cannot receive).
+    """
+
+    def __init__(
+        self, config: TrainConfig, ranks: Ranks, device: torch.device, *, depth: int = 2
+    ) -> None:
+        self.device = device
+        self._slots: dict[int, torch.Tensor] = {}
+        self._arrays: dict[int, np.ndarray] = {}
+        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._registered: dict[int, int] = {}  # slot -> page-locked address (CUDA)
+        self._ready = False
+        try:
+            child = _child_config(config)
+            args = pickle.dumps((child, ranks, device.type, depth + 1, dict(os.environ)))
+        except Exception as exc:
+            raise BatchProcessError(f"the training config does not pickle: {exc}") from exc
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(_PRELOAD))
+        commands, self._commands = context.Pipe(duplex=False)
+        self._results, results = context.Pipe(duplex=False)
+        # Batches received, and the count of those the loop is done with, shared with the
+        # child: it reuses a slot once its batch is done, without a message (and a wake-up) per
+        # batch. Batch n lives in slot n % slots.
+        self._received = 0
+        self._consumed = context.RawValue("q", 0)
+        self._poller = select.poll()
+        self._poller.register(self._results.fileno(), select.POLLIN)
+        self._process = _ChildProcess(
+            target=_serve, args=(args, commands, results, self._consumed), name="softcache-batches"
+        )
+        with _without_main():
+            self._process.start()
+        commands.close()  # the child's ends: closing ours lets EOF reach the other side
+        results.close()
+        self._finalizer = weakref.finalize(self, _shutdown, self._process, self._commands)
+
+    def wait_ready(self) -> None:
+        """Wait until the child has built its layout.
+
+        Raises:
+            BatchProcessError: the child failed to build it (with the child's error) or died.
+        """
+        if self._ready:
+            return
+        message = self._receive()
+        if message[0] == "error":
+            raise BatchProcessError(
+                f"the batch process could not build the layout:\n{message[2]}"
+            ) from message[1]
+        assert message[0] == "ready", message
+        self._ready = True
+
+    def batches(
+        self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
+    ) -> Generator[Any, None, None]:
+        """The epoch's batches, as `layout.batches(plan, steps, ...)` makes them.
+
+        Each batch's tensors are views of shared memory, valid until the next batch is asked for.
+        Closing the iterator early stops the child's epoch (its stream's threads stop).
+
+        Raises:
+            Whatever the layout raised in the child (`DatasetMismatchError`, ...), at the batch
+            where it happened; BatchProcessError if the child died.
+        """
+        self.wait_ready()
+        then_state = None if then is None else then.state_dict()
+        self._send(("epoch", plan.state_dict(), steps, hash_stride, then_state))
+        finished = False
+        try:
+            while True:
+                message = self._receive()
+                kind = message[0]
+                if kind == "slot":
+                    self._replace_slot(message[1], message[2])
+                elif kind == "batch":
+                    batch = self._unpack(message[1], message[2])
+                    self._received += 1
+                    yield batch
+                    del batch
+                    # Asked for the next batch: the loop is done with this one.
+                    self._consumed.value = self._received
+                elif kind == "done":
+                    finished = True
+                    return
+                elif kind == "error":
+                    finished = True
+                    raise _child_error(message[1], message[2])
+        finally:
+            if not finished:
+                self._stop_epoch()
+
+    def close(self) -> None:
+        """Stop the child and release the slots (idempotent)."""
+        for slot in list(self._registered):
+            self._unregister(slot)
+        self._slots.clear()
+        self._arrays.clear()
+        self._typed.clear()
+        self._finalizer()
+        self._results.close()
+
+    # -- the parent's side of the protocol
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._commands.send(message)
+        except (BrokenPipeError, OSError) as exc:
+            raise self._died() from exc
+
+    def _receive(self) -> tuple[Any, ...]:
+        # One poll object for the run: `Connection.poll` builds a selector per call, which was
+        # a third of the hand-off's cost per batch.
+        while not self._poller.poll(_POLL * 1000):
+            if not self._process.is_alive():
+                raise self._died()
+        try:
+            message: tuple[Any, ...] = self._results.recv()
+        except (EOFError, OSError) as exc:  # OSError: reset by a child that was killed
+            raise self._died() from exc
+        return message
+
+    def _died(self) -> BatchProcessError:
+        self._process.join(timeout=5)
+        return BatchProcessError(
+            f"the batch process exited (code {self._process.exitcode}) while making batches; "
+            "rerun with --loader thread to make them in this process, where its error shows"
+        )
+
+    def _stop_epoch(self) -> None:
+        """Tell the child to drop the rest of the epoch; read what it sent until it says so."""
+        try:
+            self._send(("stop",))
+            while (message := self._receive())[0] != "stopped":
+                if message[0] == "slot":
+                    self._replace_slot(message[1], message[2])
+                elif message[0] == "batch":
+                    self._received += 1  # made before the stop: dropped
+            self._consumed.value = self._received
+        except BatchProcessError:
+            pass  # a dead child has no epoch to stop; the next call says it died
+
+    def _replace_slot(self, slot: int, tensor: torch.Tensor) -> None:
+        self._unregister(slot)
+        self._slots[slot] = tensor
+        self._arrays[slot] = tensor.numpy()
+        for key in [key for key in self._typed if key[0] == slot]:
+            del self._typed[key]
+        if self.device.type == "cuda":
+            self._register(slot)
+
+    def _register(self, slot: int) -> None:
+        """Page-lock a slot for asynchronous copies to the GPU (best effort: pageable if not)."""
+        tensor = self._slots[slot]
+        with contextlib.suppress(Exception):
+            error = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+            if int(error) == 0:  # cudaSuccess
+                self._registered[slot] = tensor.data_ptr()
+
+    def _unregister(self, slot: int) -> None:
+        address = self._registered.pop(slot, None)
+        if address is not None:
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(address)
+
+    def _unpack(self, slot: int, payload: bytes) -> Any:
+        typed = functools.partial(self._typed_view, slot)
+        return _SlotUnpickler(io.BytesIO(payload), typed, self._arrays[slot]).load()
+
+    def _typed_view(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """The whole slot as a 1-D tensor of `dtype` (made once per slot and dtype)."""
+        key = (slot, dtype)
+        view = self._typed.get(key)
+        if view is None:
+            view = self._typed[key] = self._slots[slot].view(dtype)
+        return view
+
+
+def _child_error(exc: BaseException | None, text: str) -> BaseException:
+    """The child's exception, to raise in the parent (its traceback text attached)."""
+    if exc is None:
+        return BatchProcessError(f"the batch process failed:\n{text}")
+    exc.add_note(f"(raised in the batch process)\n{text}")
+    return exc
+
+
+# -- the child
+
+
+def _child_config(config: TrainConfig) -> TrainConfig:
+    """What the child's layout needs of the run's config: the dataset and store settings.
+
+    The student, the teacher and the evaluation stay in the parent (they may be large objects,
+    which would be pickled across); so do the checks the parent's layout made when it was built
+    (a token store's scan hashes every sample, and the student's tokenizer is checked there).
+    The per-epoch alignment checks come with each epoch's command.
+    """
+    return dataclasses.replace(
+        config,
+        student="(the parent's)",
+        teacher=None if config.teacher is None else "(the parent's)",
+        tokenizer=None,
+        eval_dataset=None,
+        eval_store=None,
+        hash_check="off",
+    )
+
+
+def _serve(
+    args: bytes, commands: connection.Connection, results: connection.Connection, consumed: Any
+) -> None:
+    """The child's main loop: build the layout, then make epochs of batches on request."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    torch.set_num_threads(1)  # the batch work is small ops; the cores are the step's
+    config, ranks, device_type, num_slots, environ = pickle.loads(args)
+    # The fork server's environment is the parent's when the server started; the run's is now.
+    os.environ.clear()
+    os.environ.update(environ)
+    # The parent built the same layout from the same config and said what it had to say
+    # (warnings and log records of the store's checks); the child's copies would repeat it.
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    try:
+        layout = open_layout(config, ranks, torch.device(device_type), None, pin_memory=False)
+    except BaseException as exc:
+        _send_error(results, exc)
+        return
+    results.send(("ready",))
+    slots = _ChildSlots(num_slots, results, consumed)
+    while True:
+        try:
+            message = commands.recv()
+        except EOFError:  # the parent is gone
+            return
+        kind = message[0]
+        if kind == "close":
+            return
+        if kind == "stop":
+            results.send(("stopped",))
+        elif kind == "epoch":
+            try:
+                _epoch(layout, message, commands, results, slots)
+            except (_ParentGone, BrokenPipeError, ConnectionResetError):
+                return  # the parent is gone: nobody to make batches for
+            except BaseException as exc:
+                _send_error(results, exc)
+
+
+class _ParentGone(Exception):
+    """The parent closed its end of the command pipe."""
+
+
+def _epoch(
+    layout: Any,
+    message: tuple[Any, ...],
+    commands: connection.Connection,
+    results: connection.Connection,
+    slots: _ChildSlots,
+) -> None:
+    _, plan_state, steps, hash_stride, then_state = message
+    plan = plan_from_state(plan_state)
+    then = None if then_state is None else plan_from_state(then_state)
+    source = layout.batches(plan, steps, hash_stride=hash_stride, then=then)
+    try:
+        for batch in source:
+            # Wait for the next batch's slot to be done with, acting on any command meanwhile
+            # (the wait is the command pipe's poll: a stop ends it at once).
+            while not slots.writable() or commands.poll():
+                if commands.poll(_SLOT_WAIT) and _command(commands):
+                    results.send(("stopped",))
+                    return
+            slot = slots.sent % slots.count
+            payload = slots.pack(slot, batch)
+            results.send(("batch", slot, payload))
+            slots.sent += 1
+        results.send(("done",))
+    finally:
+        source.close()  # the stream's reader threads stop
+
+
+def _command(commands: connection.Connection) -> bool:
+    """Take one command during an epoch; True if it says to stop."""
+    try:
+        message = commands.recv()
+    except EOFError as exc:
+        raise _ParentGone from exc
+    if message[0] in ("stop", "close"):
+        return True
+    raise AssertionError(f"unexpected command during an epoch: {message[0]}")
+
+
+def _send_error(results: connection.Connection, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        results.send(("error", None, text))
+    else:
+        results.send(("error", exc, text))
+
+
+class _ChildSlots:
+    """The child's shared-memory slots: which are free, and writing a batch into one."""
+
+    def __init__(self, count: int, results: connection.Connection, consumed: Any) -> None:
+        self.count = count
+        self.results = results
+        self.consumed = consumed  # the parent's count of batches it is done with
+        self.sent = 0  # batches sent, over all epochs: batch n goes to slot n % count
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def writable(self) -> bool:
+        """Whether the next batch's slot is free: its previous batch is done with."""
+        return self.sent - self.consumed.value < self.count
+
+    def pack(self, slot: int, batch: Any) -> bytes:
+        """Pickle `batch` with its tensors and arrays written into `slot` (grown to fit)."""
+        buffer = io.BytesIO()
+        pickler = _SlotPickler(buffer)
+        pickler.dump(batch)
+        size = pickler.size
+        held = self.tensors.get(slot)
+        if held is None or held.numel() < size:
+            held = torch.empty(-(-int(size * _GROWTH) // _ALIGN) * _ALIGN, dtype=torch.uint8)
+            held.share_memory_()
+            self.tensors[slot] = held
+            self.results.send(("slot", slot, held))
+        for offset, value in pickler.pending:
+            _write(held, offset, value)
+        return buffer.getvalue()
+
+
+def _write(slot: torch.Tensor, offset: int, value: torch.Tensor | np.ndarray) -> None:
+    if isinstance(value, torch.Tensor):
+        nbytes = value.numel() * value.element_size()
+        slot[offset : offset + nbytes].view(value.dtype).view(value.shape).copy_(value)
+    else:
+        target = slot[offset : offset + value.nbytes].numpy().view(value.dtype)
+        target.reshape(value.shape)[...] = value
+
+
+class _SlotPickler(pickle.Pickler):
+    """Pickles a batch, replacing each tensor and numeric array by its place in a slot."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.size = 0
+        self.pending: list[tuple[int, torch.Tensor | np.ndarray]] = []
+
+    def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
+        # The parent rebuilds each with one call: an `as_strided` of the slot's typed view (a
+        # tensor) or an `ndarray` over the slot's buffer (an array).
+        if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and not obj.is_cuda:
+            size = obj.element_size()
+            offset = self._place(obj, obj.numel() * size)
+            dtype = str(obj.dtype).removeprefix("torch.")
+            return ("t", dtype, tuple(obj.shape), _contiguous_strides(obj.shape), offset // size)
+        if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
+            return ("n", obj.dtype.str, obj.shape, self._place(obj, obj.nbytes))
+        return None
+
+    def _place(self, value: torch.Tensor | np.ndarray, nbytes: int) -> int:
+        offset = self.size
+        self.pending.append((offset, value))
+        self.size += -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        return offset
+
+
+class _SlotUnpickler(pickle.Unpickler):
+    """Rebuilds a batch with its tensors and arrays as views of a slot."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        typed: Callable[[torch.dtype], torch.Tensor],
+        array: np.ndarray,
+    ) -> None:
+        """`typed(dtype)`: the slot as a 1-D tensor of `dtype`; `array`: its bytes, uint8."""
+        super().__init__(file)
+        self.typed = typed
+        self.array = array
+
+    def persistent_load(self, pid: tuple[Any, ...]) -> Any:
+        if pid[0] == "t":
+            _, dtype, shape, strides, offset = pid
+            return self.typed(getattr(torch, dtype)).as_strided(shape, strides, offset)
+        _, dtype, shape, offset = pid
+        return np.ndarray(shape, np.dtype(dtype), buffer=self.array, offset=offset)
+
+
+def _contiguous_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+# -- starting and stopping the child
+
+
+class _ForkServerPopen(popen_forkserver.Popen):
+    """The fork server's process launch (the class multiprocessing uses)."""
+
+
+class _ChildProcess(multiprocessing.context.ForkServerProcess):
+    _start_method = "forkserver"
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _ForkServerPopen(process_obj)
+
+
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+_launch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """Start children without importing the parent's `__main__` in them.
+
+    multiprocessing re-imports the parent's main module in a fork-server child, so that objects
+    defined there unpickle; the child needs none of them (its arguments are a config and plain
+    values), and importing a script without a main guard would run it again.
+    """
+    original = spawn.get_preparation_data
+
+    def preparation_data(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = original(name)
+        for key in _MAIN_KEYS:
+            data.pop(key, None)
+        return data
+
+    with _launch_lock:
+        spawn.get_preparation_data = preparation_data
+        try:
+            yield
+        finally:
+            spawn.get_preparation_data = original
+
+
+def _shutdown(process: multiprocessing.process.BaseProcess, commands: Any) -> None:
+    """Ask the child to exit, then make sure it does (a finalizer: also at interpreter exit)."""
+    with contextlib.suppress(Exception):
+        commands.send(("close",))
+    with contextlib.suppress(Exception):
+        commands.close()
+    process.join(timeout=10)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def open_batch_process(
+    config: TrainConfig, ranks: Ranks, device: torch.device
+) -> BatchProcess | None:
+    """The run's batch process, started, or None for the batch thread (asked for with
+    `loader = "thread"`, or no child here: warned about). Call `ready_or_none` before the first
+    epoch: the child builds its layout meanwhile."""
+    if config.loader != "process":
+        return None
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        _fallback("this platform has no fork server")
+        return None
+    try:
+        return BatchProcess(config, ranks, device)
+    except BatchProcessError as exc:
+        _fallback(str(exc))
+        return None
+
+
+def ready_or_none(process: BatchProcess | None) -> BatchProcess | None:
+    """`process` once its layout is built; None (warned about, the child stopped) if it failed."""
+    if process is None:
+        return None
+    try:
+        process.wait_ready()
+    except BatchProcessError as exc:
+        process.close()
+        _fallback(str(exc))
+        return None
+    return process
+
+
+def _fallback(why: str) -> None:
+    warnings.warn(
+        f"making batches on a thread of the training process ({why}); pass --loader thread "
+        "to ask for that and silence this warning",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+__all__ = [
+    "BatchProcess",
+    "BatchProcessError",
+    "open_batch_process",
+    "ready_or_none",
+]

@@ -1,0 +1,274 @@
+"""The batch process (`softcache.trainer.batch_process`) makes, in a child process, exactly the
+batches the batch thread makes: every row store kind (fp16, bf16, top-k, views), token stores, for
+a CPU student (teacher targets) and for a CUDA one (stored dtypes), across epochs, with an epoch
+stopped early; errors and a dead child reach the parent by name; a config that cannot reach a
+child trains on the thread, with a warning; the two loaders train the same student."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from softcache.config import TrainConfig
+from softcache.errors import DatasetMismatchError
+from softcache.trainer import train
+from softcache.trainer.batch_process import BatchProcess, BatchProcessError
+from softcache.trainer.ddp import Ranks
+from softcache.trainer.layouts import open_layout
+from softcache.trainer.loop import epoch_hash_stride
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.stream import equal_steps, plan_from_state
+from tests.conftest import spec
+from tests.helpers import ROOT, specs
+
+ROWS = {
+    "dense-fp16": {},
+    "dense-bf16": {"dtype": "bfloat16"},
+    "topk-bf16": {"encoding": "topk", "top_k": 5, "dtype": "bfloat16", "temperatures": (1, 2)},
+    "views": {"teacher": spec("conv_teacher"), "views": 4, "augment": "crop(size=8);flip"},
+}
+TOKEN_DATA = "tests.helpers.token_specs:ragged_dataset"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from softcache.builder import build
+    from softcache.config import BuildConfig
+
+    base = tmp_path_factory.mktemp("batch-process")
+    out: dict[str, Path] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        mp.delenv("SOFTCACHE_TEST_N", raising=False)
+        for name, extra in ROWS.items():
+            values = {"teacher": spec("teacher"), "dataset": spec("dataset"), **extra}
+            out[name] = base / f"{name}.zarr"
+            config = BuildConfig(
+                output=str(out[name]), shard_rows=64, batch_size=24, device="cpu", **values
+            )
+            build(config, progress=False)
+    out["tokens"] = base / "tokens.zarr"
+    subprocess.run(
+        [
+            sys.executable, "-m", "softcache.cli", "build", "--lm",
+            "--teacher", "tests.helpers.token_specs:causal_teacher", "--dataset", TOKEN_DATA,
+            "--encoding", "topk", "--top-k", "4", "--shard-rows", "16", "--batch-size", "3",
+            "--device", "cpu", "-q", "-o", str(out["tokens"]),
+        ],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def _config(stores: dict[str, Path], kind: str, tmp_path: Path, **extra: Any) -> TrainConfig:
+    if kind == "tokens":
+        values = {"lm": True, "dataset": TOKEN_DATA, "batch_size": 4}
+        values["student"] = "tests.helpers.lm_train_specs:causal_student"
+    else:
+        values = {"dataset": spec("dataset"), "student": spec("teacher"), "batch_size": 24}
+    values.update(extra)
+    return TrainConfig(
+        store=str(stores[kind]), mode="offline", temperature=2.0, output=str(tmp_path / "run"),
+        epochs=2, **values,
+    )  # fmt: skip
+
+
+def _plans(layout: Any, config: TrainConfig) -> list[EpochPlan]:
+    plan = EpochPlan(
+        num_samples=layout.num_samples, block_rows=layout.block_rows,
+        batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,
+    )  # fmt: skip
+    second = plan_from_state(plan.state_dict())
+    second.set_epoch(1)
+    return [plan, second]
+
+
+def _epochs(make: Any, layout: Any, config: TrainConfig) -> list[list[Any]]:
+    """Two epochs of batches (the first reading the second's ahead), copied out of their
+    memory as they arrive: a batch process's views are valid until the next batch."""
+    plans = _plans(layout, config)
+    out = []
+    for epoch, plan in enumerate(plans):
+        then = plans[1] if epoch == 0 else None
+        stride = epoch_hash_stride(config, first_epoch=epoch == 0)
+        batches = make(plan, equal_steps(plan), hash_stride=stride, then=then)
+        out.append([_copied(batch) for batch in batches])
+    return out
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        copy = object.__new__(type(value))
+        for key, item in vars(value).items():
+            object.__setattr__(copy, key, _copied(item))
+        return copy
+    if hasattr(value, "__dict__"):
+        copy = object.__new__(type(value))
+        copy.__dict__.update({k: _copied(v) for k, v in vars(value).items()})
+        return copy
+    return value
+
+
+def _assert_same(a: Any, b: Any, where: str = "batch") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif hasattr(a, "__dict__"):
+        _assert_same(vars(a), vars(b), f"{where}.")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("kind", [*ROWS, "tokens"])
+def test_the_batch_process_makes_the_batches_the_thread_makes(
+    stores: dict[str, Path], kind: str, device: str, tmp_path: Path, in_root: Path
+) -> None:
+    # "cuda": the batches a CUDA student gets (stored dtypes), made without touching a GPU.
+    stride = {} if kind == "tokens" else {"hash_stride": 3}  # rows: a sampled later check
+    config = _config(stores, kind, tmp_path, hash_check="first-epoch", **stride)
+    where = torch.device(device)
+    layout = open_layout(config, Ranks(), where, None, pin_memory=False)
+    process = BatchProcess(config, Ranks(), where)
+    try:
+        made = _epochs(process.batches, layout, config)
+    finally:
+        process.close()
+    want = _epochs(layout.batches, layout, config)
+    assert [len(e) for e in made] == [len(e) for e in want] and len(want[0]) > 1
+    for epoch, (got, expected) in enumerate(zip(made, want, strict=True)):
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            _assert_same(a, b, f"{kind} epoch {epoch} batch {i}")
+
+
+def test_an_epoch_stopped_early_leaves_the_next_one_whole(
+    stores: dict[str, Path], tmp_path: Path, in_root: Path
+) -> None:
+    config = _config(stores, "topk-bf16", tmp_path)
+    layout = open_layout(config, Ranks(), torch.device("cpu"), None)
+    first, second = _plans(layout, config)
+    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    try:
+        batches = process.batches(first, equal_steps(first), hash_stride=1, then=second)
+        taken = [_copied(next(batches)) for _ in range(2)]
+        batches.close()  # as the loop does at max_steps
+        made = [_copied(b) for b in process.batches(second, len(second), hash_stride=0, then=None)]
+    finally:
+        process.close()
+    want_first = list(layout.batches(first, equal_steps(first), hash_stride=1, then=None))
+    _assert_same(taken, [_copied(b) for b in want_first[:2]])
+    want = list(layout.batches(second, len(second), hash_stride=0, then=None))
+    _assert_same(made, want)
+
+
+def test_a_dataset_that_differs_is_refused_by_name_from_the_child(
+    stores: dict[str, Path], tmp_path: Path, in_root: Path
+) -> None:
+    config = _config(stores, "dense-fp16", tmp_path, dataset=spec("altered_dataset"))
+    layout = open_layout(config, Ranks(), torch.device("cpu"), None)
+    plan = _plans(layout, config)[0]
+    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    try:
+        with pytest.raises(DatasetMismatchError, match=f"sample {specs.ALTERED_SAMPLE} ") as info:
+            for _ in process.batches(plan, len(plan), hash_stride=1, then=None):
+                pass
+        assert any("raised in the batch process" in note for note in info.value.__notes__)
+        # The child lives on: the next epoch (unchecked) still comes.
+        assert len(list(process.batches(plan, len(plan), hash_stride=0, then=None))) == len(plan)
+    finally:
+        process.close()
+
+
+def test_a_killed_batch_process_is_named(
+    stores: dict[str, Path], tmp_path: Path, in_root: Path
+) -> None:
+    config = _config(stores, "dense-fp16", tmp_path)
+    layout = open_layout(config, Ranks(), torch.device("cpu"), None)
+    plan = _plans(layout, config)[0]
+    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    try:
+        batches = process.batches(plan, len(plan), hash_stride=0, then=None)
+        next(batches)
+        assert process._process.pid is not None
+        os.kill(process._process.pid, signal.SIGKILL)
+        with pytest.raises(BatchProcessError, match=r"exited \(code -9\).*--loader thread"):
+            for _ in batches:
+                pass
+    finally:
+        process.close()
+
+
+def test_the_child_sees_the_environment_of_the_run_not_of_the_fork_server(
+    stores: dict[str, Path], tmp_path: Path, in_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fork server is started by now (earlier tests); its environment is older than this one.
+    config = _config(stores, "dense-fp16", tmp_path)
+    BatchProcess(config, Ranks(), torch.device("cpu")).close()
+    monkeypatch.setenv("SOFTCACHE_TEST_N", str(specs.num_samples() - 1))
+    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    try:
+        # The child's dataset is one sample short, as this process's would be: refused there.
+        with pytest.raises(
+            BatchProcessError, match=r"(?s)could not build the layout.*has 299 samples"
+        ):
+            process.wait_ready()
+    finally:
+        process.close()
+
+
+def test_a_config_that_cannot_reach_a_child_trains_on_a_thread(
+    built_stores: dict[str, Path], tmp_path: Path, in_root: Path
+) -> None:
+    data = specs.dataset()
+    config = TrainConfig(
+        student=spec("teacher"), dataset=lambda: data, store=str(built_stores["dense"]),
+        mode="offline", epochs=1, batch_size=24, output=str(tmp_path / "run"),
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="making batches on a thread.*does not pickle"):
+        result = train(config, progress=False)
+    assert len(result.metrics["train_loss"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["dense-fp16", "topk-bf16"])
+def test_both_loaders_train_the_same_student(
+    stores: dict[str, Path], kind: str, tmp_path: Path, in_root: Path
+) -> None:
+    students = []
+    for loader in ("process", "thread"):
+        config = _config(stores, kind, tmp_path / loader, loader=loader, alpha=0.3)
+        result = train(config, progress=False)
+        students.append(result.student.state_dict())
+        losses = result.metrics["train_loss"]
+        if loader == "process":
+            process_losses = losses
+    assert losses == process_losses
+    for name, value in students[0].items():
+        assert torch.equal(value, students[1][name]), name
