@@ -18,7 +18,9 @@ after the imports). Phases:
 - `build`: `softcache.builder.build` of the store, wall time from call to return;
 - `stream`: one epoch of `SoftLabelStream.batches(plan)` over that store, no student (batch 256);
 - `train`: one epoch of `softcache.trainer.train(mode="offline")` of the linear student from that
-  store (batch 256; the first epoch hashes every input for the alignment check).
+  store (batch 256; the first epoch hashes every input for the alignment check), with its batches
+  made on a thread (`loader="thread"`): with the default batch process, the stream's memory would
+  be in another process image than the one measured; the thread runs the same layout code.
 
 Figures, for each phase and each step N -> 10N: time per sample at 10N over N (flat is 1; below 1
 when fixed costs amortise), and peak RSS at 10N over N, held to 1.10. The detail gives the growth
@@ -135,6 +137,7 @@ def _train(num_samples: int, store: Path) -> float:
         batch_size=BATCH_SIZE,
         device="cpu",
         output=str(store.with_suffix(".run")),
+        loader="thread",  # all of training's memory in this process image (see the docstring)
     )
     result = train(config, progress=False)
     shutil.rmtree(result.output)

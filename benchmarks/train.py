@@ -6,6 +6,10 @@ differs (online KD, the teacher in the loop, is measured by `benchmarks.speedup`
 time is the median of its epochs after the first (the first pays imports, allocator growth and the
 first blocks' read), so these cases need no warm-up round.
 
+Runs make their batches in a batch process (the default, `softcache.trainer.batch_process`); the
+`*-thread` cases are the same runs with `loader="thread"` (batches made on a thread of the training
+process, which shares its GIL with the step), side by side in the same rounds.
+
 Timed in the same rounds, to say where an offline epoch's extra time goes:
 
 - `step-*`: the training thread's own work, an epoch's worth of steps of the student on one fixed
@@ -13,7 +17,8 @@ Timed in the same rounds, to say where an offline epoch's extra time goes:
   beforehand, as the batch thread does), no loader;
 - `loader-*`: the CPU seconds (all threads) the trainer's batch source spends making an epoch's
   batches (inputs, hash check at the later epochs' stride, soft labels, teacher targets), no
-  student: work the second core has to absorb beside the steps;
+  student: work another core has to absorb beside the steps (in the batch process, or on the
+  batch thread, where its GIL-holding part also delays the step);
 
 - `stream`: the soft-label stream alone (`SoftLabelStream.batches` over the dense store, no
   student): the reading the stream's thread has to hide behind the student's steps;
@@ -95,6 +100,7 @@ def run_training(
     *,
     teacher: str | None = None,
     epochs: int | None = None,
+    loader: str = "process",
 ) -> dict[str, Any]:
     """Train the workload's student once with `softcache.trainer.train`; return its metrics.
 
@@ -105,6 +111,7 @@ def run_training(
         output: the run's directory, removed afterwards.
         teacher: the teacher in the loop (`online` only; default: the workload's).
         epochs: epochs to run (default: the workload's).
+        loader: where batches are made: `process` (the default) or `thread`.
 
     Returns:
         `TrainResult.metrics`: per-epoch lists such as `epoch_seconds` and `data_wait_fraction`.
@@ -119,6 +126,7 @@ def run_training(
         batch_size=workload.batch_size,
         device=workload.device,
         output=str(output),
+        loader=loader,
     )
     result = train(config, progress=False)
     shutil.rmtree(result.output)
@@ -156,10 +164,11 @@ class TrainBench:
             seed=0,
         )
 
-    def _train(self, mode: str, store: str) -> float:
+    def _train(self, mode: str, store: str, loader: str = "process") -> float:
         output = self.workdir / "runs" / f"{mode}-{next(self._count)}"
-        metrics = run_training(self.workload, self.stores[store], mode, output)
+        metrics = run_training(self.workload, self.stores[store], mode, output, loader=loader)
         name = mode if store == "dense" else f"{mode}-{store}"
+        name += "-thread" if loader == "thread" else ""
         self.wait.setdefault(name, []).extend(metrics["data_wait_fraction"][1:])
         return median(metrics["epoch_seconds"][1:])
 
@@ -221,6 +230,11 @@ class TrainBench:
             "hard": lambda: self._train("hard", "dense"),
             "offline": lambda: self._train("offline", "dense"),
             "offline-topk": lambda: self._train("offline", "topk"),
+            # The same runs with batches made on a thread of the training process: the GIL
+            # shared with the step (see `softcache.trainer.batch_process`).
+            "hard-thread": lambda: self._train("hard", "dense", "thread"),
+            "offline-thread": lambda: self._train("offline", "dense", "thread"),
+            "offline-topk-thread": lambda: self._train("offline", "topk", "thread"),
             "stream": self._stream,
             "hash": self._hash,
             "step-hard": lambda: self._steps("hard", "dense"),
@@ -253,6 +267,27 @@ class TrainBench:
                 note=note,
             ),
         ]
+        for over, what in (("offline-thread", "dense"), ("offline-topk-thread", "top-5")):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}batches on a thread: offline KD / hard epoch, {what}",
+                    samples,
+                    over,
+                    "hard-thread",
+                    goal=None,
+                    note="--loader thread, both runs (the default: a batch process)",
+                )
+            )
+        figures.append(
+            ratio_figure(
+                f"{prefix}hard epoch, batch process / batch thread",
+                samples,
+                "hard",
+                "hard-thread",
+                goal=None,
+                note="what making batches in a child process saves a hard-label run",
+            )
+        )
         for case, what in (("step-offline", "dense"), ("step-offline-topk", "top-5")):
             figures.append(
                 ratio_figure(
