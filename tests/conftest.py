@@ -25,6 +25,10 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# The CLI processes the tests start turn the batch process's fallback warning into an error too
+# (pyproject.toml's `filterwarnings` covers this process).
+os.environ["PYTHONWARNINGS"] = "error:making batches on a thread:RuntimeWarning"
+
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = "tests.helpers.specs"
 
