@@ -31,7 +31,9 @@ parent's `__main__` (a script without a main guard would run again in it). Where
 made (no fork server on this platform, a config that does not pickle, a spec the child cannot
 resolve) the loop warns and uses the batch thread; `loader = "thread"` asks for it. The price of a
 child: the dataset and the store are opened twice (the parent's layout still computes losses and
-evaluates), so an in-memory dataset is held twice.
+evaluates). A dataset made from a spec is made again in the child, so an in-memory one is held
+twice; a dataset given as an object crosses pickled, its torch tensors moved to shared memory and
+mapped by the child (held once), anything else in it copied.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from multiprocessing import connection, popen_forkserver, spawn
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -112,7 +115,11 @@ class BatchProcess:
         self._ready = False
         try:
             child = _child_config(config)
-            args = pickle.dumps((child, ranks, device.type, depth + 1, dict(os.environ)))
+            # multiprocessing's pickler, with torch's reductions: the tensors of a dataset given
+            # as an object move to shared memory and the child maps them, rather than a copy.
+            args = bytes(
+                ForkingPickler.dumps((child, ranks, device.type, depth + 1, dict(os.environ)))
+            )
         except Exception as exc:
             raise BatchProcessError(f"the training config does not pickle: {exc}") from exc
         context = multiprocessing.get_context("forkserver")

@@ -244,6 +244,22 @@ def test_the_child_sees_the_environment_of_the_run_not_of_the_fork_server(
         process.close()
 
 
+def test_a_dataset_object_reaches_the_child_in_shared_memory(
+    stores: dict[str, Path], tmp_path: Path, in_root: Path
+) -> None:
+    data = specs.dataset()
+    config = _config(stores, "dense-fp16", tmp_path, dataset=data)
+    layout = open_layout(config, Ranks(), torch.device("cpu"), None)
+    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    try:
+        process.wait_ready()
+        assert data.x.is_shared()  # moved to shared memory for the child, not copied to it
+        made = _epochs(process.batches, layout, config)
+    finally:
+        process.close()
+    _assert_same(made, _epochs(layout.batches, layout, config))
+
+
 def test_a_config_that_cannot_reach_a_child_trains_on_a_thread(
     built_stores: dict[str, Path], tmp_path: Path, in_root: Path
 ) -> None:
