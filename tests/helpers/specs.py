@@ -83,6 +83,16 @@ def altered_dataset() -> Synthetic:
     return Synthetic(x, labels().tolist())
 
 
+def start_method_dataset() -> Synthetic:
+    """`dataset`, appending the default multiprocessing start method of the process that makes
+    it to the file SOFTCACHE_TEST_RECORD names (where a DataLoader's workers would start from)."""
+    import multiprocessing
+
+    with open(os.environ["SOFTCACHE_TEST_RECORD"], "a") as record:
+        record.write(f"{multiprocessing.get_start_method(allow_none=True)}\n")
+    return dataset()
+
+
 def unlabelled_dataset() -> Synthetic:
     """The same inputs with every label None."""
     return Synthetic(inputs(), None)

@@ -7,6 +7,7 @@ child trains on the thread, with a warning; the two loaders train the same stude
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -29,6 +30,12 @@ from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 from tests.conftest import spec
 from tests.helpers import ROOT, specs
+
+
+def mp_default() -> str:
+    """This platform's default start method (the first `get_all_start_methods` names)."""
+    return multiprocessing.get_all_start_methods()[0]
+
 
 ROWS = {
     "dense-fp16": {},
@@ -242,6 +249,28 @@ def test_the_child_sees_the_environment_of_the_run_not_of_the_fork_server(
             process.wait_ready()
     finally:
         process.close()
+
+
+def test_dataloader_workers_in_the_child_start_as_in_the_parent(
+    stores: dict[str, Path], tmp_path: Path, in_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fork-server child defaults to the fork server for its own processes: each epoch's
+    # DataLoader workers would unpickle the dataset anew (ten times slower epochs of the digits
+    # job at --num-workers 2).
+    record = tmp_path / "start-methods"
+    monkeypatch.setenv("SOFTCACHE_TEST_RECORD", str(record))
+    config = _config(
+        stores, "dense-fp16", tmp_path, dataset=spec("start_method_dataset"), num_workers=2
+    )
+    layout = open_layout(config, Ranks(), torch.device("cpu"), None)
+    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    try:
+        made = _epochs(process.batches, layout, config)
+    finally:
+        process.close()
+    parents = multiprocessing.get_start_method(allow_none=True) or mp_default()
+    assert record.read_text().split()[-1] == parents  # the child's, made after the parent's
+    _assert_same(made, _epochs(layout.batches, layout, config))
 
 
 def test_a_dataset_object_reaches_the_child_in_shared_memory(
