@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,48 @@ from softcache.store import READABLE_VERSIONS
 ROOT = Path(__file__).resolve().parents[2]
 NEWER = max(READABLE_VERSIONS) + 1  # a store format version no reader here knows
 READABLE = ", ".join(map(str, READABLE_VERSIONS))  # as error messages list them
+
+
+def build_row_stores(base: Path, kinds: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
+    """A small row store per kind, `base / NAME.zarr`: `tests.helpers.specs`' teacher and dataset
+    (its default size), shards of 64 rows, batches of 24, each kind's build settings on top."""
+    import pytest
+
+    from softcache.builder import build
+    from softcache.config import BuildConfig
+
+    out: dict[str, Path] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)  # the specs import from the repository root
+        mp.delenv("SOFTCACHE_TEST_N", raising=False)
+        for name, extra in kinds.items():
+            values = {
+                "teacher": "tests.helpers.specs:teacher",
+                "dataset": "tests.helpers.specs:dataset",
+                **extra,
+            }
+            out[name] = base / f"{name}.zarr"
+            config = BuildConfig(
+                output=str(out[name]), shard_rows=64, batch_size=24, device="cpu", **values
+            )
+            build(config, progress=False)
+    return out
+
+
+def build_token_store(path: Path, *args: str) -> Path:
+    """`softcache build --lm` of `tests.helpers.token_specs`' ragged dataset with its causal
+    teacher into `path` (shards of 16 rows, batches of 3); `args` choose the encoding."""
+    subprocess.run(
+        [
+            sys.executable, "-m", "softcache.cli", "build", "--lm",
+            "--teacher", "tests.helpers.token_specs:causal_teacher",
+            "--dataset", "tests.helpers.token_specs:ragged_dataset",
+            "--shard-rows", "16", "--batch-size", "3", "--device", "cpu", "-q",
+            "-o", str(path), *args,
+        ],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    return path
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

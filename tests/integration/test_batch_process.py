@@ -10,8 +10,6 @@ import dataclasses
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 from tests.conftest import spec
-from tests.helpers import ROOT, specs
+from tests.helpers import build_row_stores, build_token_store, specs
 
 
 def mp_default() -> str:
@@ -48,31 +46,9 @@ TOKEN_DATA = "tests.helpers.token_specs:ragged_dataset"
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from softcache.builder import build
-    from softcache.config import BuildConfig
-
     base = tmp_path_factory.mktemp("batch-process")
-    out: dict[str, Path] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)
-        mp.delenv("SOFTCACHE_TEST_N", raising=False)
-        for name, extra in ROWS.items():
-            values = {"teacher": spec("teacher"), "dataset": spec("dataset"), **extra}
-            out[name] = base / f"{name}.zarr"
-            config = BuildConfig(
-                output=str(out[name]), shard_rows=64, batch_size=24, device="cpu", **values
-            )
-            build(config, progress=False)
-    out["tokens"] = base / "tokens.zarr"
-    subprocess.run(
-        [
-            sys.executable, "-m", "softcache.cli", "build", "--lm",
-            "--teacher", "tests.helpers.token_specs:causal_teacher", "--dataset", TOKEN_DATA,
-            "--encoding", "topk", "--top-k", "4", "--shard-rows", "16", "--batch-size", "3",
-            "--device", "cpu", "-q", "-o", str(out["tokens"]),
-        ],
-        cwd=ROOT, check=True, capture_output=True,
-    )  # fmt: skip
+    out = build_row_stores(base, ROWS)
+    out["tokens"] = build_token_store(base / "tokens.zarr", "--encoding", "topk", "--top-k", "4")
     return out
 
 

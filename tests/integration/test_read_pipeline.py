@@ -6,8 +6,6 @@ it is by default."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from softcache.store.read_pipeline import ZARRS_PIPELINE, read_pipeline, zarrs_a
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import SoftLabelStream
 from tests.conftest import spec
-from tests.helpers import ROOT
+from tests.helpers import build_row_stores, build_token_store
 
 pytestmark = pytest.mark.skipif(not zarrs_available(), reason="zarrs is not installed")
 
@@ -43,34 +41,10 @@ TOKENS = {
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from softcache.builder import build
-    from softcache.config import BuildConfig
-
     base = tmp_path_factory.mktemp("pipelines")
-    out: dict[str, Path] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)
-        for name, extra in KINDS.items():
-            values = {"teacher": spec("teacher"), "dataset": spec("dataset"), **extra}
-            path = base / f"{name}.zarr"
-            config = BuildConfig(
-                output=str(path), shard_rows=64, batch_size=24, device="cpu", **values
-            )
-            build(config, progress=False)
-            out[name] = path
+    out = build_row_stores(base, KINDS)
     for name, args in TOKENS.items():
-        path = base / f"{name}.zarr"
-        subprocess.run(
-            [
-                sys.executable, "-m", "softcache.cli", "build", "--lm",
-                "--teacher", "tests.helpers.token_specs:causal_teacher",
-                "--dataset", "tests.helpers.token_specs:ragged_dataset",
-                "--shard-rows", "16", "--batch-size", "3", "--device", "cpu", "-q",
-                "-o", str(path), *args,
-            ],
-            cwd=ROOT, check=True, capture_output=True,
-        )  # fmt: skip
-        out[name] = path
+        out[name] = build_token_store(base / f"{name}.zarr", *args)
     return out
 
 
