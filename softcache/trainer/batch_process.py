@@ -4,9 +4,10 @@ A batch thread (`softcache.trainer.ahead.Ahead`) takes the loader's work off the
 not off its interpreter: the two share the GIL. A training step is hundreds of short torch calls,
 each of which releases the GIL and takes it back; whenever the batch thread holds it then (collating
 inputs, zarr's read path, the teacher targets' small ops), the step waits. Measured on the fast
-student of `benchmarks/train.py` (2 cores): an epoch of its steps took 145 ms alone, 290 ms beside
-a batch thread running the offline loader without pause, and 155-161 ms beside the same loader in
-another process. A GPU student's step is almost all such calls.
+student of `benchmarks/train.py` (2 cores, `python -m benchmarks.loader_contention`): an epoch of
+its steps took 149 ms alone, 297-304 ms beside a batch thread running a loader without pause, and
+161-170 ms beside the same loader in another process. A GPU student's step is almost all such
+calls.
 
 So by default (`TrainConfig.loader = "process"`) the training loop's batches are made by a child
 process that builds the same layout from the same config and runs `layout.batches` there: input
@@ -17,8 +18,9 @@ fit) and sends a small pickle whose tensors are references into the slot; the pa
 batch as views of the slot (one `as_strided` per tensor). A batch's views stay valid until the next
 batch is asked for: the parent then counts it done in a shared counter, which the child reads before
 it reuses the slot (batch n lives in slot n % slots), so the hand-off sends no message back and
-wakes nobody. It costs the training thread 82-85 us per batch after an 8.5 ms CPU step, against
-66-72 us for the batch thread's queue (a message and a wake-up per freed slot made it 214-235 us).
+wakes nobody. It costs the training thread 77-85 us per ready batch after an 8.5 ms CPU step,
+against 66-77 us for the batch thread's queue (a message and a wake-up per freed slot made it
+214-235 us).
 On CUDA the slots are page-locked in the parent (`cudaHostRegister`), so copies to the device can
 be asynchronous as with a pinned DataLoader.
 
@@ -53,7 +55,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator
-from multiprocessing import connection, popen_forkserver, spawn
+from multiprocessing import connection, spawn
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -135,7 +137,7 @@ class BatchProcess:
         self._consumed = context.RawValue("q", 0)
         self._poller = select.poll()
         self._poller.register(self._results.fileno(), select.POLLIN)
-        self._process = _ChildProcess(
+        self._process = context.Process(
             target=_serve, args=(args, commands, results, self._consumed), name="softcache-batches"
         )
         with _without_main():
@@ -511,18 +513,6 @@ def _contiguous_strides(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
 
 
 # -- starting and stopping the child
-
-
-class _ForkServerPopen(popen_forkserver.Popen):
-    """The fork server's process launch (the class multiprocessing uses)."""
-
-
-class _ChildProcess(multiprocessing.context.ForkServerProcess):
-    _start_method = "forkserver"
-
-    @staticmethod
-    def _Popen(process_obj: Any) -> Any:
-        return _ForkServerPopen(process_obj)
 
 
 _MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
