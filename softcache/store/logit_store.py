@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,14 @@ from softcache.store.manifest import (
     read_manifest,
 )
 from softcache.store.read_pipeline import read_pipeline
+from softcache.store.shard_files import (
+    ShardDecodeError,
+    ShardFileReader,
+    ShardLayout,
+    UnsupportedChunk,
+    direct_reads_enabled,
+    shard_layout,
+)
 from softcache.store.validate import (
     MAX_GROUP_JSON,
     array_specs,
@@ -92,6 +100,13 @@ class LogitStore:
         self.read_only = read_only
         self.fast_reads = fast_reads
         self._arrays: dict[str, zarr.Array] = {}
+        # Sharded arrays of a local directory store opened to read (not pinned: those reads go
+        # through the digest-checking store) are decoded from their files (`shard_files`).
+        local = is_local(location) and local_path(location).is_dir()
+        self._files = (
+            ShardFileReader(local_path(location)) if read_only and fast_reads and local else None
+        )
+        self._layouts: dict[str, ShardLayout | None] = {}
         # The group's zarr.json as validated (its SHA-256 is the store's digest).
         self.group_json = group_json
         # Digests of the objects this process wrote (writable stores), for `mark_complete`.
@@ -204,8 +219,9 @@ class LogitStore:
             path: the store's location: a path, `file://`, an fsspec URL or a `.zip` archive.
             mode: `r` to read (the store object is read-only), `r+` to resume a build.
             require_complete: refuse a store whose build has not finished.
-            fast_reads: decode reads with zarrs where installed (`read_pipeline`); False keeps
-                zarr-python's reference pipeline (`verify` uses it).
+            fast_reads: decode a local store's sharded arrays straight from their files
+                (`shard_files`) and other reads with zarrs where installed (`read_pipeline`);
+                False keeps zarr-python's reference pipeline (`verify` uses it).
             expect_digest: refuse a store whose digest (`sha256:...`, as `info` shows it) is not
                 this one, and check every object read against the store's manifest.
 
@@ -328,6 +344,9 @@ class LogitStore:
             CorruptChunkError: a chunk failed its checksum or could not be decoded (the message
                 is the same whichever codec pipeline read it).
         """
+        direct = self._read_files([(name, rows)])
+        if direct is not None:
+            return direct[0]
         try:
             return np.asarray(self.array(name)[rows])
         except (RuntimeError, ValueError) as exc:
@@ -336,7 +355,11 @@ class LogitStore:
                 raise
             raise corrupt from exc
 
-    def read_many(self, requests: Iterable[tuple[str, slice]]) -> list[np.ndarray]:
+    def read_many(
+        self,
+        requests: Iterable[tuple[str, slice]],
+        out: Sequence[np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
         """Several row ranges of several arrays, read concurrently: `read` of each, in order.
 
         One round of zarr's event loop fetches and decodes every request together, so the shards
@@ -345,14 +368,35 @@ class LogitStore:
 
         Args:
             requests: `(array name, rows)` pairs.
+            out: an array per request to fill (C-contiguous, of the rows' shape and storage
+                dtype), so a caller can place several reads in one buffer; None allocates them.
 
         Returns:
-            One numpy array per request, in storage dtype, in the order of `requests`.
+            One numpy array per request, in storage dtype, in the order of `requests` (`out`'s
+            arrays where given).
 
         Raises:
             CorruptChunkError: as `read`.
         """
         pairs = list(requests)
+        if out is not None and len(out) != len(pairs):
+            raise ValueError(f"{len(out)} output arrays for {len(pairs)} requests")
+        direct = self._read_files(pairs, out)
+        if direct is not None:
+            return direct
+        results = self._read_zarr_many(pairs)
+        if out is None:
+            return results
+        for i, (dest, got) in enumerate(zip(out, results, strict=True)):
+            if dest.shape != got.shape or dest.dtype != got.dtype:
+                raise ValueError(
+                    f"out[{i}] is {dest.dtype} {dest.shape}, the rows {got.dtype} {got.shape}"
+                )
+            dest[...] = got
+        return list(out)
+
+    def _read_zarr_many(self, pairs: list[tuple[str, slice]]) -> list[np.ndarray]:
+        """`read_many` through zarr's codec pipeline."""
         # Resolved here, not in the coroutine: opening an array blocks on zarr's event loop.
         arrays = [self.array(name).async_array for name, _ in pairs]
 
@@ -369,6 +413,30 @@ class LogitStore:
             if corrupt is None:
                 raise
             raise corrupt from exc
+
+    def _read_files(
+        self, requests: list[tuple[str, slice]], out: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray] | None:
+        """`requests` decoded from the shard files (`shard_files`), None where zarr must read."""
+        if self._files is None or not direct_reads_enabled():
+            return None
+        layouts = []
+        for name, rows in requests:
+            if name not in self._layouts:
+                self._layouts[name] = shard_layout(self.array(name))
+            layout = self._layouts[name]
+            if layout is None or not isinstance(rows, slice) or rows.step not in (None, 1):
+                return None
+            layouts.append((layout, rows))
+        try:
+            return self._files.read_many(layouts, out)
+        except UnsupportedChunk:
+            return None
+        except ShardDecodeError as exc:
+            raise CorruptChunkError(
+                f"store {self.location}: {exc}; the store is damaged: `softcache verify` names "
+                "every damaged shard"
+            ) from exc
 
     def _corrupt_chunk(self, exc: Exception, where: str) -> CorruptChunkError | None:
         """The `CorruptChunkError` a failed read means, or None if it was not a decode failure."""

@@ -7,6 +7,10 @@ zarr-python) decodes a shard's chunks in parallel without the GIL: measured here
 zarr-python does (`tests/integration/test_read_pipeline.py`), and the stores stay plain Zarr v3,
 readable by anyone.
 
+A local store's sharded arrays are read by neither pipeline but straight from their shard files
+(`softcache.store.shard_files`, faster still); zarrs reads the rest (per-sample arrays, stores in
+object storage) and everything with `SOFTCACHE_DIRECT_READS=0`.
+
 Only reads use it: a store opened for writing keeps zarr-python's pipeline, so a build writes the
 bytes it always wrote (zstd from another library could compress differently). Where zarrs cannot
 serve a store (a zip archive) it falls back to zarr-python's pipeline by itself. Set

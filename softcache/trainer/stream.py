@@ -12,9 +12,11 @@ needs. So the stream works in three threads:
 1. a reader reads whole storage blocks (shards) in `EpochPlan.block_order`, at most
    `prefetch_blocks` ahead, a shuffle window's blocks at a time (the window's first batch needs
    all of them): in this process one concurrent `LogitStore.read_many` of every array of those
-   blocks (the codec pipeline spreads the chunks over every core: zarrs where installed, see
-   `softcache.store.read_pipeline`), or Dask tasks on a cluster when a `distributed.Client` is
-   given (or a scheduler address to the CLI);
+   blocks, spread over every core (a local store's chunks decoded straight from its shard files
+   by `softcache.store.shard_files`, otherwise by zarr's codec pipeline, zarrs where installed),
+   a row store's group into one buffer per array that is reused once its blocks are consumed;
+   or Dask tasks on a cluster when a `distributed.Client` is given (or a scheduler address to
+   the CLI);
 2. an assembler gathers each batch's rows from the blocks in memory and widens them (fp16 -> fp32,
    uint16 -> int64), at most `assemble_ahead` batches ahead; with `assemble_ahead=0` the thread
    that iterates does it (the trainer's own batch thread, already off the training thread);
@@ -266,14 +268,16 @@ class SoftLabelStream:
 
         With a `distributed` client the reads are Dask tasks on the cluster. In this process every
         array of every block is read in one concurrent `LogitStore.read_many` (Dask's threaded
-        scheduler would only add its overhead to reads the codec pipeline already spreads over
-        every core): the stream benchmark's 32,768 x 1,000 fp16 rows in 53.6 ms, the zstd frames
-        alone decoding in 56.8 ms on all cores, where one read after another took 79.7 ms.
+        scheduler would only add its overhead to reads already spread over every core); a row
+        store's blocks land one after another in one buffer per array (`RowBlocks.read_group`),
+        so that a batch is gathered from them in one `take` per array.
         """
         bounds = [self.source.rows(b, block_rows) for b in blocks]
         if self.client is not None:
             graph = [{n: d[r0:r1] for n, d in self._dask.items()} for r0, r1 in bounds]
             results = self.client.gather(self.client.compute(graph))
+        elif isinstance(self.source, RowBlocks):
+            return list(self.source.read_group(bounds))
         else:
             names = list(self._zarr)
             arrays = iter(self.store.read_many((n, slice(*r)) for r in bounds for n in names))

@@ -78,7 +78,9 @@ def test_softcache_reads_with_zarrs_and_writes_with_zarr_python(stores: dict[str
 
 
 def _stream(path: Path, monkeypatch: pytest.MonkeyPatch, zarrs: bool, **kwargs) -> list:
+    """The stream's batches read the fast way (shard files, else zarrs), or by zarr-python."""
     monkeypatch.setenv("SOFTCACHE_ZARRS", "1" if zarrs else "0")
+    monkeypatch.setenv("SOFTCACHE_DIRECT_READS", "1" if zarrs else "0")
     store = LogitStore.open(str(path))
     meta = store.meta
     block = meta.shard_samples if not meta.tokens else 7

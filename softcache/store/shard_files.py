@@ -1,0 +1,410 @@
+"""Reading a local store's sharded arrays straight from their shard files, on every core.
+
+Why: zarr's codec pipelines (zarrs and zarr-python alike) decode each chunk into a buffer of their
+own and copy it into the array they return; on this machine the fresh memory costs as much as the
+decode itself (page faults), and a stream's shard reads took 1.2-1.5x the zstd decode of the same
+frames on all cores. This reader decodes each chunk's zstd frame straight into the output array
+(chunks wholly inside a request; edge chunks go through one chunk-sized buffer), one thread-pool
+task per chunk over every core (zstd, crc32c and file reads release the GIL). The store stays plain
+Zarr v3: this is one more reader of it, and the tests hold it to zarr-python's bytes.
+
+It reads only what softcache writes (docs/FORMAT.md): a sharded array whose shard index sits at
+the end of each shard file (bytes + crc32c), whose inner chunks are bytes (little endian) + zstd +
+crc32c, and whose chunks and shards hold whole rows; in a store that is a directory on this
+machine. Anything else (another layout, a zip archive, object storage, a store pinned to a digest,
+a zstd frame that does not state its size) is read by zarr's codec pipeline, as is everything
+with `SOFTCACHE_DIRECT_READS=0`.
+
+A store is untrusted input. Before a chunk is decoded, its shard's index must pass its crc32c and
+point inside the file, the chunk must pass its own crc32c, and its zstd frame must declare exactly
+the chunk's size; every buffer is sized from the array's validated metadata, never from what a
+file claims. A failure raises `ShardDecodeError` naming the shard file and the chunk. A missing
+shard file or chunk reads as the fill value, as zarr reads it (`softcache verify` reports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import os
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from crc32c import crc32c
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.metadata import ArrayV3Metadata
+
+# A shard index entry (offset, nbytes) of a chunk never written.
+_MISSING = 2**64 - 1
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_CRC_BYTES = 4
+_ENV = "SOFTCACHE_DIRECT_READS"
+
+
+class ShardDecodeError(RuntimeError):
+    """A shard file is corrupt: its index or a chunk failed a check, or zstd could not decode it."""
+
+
+class UnsupportedChunk(Exception):
+    """A chunk this reader does not decode (a zstd frame without its size): read it with zarr."""
+
+
+def direct_reads_enabled() -> bool:
+    """Whether reads may use this reader (`SOFTCACHE_DIRECT_READS=0` switches it off)."""
+    return os.environ.get(_ENV, "1") != "0"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one sharded array lies in its files.
+
+    Attributes:
+        shape: the array's shape; rows along axis 0.
+        dtype: the array's (little-endian) numpy dtype.
+        shard_rows: rows per shard file.
+        chunk_rows: rows per inner chunk.
+        fill_value: what a missing chunk reads as.
+        path: the array's directory, relative to the store's root.
+        key: the shard file of shard `s`, relative to `path`.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    shard_rows: int
+    chunk_rows: int
+    fill_value: Any
+    path: str
+    key: Callable[[int], str]
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    @property
+    def index_bytes(self) -> int:
+        """The shard index: (offset, nbytes) uint64 per chunk, then its crc32c."""
+        return 16 * self.chunks_per_shard + _CRC_BYTES
+
+
+def shard_layout(arr: zarr.Array) -> ShardLayout | None:
+    """`arr`'s layout if this reader decodes it (see the module docstring), else None."""
+    codecs = arr.metadata.codecs if isinstance(arr.metadata, ArrayV3Metadata) else ()
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sharding = codecs[0]
+    inner = [type(c) for c in sharding.codecs]
+    index = [type(c) for c in sharding.index_codecs]
+    if inner != [BytesCodec, ZstdCodec, Crc32cCodec] or index != [BytesCodec, Crc32cCodec]:
+        return None
+    if sharding.index_location != ShardingCodecIndexLocation.end:
+        return None
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in "biuf" or sys.byteorder != "little":
+        return None
+    for codec in (sharding.codecs[0], sharding.index_codecs[0]):
+        endian = getattr(codec, "endian", None)
+        if endian is not None and endian.value != "little" and dtype.itemsize > 1:
+            return None
+    shape, shards, chunks = tuple(arr.shape), arr.shards, tuple(sharding.chunk_shape)
+    if shards is None or not shape or shards[1:] != shape[1:] or chunks[1:] != shape[1:]:
+        return None
+    if chunks[0] < 1 or shards[0] % chunks[0]:
+        return None
+    encode = arr.metadata.encode_chunk_key
+    tail = (0,) * (len(shape) - 1)
+    return ShardLayout(
+        shape=shape,
+        dtype=dtype,
+        shard_rows=int(shards[0]),
+        chunk_rows=int(chunks[0]),
+        fill_value=arr.fill_value,
+        path=arr.path,
+        key=lambda shard: encode((shard, *tail)),
+    )
+
+
+def zstd_content_size(frame: memoryview) -> int | None:
+    """The decompressed size a zstd frame's header declares, None where it declares none.
+
+    Reads the frame header (RFC 8878, 3.1.1): magic, descriptor, then the optional window
+    descriptor and dictionary id, then the frame content size field.
+    """
+    if len(frame) < 6 or bytes(frame[:4]) != _ZSTD_MAGIC:
+        return None
+    descriptor = frame[4]
+    single_segment = (descriptor >> 5) & 1
+    size_flag = descriptor >> 6
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
+    width = (single_segment, 2, 4, 8)[size_flag]
+    if width == 0 or len(frame) < pos + width:
+        return None
+    size = int.from_bytes(frame[pos : pos + width], "little")
+    return size + 256 if width == 2 else size
+
+
+class ShardFileReader:
+    """Row ranges of sharded arrays of the store at `root`, decoded into the arrays returned.
+
+    Args:
+        root: the store's directory.
+        threads: decoding threads (default: the CPUs this process may run on).
+    """
+
+    def __init__(self, root: Path, threads: int | None = None) -> None:
+        self.root = root
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._lock = threading.Lock()
+        self._zstd = Zstd()
+
+    def read_many(
+        self,
+        requests: Sequence[tuple[ShardLayout, slice]],
+        out: Sequence[np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """Each request's rows, as `zarr.Array[rows]` would return them.
+
+        Args:
+            requests: `(layout, rows)` pairs; `rows` a slice with step 1 (None bounds allowed).
+            out: an array per request to decode into (C-contiguous, of the result's shape and
+                dtype); None allocates them.
+
+        Returns:
+            One C-contiguous array per request, of its layout's dtype, shape `(rows, *shape[1:])`.
+
+        Raises:
+            ShardDecodeError: a shard's index or a chunk is corrupt.
+            UnsupportedChunk: a chunk this reader does not decode (read the request with zarr).
+            ValueError: a slice with a step other than 1.
+        """
+        outs: list[np.ndarray] = []
+        tasks: list[Callable[[], None]] = []
+        files: dict[tuple[str, int], _ShardFile | None] = {}
+        try:
+            for i, (layout, rows) in enumerate(requests):
+                start, stop, step = rows.indices(layout.shape[0])
+                if step != 1:
+                    raise ValueError(f"rows must be a slice with step 1, got {rows}")
+                shape = (max(stop - start, 0), *layout.shape[1:])
+                if out is None:
+                    dest = np.empty(shape, layout.dtype)
+                else:
+                    dest = out[i]
+                    if dest.shape != shape or dest.dtype != layout.dtype:
+                        raise ValueError(
+                            f"out[{i}] is {dest.dtype} {dest.shape}, the rows {layout.dtype} {shape}"
+                        )
+                    if not dest.flags.c_contiguous:
+                        raise ValueError(f"out[{i}] is not C-contiguous")
+                outs.append(dest)
+                first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
+                for chunk in range(first, last if stop > start else first):
+                    shard, inner = divmod(chunk, layout.chunks_per_shard)
+                    where = (layout.path, shard)
+                    if where not in files:
+                        files[where] = _ShardFile.open(
+                            self.root, layout, shard, f"{layout.path} rows {start}..{stop}"
+                        )
+                    tasks.append(
+                        _ChunkTask(
+                            self._zstd, layout, files[where], inner, chunk, start, stop, dest
+                        )
+                    )
+            self._run(tasks)
+        finally:
+            for shard_file in files.values():
+                if shard_file is not None:
+                    shard_file.close()
+        return outs
+
+    def _run(self, tasks: list[Callable[[], None]]) -> None:
+        if len(tasks) <= 1 or self.threads == 1:
+            for task in tasks:
+                task()
+            return
+        futures: list[Future[None]] = [self._executor().submit(task) for task in tasks]
+        error: BaseException | None = None
+        for future in futures:  # wait for every task: none may write into an array after return
+            exc = future.exception()
+            if exc is not None and (error is None or isinstance(error, UnsupportedChunk)):
+                error = exc
+        if error is not None:
+            raise error
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # A forked child (a DataLoader worker) inherits the pool object but not its threads.
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="softcache-shards")
+                self._pool_pid = os.getpid()
+            return self._pool
+
+
+class _ShardFile:
+    """One shard file, mapped into memory, and its checked index: `(offset, nbytes)` per chunk.
+
+    Mapped rather than read: chunks are checked and decoded straight from the page cache, where
+    reading them first copied every compressed byte (a third of the decode's time here). A file
+    cut short while it is mapped would fault on access (SIGBUS); softcache never rewrites a
+    complete store's shards in place, and a trainer's batch process that dies so is named by the
+    trainer.
+    """
+
+    def __init__(self, data: mmap.mmap, index: np.ndarray, name: str) -> None:
+        self.data = data
+        self.index = index
+        self.name = name
+
+    @classmethod
+    def open(cls, root: Path, layout: ShardLayout, shard: int, what: str) -> _ShardFile | None:
+        """The shard's file with its index checked, None where the file does not exist.
+
+        `what` (the array and rows read) begins its errors' messages.
+        """
+        name = f"{layout.path}/{layout.key(shard)}"
+        try:
+            fd = os.open(root / name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            need = layout.index_bytes
+            if size < need:
+                raise ShardDecodeError(
+                    f"{what}: shard file {name} is corrupt: {size} bytes, shorter than its index ({need})"
+                )
+            data = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+        try:
+            raw = data[size - need : size]
+            if crc32c(raw[:-_CRC_BYTES]) != _crc_of(raw):
+                raise ShardDecodeError(
+                    f"{what}: shard file {name} is corrupt: its index fails its checksum"
+                )
+            index = np.frombuffer(raw, dtype="<u8", count=2 * layout.chunks_per_shard)
+            index = index.reshape(-1, 2)
+            missing = index == _MISSING
+            end = index[:, 0].astype(object) + index[:, 1].astype(object)
+            bad = (missing[:, 0] != missing[:, 1]) | (
+                ~missing[:, 0] & ((index[:, 1] <= _CRC_BYTES) | (end > size - need))
+            )
+            if bad.any():
+                chunk = int(np.flatnonzero(bad)[0])
+                raise ShardDecodeError(
+                    f"{what}: shard file {name} is corrupt: its index places chunk {chunk} at "
+                    f"{index[chunk].tolist()}, outside the file's {size - need} bytes of chunks"
+                )
+        except BaseException:
+            data.close()
+            raise
+        return cls(data, index, name)
+
+    def close(self) -> None:
+        # A view still held (none should be) keeps the mapping until it goes.
+        with contextlib.suppress(BufferError):
+            self.data.close()
+
+
+class _ChunkTask:
+    """Decode one inner chunk into the rows of `out` it covers (checks first, see module doc)."""
+
+    def __init__(
+        self,
+        zstd: Zstd,
+        layout: ShardLayout,
+        shard_file: _ShardFile | None,
+        inner: int,
+        chunk: int,
+        start: int,
+        stop: int,
+        out: np.ndarray,
+    ) -> None:
+        self.zstd, self.layout, self.file, self.inner = zstd, layout, shard_file, inner
+        self.chunk, self.start, self.stop, self.out = chunk, start, stop, out
+
+    def __call__(self) -> None:
+        layout = self.layout
+        c0 = self.chunk * layout.chunk_rows
+        lo, hi = max(c0, self.start), min(c0 + layout.chunk_rows, self.stop)
+        target = self.out[lo - self.start : hi - self.start]
+        entry = None if self.file is None else self.file.index[self.inner]
+        if entry is None or int(entry[0]) == _MISSING:
+            target[...] = layout.fill_value
+            return
+        assert self.file is not None
+        where = (
+            f"{layout.path} rows {self.start}..{self.stop}: shard file {self.file.name}, "
+            f"chunk {self.inner}"
+        )
+        offset, nbytes = int(entry[0]), int(entry[1])
+        with memoryview(self.file.data) as data:
+            frame = data[offset : offset + nbytes - _CRC_BYTES]
+            stored_crc = _crc_of(data[offset + nbytes - _CRC_BYTES : offset + nbytes])
+            try:
+                self._decode(frame, stored_crc, where, target, lo, hi, c0)
+            finally:
+                frame.release()
+
+    def _decode(
+        self,
+        frame: memoryview,
+        stored_crc: int,
+        where: str,
+        target: np.ndarray,
+        lo: int,
+        hi: int,
+        c0: int,
+    ) -> None:
+        layout = self.layout
+        if crc32c(frame) != stored_crc:
+            raise ShardDecodeError(f"{where} is corrupt: it fails its checksum")
+        size = zstd_content_size(frame)
+        if size is None:
+            raise UnsupportedChunk(f"{where}: a zstd frame that does not state its size")
+        if size != layout.chunk_bytes:
+            raise ShardDecodeError(
+                f"{where} is corrupt: its zstd frame holds {size} bytes, the chunk "
+                f"{layout.chunk_bytes}"
+            )
+        whole = lo == c0 and hi - lo == layout.chunk_rows
+        dest = target if whole else np.empty(layout.chunk_bytes, np.uint8)
+        try:
+            self.zstd.decode(frame, out=dest.reshape(-1).view(np.uint8))
+        except RuntimeError as exc:
+            raise ShardDecodeError(f"{where} is corrupt: zstd cannot decode it ({exc})") from exc
+        if not whole:
+            rows = dest.view(layout.dtype).reshape(layout.chunk_rows, *layout.shape[1:])
+            target[...] = rows[lo - c0 : hi - c0]
+
+
+def _crc_of(data: bytes | memoryview) -> int:
+    """The little-endian crc32c stored in the last four bytes of `data`."""
+    return int(struct.unpack_from("<I", data, len(data) - _CRC_BYTES)[0])
+
+
+__all__ = [
+    "ShardDecodeError",
+    "ShardFileReader",
+    "ShardLayout",
+    "UnsupportedChunk",
+    "direct_reads_enabled",
+    "shard_layout",
+    "zstd_content_size",
+]

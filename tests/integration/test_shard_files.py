@@ -1,0 +1,316 @@
+"""The shard-file reader (`softcache.store.shard_files`) reads what zarr-python reads, bit for bit,
+for every store kind and row range, refuses damaged shard files by name, and hands reads it does
+not decode back to zarr; the stream's read groups reuse their buffers only when nothing holds them."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from crc32c import crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numcodecs import Zstd
+
+from softcache.errors import CorruptChunkError
+from softcache.store import LOGITS, LogitStore
+from softcache.store.shard_files import _MISSING, shard_layout, zstd_content_size
+from softcache.trainer.plan import EpochPlan
+from softcache.trainer.row_labels import _GroupBuffers
+from softcache.trainer.stream import SoftLabelStream
+from tests.conftest import spec
+from tests.helpers import build_row_stores, build_token_store
+
+# Shards of 64 rows in chunks of 16: row ranges can start and stop inside chunks and shards.
+KINDS = {
+    "dense-fp16": {"chunk_rows": 16},
+    "dense-bf16": {"dtype": "bfloat16", "chunk_rows": 16},
+    "topk-fp32": {"encoding": "topk", "top_k": 5, "dtype": "float32", "chunk_rows": 16},
+    "views": {
+        "teacher": spec("conv_teacher"),
+        "views": 4,
+        "augment": "crop(size=8,scale=0.4:1);flip",
+        "chunk_rows": 16,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("shard-files")
+    out = build_row_stores(base, KINDS)
+    out["tokens-topk"] = build_token_store(
+        base / "tokens.zarr", "--encoding", "topk", "--top-k", "8", "--value-bits", "7",
+        "--chunk-rows", "4",
+    )  # fmt: skip
+    return out
+
+
+def _readers(path: Path) -> tuple[LogitStore, LogitStore]:
+    """The store read from its shard files, and read by zarr-python alone."""
+    direct = LogitStore.open(str(path))
+    assert direct._files is not None, "a local store must be read from its shard files"
+    return direct, LogitStore.open(str(path), fast_reads=False)
+
+
+def _ranges(store: LogitStore) -> list[slice]:
+    """Row ranges that start and stop inside chunks, on chunk and shard edges, across shards."""
+    n, chunk, shard = store.meta.num_rows, store.meta.chunk_rows, store.meta.shard_rows
+    return [
+        slice(None),
+        slice(0, 0),
+        slice(0, 1),
+        slice(chunk, 2 * chunk),
+        slice(1, chunk + 3),
+        slice(shard - 2, shard + chunk + 1),
+        slice(shard, min(2 * shard, n)),
+        slice(max(n - 5, 0), n),
+        slice(max(n - 5, 0), n + 10),  # past the end: clipped, as numpy and zarr clip
+        slice(-7, None),
+    ]
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, a.shape, b.dtype, b.shape)
+    bits = np.dtype(f"u{a.dtype.itemsize}")
+    assert np.array_equal(a.view(bits), b.view(bits)), f"{what} differs"
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "tokens-topk"])
+def test_every_sharded_array_reads_as_zarr_python_reads_it(
+    stores: dict[str, Path], kind: str
+) -> None:
+    direct, plain = _readers(stores[kind])
+    assert direct.meta.shard_rows // direct.meta.chunk_rows == 4
+    for name in direct.row_array_names:
+        assert shard_layout(direct.array(name)) is not None, f"{kind}: {name} is not read directly"
+        for rows in _ranges(direct):
+            _same_bits(direct.read(name, rows), plain.read(name, rows), f"{kind} {name} {rows}")
+    # Everything at once, into the caller's buffers, in one concurrent read.
+    requests = [(n, r) for n in direct.row_array_names for r in _ranges(direct)]
+    want = plain.read_many(requests)
+    out = [np.full_like(w, 7) for w in want]
+    got = direct.read_many(requests, out=out)
+    for g, o, w, (n, r) in zip(got, out, want, requests, strict=True):
+        assert g is o
+        _same_bits(g, w, f"{kind} {n} {r} (read_many)")
+
+
+def test_a_token_stores_per_sample_arrays_are_left_to_zarr(stores: dict[str, Path]) -> None:
+    direct, plain = _readers(stores["tokens-topk"])
+    for name in direct.sample_array_names:
+        assert shard_layout(direct.array(name)) is None  # regular chunks, not shards
+        _same_bits(direct.read(name), plain.read(name), name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_row_range_reads_as_zarr_python_reads_it(
+    stores: dict[str, Path], data: st.DataObject
+) -> None:
+    direct, plain = _readers(stores["topk-fp32"])
+    n = direct.meta.num_rows
+    start = data.draw(st.integers(0, n))
+    stop = data.draw(st.integers(start, n))
+    for name in direct.row_array_names:
+        rows = slice(start, stop)
+        _same_bits(direct.read(name, rows), plain.read(name, rows), f"{name} {rows}")
+
+
+def test_the_read_never_goes_through_zarr(
+    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct, plain = _readers(stores["dense-fp16"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read through zarr's codec pipeline")
+
+    monkeypatch.setattr(LogitStore, "_read_zarr_many", refuse)
+    _same_bits(direct.read_many([(LOGITS, slice(None))])[0], plain.read(LOGITS), LOGITS)
+    monkeypatch.setenv("SOFTCACHE_DIRECT_READS", "0")
+    with pytest.raises(AssertionError, match="codec pipeline"):
+        direct.read_many([(LOGITS, slice(None))])
+
+
+def test_zip_and_pinned_stores_are_read_by_zarr(stores: dict[str, Path], tmp_path: Path) -> None:
+    archive = shutil.make_archive(str(tmp_path / "dense"), "zip", stores["dense-fp16"])
+    zipped = LogitStore.open(archive)
+    assert zipped._files is None
+    direct, plain = _readers(stores["dense-fp16"])
+    _same_bits(zipped.read(LOGITS), plain.read(LOGITS), "zip")
+    pinned = LogitStore.open(str(stores["dense-fp16"]), expect_digest=direct.digest)
+    assert pinned._files is None  # its reads go through the digest-checking store
+
+
+# ---- damaged shard files --------------------------------------------------------------------------
+
+
+def _copy(stores: dict[str, Path], tmp_path: Path) -> tuple[Path, Path, int]:
+    """A copy of the dense store, the file of its logits' shard 1, and chunks per shard."""
+    path = Path(shutil.copytree(stores["dense-fp16"], tmp_path / "copy.zarr"))
+    store = LogitStore.open(str(path))
+    layout = shard_layout(store.array(LOGITS))
+    assert layout is not None
+    return path, path / store.shard_object_key(LOGITS, 1), layout.chunks_per_shard
+
+
+def _chunks(data: bytes, per: int) -> list[bytes | None]:
+    """Each chunk's bytes (zstd frame + crc32c) of a shard file; None where missing."""
+    index = np.frombuffer(data[-16 * per - 4 : -4], dtype="<u8").reshape(per, 2)
+    return [None if o == _MISSING else data[int(o) : int(o + n)] for o, n in index]
+
+
+def _shard_file(chunks: list[bytes | None]) -> bytes:
+    """A shard file of `chunks`, with a valid index and index checksum."""
+    body, index = b"", []
+    for chunk in chunks:
+        index += [_MISSING, _MISSING] if chunk is None else [len(body), len(chunk)]
+        body += chunk or b""
+    raw = np.array(index, dtype="<u8").tobytes()
+    return body + raw + struct.pack("<I", crc32c(raw))
+
+
+def _with_crc(frame: bytes) -> bytes:
+    return frame + struct.pack("<I", crc32c(frame))
+
+
+def _read_fails(path: Path, *words: str) -> None:
+    store = LogitStore.open(str(path))
+    with pytest.raises(CorruptChunkError) as info:
+        store.read(LOGITS)
+    with pytest.raises(CorruptChunkError):
+        store.read_many([(LOGITS, slice(None))])
+    for word in ("logits/c/1/0", "softcache verify", *words):
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_flipped_bit_in_a_chunk_is_refused(stores: dict[str, Path], tmp_path: Path) -> None:
+    path, shard, per = _copy(stores, tmp_path)
+    data = bytearray(shard.read_bytes())
+    data[len(_chunks(bytes(data), per)[0] or b"") // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    _read_fails(path, "chunk 0", "fails its checksum")
+
+
+def test_a_truncated_shard_file_is_refused(stores: dict[str, Path], tmp_path: Path) -> None:
+    path, shard, _ = _copy(stores, tmp_path)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _read_fails(path, "index fails its checksum")
+    shard.write_bytes(b"\x00" * 7)
+    _read_fails(path, "shorter than its index")
+
+
+def test_an_index_pointing_outside_the_file_is_refused(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    path, shard, per = _copy(stores, tmp_path)
+    data = shard.read_bytes()
+    index = np.frombuffer(data[-16 * per - 4 : -4], dtype="<u8").reshape(per, 2).copy()
+    index[per - 1, 1] = len(data) * 4  # its checksum recomputed: only the bounds catch it
+    raw = index.tobytes()
+    shard.write_bytes(data[: -16 * per - 4] + raw + struct.pack("<I", crc32c(raw)))
+    _read_fails(path, f"chunk {per - 1}", "outside the file")
+
+
+def test_a_frame_of_another_size_is_refused_before_it_is_decoded(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    # A valid frame with a valid checksum, of a size the chunk is not: never decoded into the
+    # output (it would leave rows unwritten) or into a buffer of the frame's own claimed size.
+    path, shard, per = _copy(stores, tmp_path)
+    chunks = _chunks(shard.read_bytes(), per)
+    chunks[1] = _with_crc(Zstd().encode(b"\x01" * 100))
+    shard.write_bytes(_shard_file(chunks))
+    _read_fails(path, "chunk 1", "holds 100 bytes")
+
+
+def test_a_frame_zstd_cannot_decode_is_refused(stores: dict[str, Path], tmp_path: Path) -> None:
+    path, shard, per = _copy(stores, tmp_path)
+    chunks = _chunks(shard.read_bytes(), per)
+    frame = (chunks[0] or b"")[:-4]
+    chunks[0] = _with_crc(frame[:-20])  # a checksum over a truncated frame: zstd must refuse it
+    shard.write_bytes(_shard_file(chunks))
+    _read_fails(path, "chunk 0", "zstd cannot decode it")
+
+
+def test_missing_chunks_and_shards_read_as_zarr_reads_them(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    path, shard, per = _copy(stores, tmp_path)
+    chunks: list[bytes | None] = list(_chunks(shard.read_bytes(), per))
+    chunks[0] = None
+    shard.write_bytes(_shard_file(chunks))
+    store = LogitStore.open(str(path))
+    shutil.rmtree(path / "logits" / "c" / "0")  # shard 0's file and its directory
+    direct, plain = store, LogitStore.open(str(path), fast_reads=False)
+    got = direct.read(LOGITS)
+    _same_bits(got, plain.read(LOGITS), "fill values")
+    rows = direct.meta.shard_rows
+    assert not got[: rows + direct.meta.chunk_rows].any()  # shard 0 and chunk 0 of shard 1
+    assert got[rows + direct.meta.chunk_rows :].any()
+
+
+def test_the_frame_header_parser_reads_every_size_field() -> None:
+    zstd = Zstd()
+    for size in (1, 255, 256, 300, 65_791, 65_792, 1 << 20):
+        frame = memoryview(zstd.encode(b"\x05" * size))
+        assert zstd_content_size(frame) == size
+    assert zstd_content_size(memoryview(b"not a zstd frame")) is None
+    # A frame that states no size (content-size flag 0, not single-segment): one window byte.
+    assert zstd_content_size(memoryview(b"\x28\xb5\x2f\xfd\x00\x58" + b"\x00" * 8)) is None
+
+
+# ---- the stream's read groups ---------------------------------------------------------------------
+
+
+def test_a_read_group_is_reused_only_once_nothing_refers_to_it() -> None:
+    layout = {"a": ((4,), np.dtype(np.float16)), "b": ((), np.dtype(np.uint64))}
+    pool = _GroupBuffers(layout, ("a", "b"))
+    block, other = pool.blocks([6, 4])
+    group = block.group
+    assert other.group is group and other.start == 6 and block["a"].base is group["a"]
+    assert len(block["b"]) == 6 and len(other["b"]) == 4
+    ident = id(group)
+    del group
+    assert pool.blocks([10])[0].group is not block.group  # both blocks are in use
+    del block
+    assert pool.blocks([10])[0].group is not other.group  # one block is
+    view = other["a"][1:]
+    del other
+    assert id(pool.blocks([10])[0].group) != ident  # a view of its buffer is in use
+    del view
+    assert id(pool.blocks([5, 5])[0].group) == ident  # free: any split of its rows
+    assert id(pool.blocks([11])[0].group) != ident  # another size
+
+
+@pytest.mark.parametrize("kind", ["dense-fp16", "views"])
+def test_epochs_over_reused_groups_deliver_what_zarr_reads(
+    stores: dict[str, Path], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three epochs over one stream (its groups' buffers reused) and three over a stream that
+    # reads with zarr-python into fresh buffers deliver the same batches.
+    def epochs(direct: bool) -> list:
+        monkeypatch.setenv("SOFTCACHE_DIRECT_READS", "1" if direct else "0")
+        store = LogitStore.open(str(stores[kind]))
+        meta = store.meta
+        plan = EpochPlan(
+            num_samples=meta.num_samples, block_rows=meta.shard_samples, batch_size=16,
+            window_blocks=2,
+        )  # fmt: skip
+        stream = SoftLabelStream(store, prefetch_blocks=2, assemble_ahead=0)
+        out = []
+        for epoch in range(3):
+            plan.set_epoch(epoch)
+            out += list(stream.batches(plan))
+        return out
+
+    fast, plain = epochs(True), epochs(False)
+    assert len(fast) == len(plain) > 3
+    for a, b in zip(fast, plain, strict=True):
+        assert np.array_equal(a.indices, b.indices) and np.array_equal(a.sample_hash, b.sample_hash)
+        for name in ("logits", "topk_values", "topk_indices", "view_params"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or np.array_equal(np.asarray(x), np.asarray(y)), name
