@@ -18,6 +18,12 @@ training attached. Its baselines:
 
 Every case covers the same rows, so the ratio of two times is the ratio of two throughputs.
 
+Each stream runs as a user's own loop gets it (`SoftLabelStream`'s default: batches gathered on an
+assembler thread of its own, two ahead) and, in the `-inline` cases, as `softcache train` runs it
+(`assemble_ahead=0`: gathered on the thread that iterates, which in training is the batch process's
+own, already off the training thread). On two cores the assembler thread is one thread more than
+the cores beside the reader's two decoding threads.
+
 Each stream is timed two ways. `stream*` is one epoch from a standing start, as every benchmark
 round calls it: the first batch waits for the first shuffle window's blocks, and the last window's
 gathering has no reading left to hide behind. `stream*-epochs` is what a training run sees after
@@ -115,6 +121,9 @@ class StreamBench:
         self.stream = SoftLabelStream(self.store)
         # The GPU path: the store's dtypes, widened on the device after the copy.
         self.stream_stored = SoftLabelStream(self.store, values="stored")
+        # As `softcache train` runs them: gathered on the iterating thread.
+        self.stream_inline = SoftLabelStream(self.store, assemble_ahead=0)
+        self.stream_stored_inline = SoftLabelStream(self.store, values="stored", assemble_ahead=0)
         self.nbytes_stored = rows[LOGITS].nbytes + rows[SAMPLE_HASH].nbytes
         self.zstd = Zstd()
         self.frames = [f for name in (LOGITS, SAMPLE_HASH) for f in stored_frames(self.store, name)]
@@ -168,6 +177,16 @@ class StreamBench:
             "stream-stored-epochs": lambda: (
                 timed(lambda: self._read_epochs(self.stream_stored, self.nbytes_stored)) / EPOCHS
             ),
+            "stream-inline": lambda: timed(
+                lambda: self._read_stream(self.stream_inline, self.nbytes)
+            ),
+            "stream-stored-inline": lambda: timed(
+                lambda: self._read_stream(self.stream_stored_inline, self.nbytes_stored)
+            ),
+            "stream-stored-inline-epochs": lambda: (
+                timed(lambda: self._read_epochs(self.stream_stored_inline, self.nbytes_stored))
+                / EPOCHS
+            ),
             "np.load": lambda: timed(self._read_npy),
             "zstd": lambda: timed(self._decode),
             "zstd-pool": lambda: timed(self._decode_pool),
@@ -194,9 +213,20 @@ class StreamBench:
                 f"fp16 as stored (GPU path), {EPOCHS} epochs in a row",
                 self.nbytes_stored,
             ),
+            ("stream-inline", "float32 (CPU path), as train runs it", self.nbytes),
+            (
+                "stream-stored-inline",
+                "fp16 as stored (GPU path), as train runs it",
+                self.nbytes_stored,
+            ),
+            (
+                "stream-stored-inline-epochs",
+                f"fp16 as stored (GPU path), as train runs it, {EPOCHS} epochs in a row",
+                self.nbytes_stored,
+            ),
         ):
             mb, t = nbytes / 1e6, median(samples[case])
-            if not case.endswith("-epochs"):
+            if not case.endswith(("-epochs", "-inline")):
                 figures.append(
                     ratio_figure(
                         f"stream {label} / np.load",

@@ -47,12 +47,16 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 store.read(name, slice(*store.shard_bounds(b)))
 
-    def zarr_python_reads() -> None:
-        os.environ["SOFTCACHE_ZARRS"] = "0"
-        try:
-            shard_reads(store.row_array_names)
-        finally:
-            del os.environ["SOFTCACHE_ZARRS"]
+    def reads_with(env: dict[str, str]) -> Callable[[], None]:
+        def read() -> None:
+            os.environ.update(env)
+            try:
+                shard_reads(store.row_array_names)
+            finally:
+                for key in env:
+                    del os.environ[key]
+
+        return read
 
     raw = store.read(LOGITS)
     cache = dict(enumerate(stream._compute(blocks, rows)))
@@ -66,28 +70,34 @@ def main(argv: list[str] | None = None) -> None:
     pieces: dict[str, Callable[[], object]] = {
         "zstd decode of the frames, 1 thread": bench._decode,
         "zstd decode of the frames, all cores": bench._decode_pool,
-        "shard reads, logits (zarrs where installed)": lambda: shard_reads((LOGITS,)),
+        "shard reads, logits (from the shard files)": lambda: shard_reads((LOGITS,)),
         "shard reads, every array, one after another": lambda: shard_reads(store.row_array_names),
+        "shard reads, every array, zarrs": reads_with({"SOFTCACHE_DIRECT_READS": "0"}),
         "the reader: a window's shards in one read": lambda: [
             stream._compute(blocks[i : i + bench.plan.window_blocks], rows)
             for i in range(0, len(blocks), bench.plan.window_blocks)
         ],
-        "shard reads, every array, zarr-python": zarr_python_reads,
+        "shard reads, every array, zarr-python": reads_with(
+            {"SOFTCACHE_DIRECT_READS": "0", "SOFTCACHE_ZARRS": "0"}
+        ),
         "all logits in one read": lambda: store.read(LOGITS),
         "fp16 -> fp32 widening (torch)": lambda: torch.from_numpy(raw).float(),
         "row gather, fp16 as stored (the assembler)": lambda: gather(stream, cache),
         "row gather + widening to float32": lambda: gather(wide, wide_cache),
         "whole stream, fp16 as stored": lambda: bench._read_stream(stream, bench.nbytes_stored),
+        "whole stream, fp16 as stored, gathered inline (as train runs it)": lambda: (
+            bench._read_stream(bench.stream_stored_inline, bench.nbytes_stored)
+        ),
         "whole stream, float32": lambda: bench._read_stream(wide, bench.nbytes),
         "whole stream, fp16 as stored, per epoch of 4 in a row": lambda: bench._read_epochs(
             stream, bench.nbytes_stored
         ),
     }
-    print(f"{'piece':<56} {'median ms':>10}")
+    print(f"{'piece':<66} {'median ms':>10}")
     for name, fn in pieces.items():
         fn()  # warm-up
         per = EPOCHS if "in a row" in name else 1
-        print(f"{name:<56} {median_seconds(fn, args.repeats) * 1e3 / per:>10.1f}")
+        print(f"{name:<66} {median_seconds(fn, args.repeats) * 1e3 / per:>10.1f}")
 
 
 if __name__ == "__main__":
