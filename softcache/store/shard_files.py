@@ -168,9 +168,6 @@ class ShardFileReader:
     def __init__(self, root: Path, threads: int | None = None) -> None:
         self.root = root
         self.threads = threads or len(os.sched_getaffinity(0))
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
-        self._lock = threading.Lock()
         self._zstd = Zstd()
 
     def read_many(
@@ -238,7 +235,8 @@ class ShardFileReader:
             for task in tasks:
                 task()
             return
-        futures: list[Future[None]] = [self._executor().submit(task) for task in tasks]
+        pool = _executor(self.threads)
+        futures: list[Future[None]] = [pool.submit(task) for task in tasks]
         error: BaseException | None = None
         for future in futures:  # wait for every task: none may write into an array after return
             exc = future.exception()
@@ -247,13 +245,20 @@ class ShardFileReader:
         if error is not None:
             raise error
 
-    def _executor(self) -> ThreadPoolExecutor:
-        # A forked child (a DataLoader worker) inherits the pool object but not its threads.
-        with self._lock:
-            if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="softcache-shards")
-                self._pool_pid = os.getpid()
-            return self._pool
+
+# One pool of decoding threads per process and size, shared by every store it opens.
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    # Keyed by process too: a forked child (a DataLoader worker) inherits the pool objects but
+    # not their threads.
+    key = (os.getpid(), threads)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="softcache-shards")
+        return _POOLS[key]
 
 
 class _ShardFile:

@@ -218,7 +218,7 @@ class AlignedBatches:
             the view's stored parameters, and their hashes checked against the view's.
         values: what the stream delivers, `float32` or `stored` (see `SoftLabelStream`):
             `stored` for a GPU student, whose `soft.to(device)` then widens on the device.
-        assemble_ahead: soft-label batches gathered ahead on a thread of the stream's own (see
+        assemble_ahead: runs of soft-label batches gathered ahead on a thread of the stream's own (see
             `SoftLabelStream`); 0 gathers them on the thread that iterates `epoch`, for a
             caller that runs it off the training thread already (`softcache.trainer.ahead.Ahead`).
 

@@ -135,7 +135,9 @@ class GroupBlock(dict):
     blocks would otherwise take each block's rows and scatter them in place.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], group: dict[str, np.ndarray], start: int):
+    def __init__(
+        self, arrays: dict[str, np.ndarray], group: dict[str, np.ndarray], start: int
+    ) -> None:
         super().__init__(arrays)
         self.group = group
         self.start = start

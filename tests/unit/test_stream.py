@@ -7,11 +7,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from softcache.errors import DatasetMismatchError
 from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.stream import SoftLabelStream
+from softcache.trainer.stream import SoftLabelStream, _flat, _runs
 
 
 def _plan(store: LogitStore, **kw) -> EpochPlan:
@@ -170,3 +172,53 @@ def test_stream_rejects_an_unknown_value_mode(make_store):
     path, _ = make_store()
     with pytest.raises(ValueError, match="values must be one of float32, stored"):
         SoftLabelStream(LogitStore.open(path), values="float64")
+
+
+@given(
+    items=st.integers(0, 12),
+    size=st.integers(1, 5),
+    fail_at=st.one_of(st.none(), st.integers(0, 12)),
+)
+def test_runs_of_batches_keep_every_batch_and_an_error_at_its_batch(items, size, fail_at):
+    # The assembler hands batches over in runs; flattened they are the batches, and an error in
+    # the source reaches the consumer after exactly the batches made before it.
+    def source():
+        for i in range(items):
+            if i == fail_at:
+                raise DatasetMismatchError(f"batch {i}")
+            yield i
+
+    runs = list(_runs(source(), size)) if fail_at is None or fail_at >= items else None
+    if runs is not None:
+        assert all(1 <= len(r) <= size for r in runs) and all(len(r) == size for r in runs[:-1])
+    got = []
+    flat = _flat(_runs(source(), size))
+    if fail_at is None or fail_at >= items:
+        got = list(flat)
+    else:
+        with pytest.raises(DatasetMismatchError, match=f"batch {fail_at}"):
+            for item in flat:
+                got.append(item)
+    assert got == list(range(items if fail_at is None else min(fail_at, items)))
+
+
+def test_an_error_in_a_stream_with_an_assembler_reaches_its_batch(make_store, monkeypatch):
+    path, _ = make_store(encoding="dense")
+    store = LogitStore.open(path)
+    plan = _plan(store)
+    stream = SoftLabelStream(store, assemble_ahead=2)
+    gather = stream.source.gather
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise DatasetMismatchError("the sixth batch")
+        return gather(*args)
+
+    monkeypatch.setattr(stream.source, "gather", failing)
+    got = []
+    with pytest.raises(DatasetMismatchError, match="sixth"):
+        for soft in stream.batches(plan):
+            got.append(soft)
+    assert len(got) == 5 and len(plan) > 6
