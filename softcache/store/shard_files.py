@@ -167,7 +167,7 @@ class ShardFileReader:
 
     def __init__(self, root: Path, threads: int | None = None) -> None:
         self.root = root
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or _usable_cpus()
         self._zstd = Zstd()
 
     def read_many(
@@ -244,6 +244,13 @@ class ShardFileReader:
                 error = exc
         if error is not None:
             raise error
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # One pool of decoding threads per process and size, shared by every store it opens.
