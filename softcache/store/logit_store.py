@@ -100,12 +100,12 @@ class LogitStore:
         self.read_only = read_only
         self.fast_reads = fast_reads
         self._arrays: dict[str, zarr.Array] = {}
-        # Sharded arrays of a local directory store opened to read (not pinned: those reads go
-        # through the digest-checking store) are decoded from their files (`shard_files`).
+        # Sharded arrays of a complete local directory store opened to read are decoded from
+        # their files (`shard_files`), which it maps into memory: not a store a build may still
+        # be writing, nor a pinned one (those reads go through the digest-checking store).
         local = is_local(location) and local_path(location).is_dir()
-        self._files = (
-            ShardFileReader(local_path(location)) if read_only and fast_reads and local else None
-        )
+        direct = read_only and fast_reads and local and meta.complete
+        self._files = ShardFileReader(local_path(location)) if direct else None
         self._layouts: dict[str, ShardLayout | None] = {}
         # The group's zarr.json as validated (its SHA-256 is the store's digest).
         self.group_json = group_json
@@ -362,9 +362,10 @@ class LogitStore:
     ) -> list[np.ndarray]:
         """Several row ranges of several arrays, read concurrently: `read` of each, in order.
 
-        One round of zarr's event loop fetches and decodes every request together, so the shards
-        of a stream's read group (every array of several blocks) overlap their object reads and
-        their decoding, where one `read` after another waits for each in turn.
+        Every chunk of every request is decoded together (by the shard-file reader's threads, or
+        in one round of zarr's event loop), so the shards of a stream's read group (every array
+        of several blocks) overlap their decoding, where one `read` after another waits for each
+        in turn.
 
         Args:
             requests: `(array name, rows)` pairs.

@@ -5,7 +5,8 @@ own and copy it into the array they return; on this machine the fresh memory cos
 decode itself (page faults), and a stream's shard reads took 1.2-1.5x the zstd decode of the same
 frames on all cores. This reader decodes each chunk's zstd frame straight into the output array
 (chunks wholly inside a request; edge chunks go through one chunk-sized buffer), one thread-pool
-task per chunk over every core (zstd, crc32c and file reads release the GIL). The store stays plain
+task per chunk over every core (zstd and crc32c release the GIL), from the files mapped into
+memory (no copy of the compressed bytes first). The store stays plain
 Zarr v3: this is one more reader of it, and the tests hold it to zarr-python's bytes.
 
 It reads only what softcache writes (docs/FORMAT.md): a sharded array whose shard index sits at

@@ -4,6 +4,7 @@ not decode back to zarr; the stream's read groups reuse their buffers only when 
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -133,6 +134,19 @@ def test_the_read_never_goes_through_zarr(
     monkeypatch.setenv("SOFTCACHE_DIRECT_READS", "0")
     with pytest.raises(AssertionError, match="codec pipeline"):
         direct.read_many([(LOGITS, slice(None))])
+
+
+def test_a_store_a_build_may_still_write_is_read_by_zarr(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    path = Path(shutil.copytree(stores["dense-fp16"], tmp_path / "partial.zarr"))
+    group = json.loads((path / "zarr.json").read_text())
+    group["attributes"]["softcache"]["complete"] = False
+    (path / "zarr.json").write_text(json.dumps(group))
+    partial = LogitStore.open(str(path), require_complete=False)
+    assert partial._files is None
+    assert LogitStore.open(str(path), mode="r+", require_complete=False)._files is None
+    _same_bits(partial.read(LOGITS), _readers(stores["dense-fp16"])[1].read(LOGITS), "partial")
 
 
 def test_zip_and_pinned_stores_are_read_by_zarr(stores: dict[str, Path], tmp_path: Path) -> None:
