@@ -354,9 +354,9 @@ def _runs(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         for item in items:
             run.append(item)
             if len(run) == size:
-                yield run
-                run = []
-    except BaseException:
+                full, run = run, []
+                yield full
+    except Exception:  # not GeneratorExit: a closed generator yields nothing more
         if run:
             yield run
         raise

@@ -222,3 +222,20 @@ def test_an_error_in_a_stream_with_an_assembler_reaches_its_batch(make_store, mo
         for soft in stream.batches(plan):
             got.append(soft)
     assert len(got) == 5 and len(plan) > 6
+
+
+def test_closing_runs_of_batches_early_closes_the_source():
+    # The assembler closes its source when the consumer goes: no "generator ignored
+    # GeneratorExit", and the source's own `finally` runs.
+    closed = []
+
+    def source():
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)
+
+    runs = _runs(source(), 3)
+    assert next(runs) == [0, 1, 2]
+    runs.close()
+    assert closed == [True]
