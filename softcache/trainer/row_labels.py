@@ -1,7 +1,8 @@
 """Row layout of the stream: per-sample (or per-view) soft labels of dense and top-k stores.
 
 A plan block is one shard: `shard_samples` samples, all `views` rows of each. The stream reads a
-shard's rows of every array; this source gathers a batch's rows (the chosen view's, with views) into
+shard's rows of every array (a shuffle window's shards into one reused buffer per array,
+`RowBlocks.read_group`); this source gathers a batch's rows (the chosen view's, with views) into
 `SoftLabels`, widening them to float32 / int64 on the way (or handing over the stored dtypes for a
 GPU student, see `SoftLabelStream`'s `values`).
 """
@@ -192,10 +193,9 @@ class RowBlocks:
         unique = np.unique(block_ids)
         cols: dict[str, np.ndarray] = {}
         blocks = [cache[int(b)] for b in unique]
-        group = _one_group(blocks)
         if unique.size == 1:
             cols = {name: blocks[0][name][offsets] for name in self._names}
-        elif group is not None:
+        elif (group := _one_group(blocks)) is not None:
             buffers, starts = group
             # Each batch row's row in the group's buffers, through its block's first row there.
             rows_in_group = starts[np.searchsorted(unique, block_ids)] + offsets

@@ -285,7 +285,7 @@ class SoftLabelStream:
             graph = [{n: d[r0:r1] for n, d in self._dask.items()} for r0, r1 in bounds]
             results = self.client.gather(self.client.compute(graph))
         elif isinstance(self.source, RowBlocks):
-            return list(self.source.read_group(bounds))
+            return [self.source.decode(block) for block in self.source.read_group(bounds)]
         else:
             names = list(self._zarr)
             arrays = iter(self.store.read_many((n, slice(*r)) for r in bounds for n in names))
