@@ -19,7 +19,7 @@ training attached. Its baselines:
 Every case covers the same rows, so the ratio of two times is the ratio of two throughputs.
 
 Each stream runs as a user's own loop gets it (`SoftLabelStream`'s default: batches gathered on an
-assembler thread of its own, two ahead) and, in the `-inline` cases, as `softcache train` runs it
+assembler thread of its own, two runs of four batches ahead) and, in the `-inline` cases, as `softcache train` runs it
 (`assemble_ahead=0`: gathered on the thread that iterates, which in training is the batch process's
 own, already off the training thread). On two cores the assembler thread is one thread more than
 the cores beside the reader's two decoding threads.
