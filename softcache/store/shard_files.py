@@ -163,12 +163,13 @@ class ShardFileReader:
 
     Args:
         root: the store's directory.
-        threads: decoding threads (default: the CPUs this process may run on).
+        threads: decoding threads (default: the CPUs this process may run on, shared out among
+            the processes `torchrun` started on this machine, `LOCAL_WORLD_SIZE`).
     """
 
     def __init__(self, root: Path, threads: int | None = None) -> None:
         self.root = root
-        self.threads = threads or _usable_cpus()
+        self.threads = threads or default_threads()
         self._zstd = Zstd()
 
     def read_many(
@@ -247,11 +248,20 @@ class ShardFileReader:
             raise error
 
 
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def default_threads() -> int:
+    """Decoding threads for this process: its CPUs, shared out among a machine's DDP ranks.
+
+    Every rank `torchrun` starts on a machine reads its own blocks at once (each epoch starts
+    with a read on every rank), so each takes its share of the CPUs rather than all of them.
+    """
+    # The CPUs this process may run on, where the OS says.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    try:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        ranks = 1
+    return max(1, cpus // max(ranks, 1))
 
 
 # One pool of decoding threads per process and size, shared by every store it opens.
@@ -417,6 +427,7 @@ __all__ = [
     "ShardFileReader",
     "ShardLayout",
     "UnsupportedChunk",
+    "default_threads",
     "direct_reads_enabled",
     "shard_layout",
     "zstd_content_size",

@@ -18,7 +18,13 @@ from numcodecs import Zstd
 
 from softcache.errors import CorruptChunkError
 from softcache.store import LOGITS, LogitStore
-from softcache.store.shard_files import _MISSING, shard_layout, zstd_content_size
+from softcache.store.shard_files import (
+    _MISSING,
+    ShardFileReader,
+    default_threads,
+    shard_layout,
+    zstd_content_size,
+)
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.row_labels import _GroupBuffers
 from softcache.trainer.stream import SoftLabelStream
@@ -265,6 +271,21 @@ def test_missing_chunks_and_shards_read_as_zarr_reads_them(
     rows = direct.meta.shard_rows
     assert not got[: rows + direct.meta.chunk_rows].any()  # shard 0 and chunk 0 of shard 1
     assert got[rows + direct.meta.chunk_rows :].any()
+
+
+def test_the_decoding_threads_are_shared_among_a_machines_ranks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpus = default_threads()
+    assert cpus >= 1 and ShardFileReader(tmp_path).threads == cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == max(1, cpus // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus * 4))
+    assert default_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert default_threads() == cpus
+    assert ShardFileReader(tmp_path, threads=3).threads == 3
 
 
 def test_the_frame_header_parser_reads_every_size_field() -> None:
