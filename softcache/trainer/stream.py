@@ -43,7 +43,7 @@ import itertools
 import queue
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask.array as da
@@ -153,10 +153,10 @@ class SoftLabelStream:
         self.assemble_ahead = assemble_ahead
         # Pinned batches copy to a GPU asynchronously; only a CUDA build can pin.
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._zarr = {name: store.array(name) for name in store.row_array_names}
         # For a cluster: Dask chunks = shards, one task per (array, shard), never per row or batch.
+        arrays = {name: store.array(name) for name in store.row_array_names}
         self._dask = (
-            {name: da.from_zarr(arr, chunks=arr.shards) for name, arr in self._zarr.items()}
+            {name: da.from_zarr(arr, chunks=arr.shards) for name, arr in arrays.items()}
             if client is not None
             else {}
         )
@@ -276,21 +276,19 @@ class SoftLabelStream:
 
         With a `distributed` client the reads are Dask tasks on the cluster. In this process every
         array of every block is read in one concurrent `LogitStore.read_many` (Dask's threaded
-        scheduler would only add its overhead to reads already spread over every core); a row
-        store's blocks land one after another in one buffer per array (`RowBlocks.read_group`),
-        so that a batch is gathered from them in one `take` per array.
+        scheduler would only add its overhead to reads already spread over every core), by the
+        source's `read_group`: a row store's blocks land one after another in one buffer per
+        array, so that a batch is gathered from them in one `take` per array.
         """
         bounds = [self.source.rows(b, block_rows) for b in blocks]
+        results: Sequence[dict[str, np.ndarray]]
         if self.client is not None:
             graph = [{n: d[r0:r1] for n, d in self._dask.items()} for r0, r1 in bounds]
-            results = self.client.gather(self.client.compute(graph))
-        elif isinstance(self.source, RowBlocks):
-            return [self.source.decode(block) for block in self.source.read_group(bounds)]
+            computed = self.client.gather(self.client.compute(graph))
+            results = [{k: np.asarray(v) for k, v in r.items()} for r in computed]
         else:
-            names = list(self._zarr)
-            arrays = iter(self.store.read_many((n, slice(*r)) for r in bounds for n in names))
-            results = [{n: next(arrays) for n in names} for _ in bounds]
-        return [self.source.decode({k: np.asarray(v) for k, v in r.items()}) for r in results]
+            results = self.source.read_group(bounds)
+        return [self.source.decode(r) for r in results]
 
 
 class _BlockReader:
