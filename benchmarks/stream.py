@@ -34,7 +34,6 @@ gathered; its time is per epoch.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,13 +42,12 @@ from typing import Any
 
 import numpy as np
 from numcodecs import Zstd
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from benchmarks.build import BuildWorkload, fresh_store
 from benchmarks.harness import Figure, median, ratio_figure, timed
 from softcache.store import LOGITS, SAMPLE_HASH, LogitStore
 from softcache.store.location import local_path
+from softcache.store.shard_files import chunk_frames, shard_layout
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import SoftLabelStream, plan_from_state
 
@@ -60,40 +58,23 @@ EPOCHS = 4
 # GPU path) and float32 (the CPU path, which also widens every value).
 DECODE_GOAL = 0.70
 DECODE_GOAL_FLOAT32 = 0.50
-# A shard index entry (offset, nbytes) of a chunk never written.
-_MISSING = 2**64 - 1
 
 
 def stored_frames(store: LogitStore, name: str) -> list[bytes]:
     """The zstd frames of every inner chunk of array `name`, as its shard files hold them.
 
-    Reads the shard files of a local store and splits them with their index (zarr v3 sharding:
-    `(offset, nbytes)` uint64 pairs and a crc32c at the end of the file), dropping each chunk's
-    trailing 4-byte crc32c. Only for the chunk codecs softcache writes: bytes, zstd, crc32c.
+    Reads the shard files of a local store (`softcache.store.shard_files.chunk_frames`: each
+    file's index checked, each chunk's trailing crc32c dropped). Only for the layout softcache
+    writes: sharded bytes / zstd / crc32c chunks, the index at the end.
 
     Returns:
         One `bytes` per written chunk, in shard and chunk order.
     """
-    arr = store.array(name)
-    codec = arr.metadata.codecs[0]
-    kinds = [type(c) for c in getattr(codec, "codecs", ())]
-    if not isinstance(codec, ShardingCodec) or kinds != [BytesCodec, ZstdCodec, Crc32cCodec]:
-        raise ValueError(f"{name}: expected sharded bytes/zstd/crc32c chunks, got {codec}")
-    if codec.index_location != ShardingCodecIndexLocation.end:
-        raise ValueError(f"{name}: expected the shard index at the end, got {codec.index_location}")
-    assert arr.shards is not None
-    per_shard = math.prod(s // c for s, c in zip(arr.shards, arr.chunks, strict=True))
-    index_bytes = 16 * per_shard + 4  # (offset, nbytes) per chunk, then the index's crc32c
-    frames = []
-    for shard in range(store.meta.num_shards):
-        data = (local_path(store.location) / store.shard_object_key(name, shard)).read_bytes()
-        index = np.frombuffer(data[-index_bytes:-4], dtype="<u8").reshape(per_shard, 2)
-        frames.extend(
-            data[int(offset) : int(offset + nbytes) - 4]
-            for offset, nbytes in index
-            if offset != _MISSING
-        )
-    return frames
+    layout = shard_layout(store.array(name))
+    if layout is None:
+        raise ValueError(f"{name}: expected sharded bytes/zstd/crc32c chunks, index at the end")
+    root = local_path(store.location)
+    return [f for shard in range(store.meta.num_shards) for f in chunk_frames(root, layout, shard)]
 
 
 class StreamBench:

@@ -139,6 +139,25 @@ def shard_layout(arr: zarr.Array) -> ShardLayout | None:
     )
 
 
+def chunk_frames(root: Path, layout: ShardLayout, shard: int) -> list[bytes]:
+    """The zstd frames of one shard file's written chunks, in chunk order, without their crc32c.
+
+    The shard's index is checked as for a read (`ShardDecodeError` where it fails); the frames
+    are not decoded. An empty list for a missing file.
+    """
+    shard_file = _ShardFile.open(root, layout, shard, f"{layout.path} shard {shard}")
+    if shard_file is None:
+        return []
+    try:
+        return [
+            shard_file.data[offset : offset + nbytes - _CRC_BYTES]
+            for offset, nbytes in shard_file.index.tolist()
+            if offset != _MISSING
+        ]
+    finally:
+        shard_file.close()
+
+
 def zstd_content_size(frame: memoryview) -> int | None:
     """The decompressed size a zstd frame's header declares, None where it declares none.
 
@@ -427,6 +446,7 @@ __all__ = [
     "ShardFileReader",
     "ShardLayout",
     "UnsupportedChunk",
+    "chunk_frames",
     "default_threads",
     "direct_reads_enabled",
     "shard_layout",

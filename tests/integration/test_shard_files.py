@@ -20,7 +20,9 @@ from softcache.errors import CorruptChunkError
 from softcache.store import LOGITS, LogitStore
 from softcache.store.shard_files import (
     _MISSING,
+    ShardDecodeError,
     ShardFileReader,
+    chunk_frames,
     default_threads,
     shard_layout,
     zstd_content_size,
@@ -205,6 +207,26 @@ def _read_fails(path: Path, *words: str) -> None:
         store.read_many([(LOGITS, slice(None))])
     for word in ("logits/c/1/0", "softcache verify", *words):
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_chunk_frames_are_the_files_frames_and_decode_to_the_rows(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    path, shard, per = _copy(stores, tmp_path)
+    store = LogitStore.open(str(path))
+    layout = shard_layout(store.array(LOGITS))
+    assert layout is not None
+    frames = chunk_frames(path, layout, 1)
+    assert frames == [c[:-4] for c in _chunks(shard.read_bytes(), per) if c is not None]
+    decoded = np.frombuffer(b"".join(Zstd().decode(f) for f in frames), dtype=layout.dtype)
+    rows = store.meta.shard_rows
+    want = LogitStore.open(str(path), fast_reads=False).read(LOGITS, slice(rows, 2 * rows))
+    _same_bits(decoded.reshape(want.shape), want, "frames")
+    shard.unlink()
+    assert chunk_frames(path, layout, 1) == []
+    shard.write_bytes(b"\x00" * 7)
+    with pytest.raises(ShardDecodeError, match="shorter than its index"):
+        chunk_frames(path, layout, 1)
 
 
 def test_a_flipped_bit_in_a_chunk_is_refused(stores: dict[str, Path], tmp_path: Path) -> None:
