@@ -154,12 +154,11 @@ class SoftLabelStream:
         # Pinned batches copy to a GPU asynchronously; only a CUDA build can pin.
         self.pin_memory = pin_memory and torch.cuda.is_available()
         # For a cluster: Dask chunks = shards, one task per (array, shard), never per row or batch.
-        arrays = {name: store.array(name) for name in store.row_array_names}
-        self._dask = (
-            {name: da.from_zarr(arr, chunks=arr.shards) for name, arr in arrays.items()}
-            if client is not None
-            else {}
-        )
+        self._dask = {}
+        if client is not None:
+            for name in store.row_array_names:
+                arr = store.array(name)
+                self._dask[name] = da.from_zarr(arr, chunks=arr.shards)
         self.source: RowBlocks | TokenBlocks = (
             TokenBlocks(store)
             if store.meta.tokens
