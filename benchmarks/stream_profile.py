@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.stream import EPOCHS, StreamBench
 from softcache.store import LOGITS
-from softcache.trainer.stream import PlanSampler, SoftLabelStream
+from softcache.trainer.stream import SoftLabelStream, _consumption_orders
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -47,25 +47,33 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 store.read(name, slice(*store.shard_bounds(b)))
 
-    def reads_with(env: dict[str, str]) -> Callable[[], None]:
-        def read() -> None:
-            os.environ.update(env)
-            try:
-                shard_reads(store.row_array_names)
-            finally:
-                for key in env:
-                    del os.environ[key]
+    def with_env(env: dict[str, str], fn: Callable[[], None]) -> None:
+        os.environ.update(env)
+        try:
+            fn()
+        finally:
+            for key in env:
+                del os.environ[key]
 
-        return read
+    def reads_with(env: dict[str, str]) -> Callable[[], None]:
+        return lambda: with_env(env, lambda: shard_reads(store.row_array_names))
 
     raw = store.read(LOGITS)
-    cache = dict(enumerate(stream._compute(blocks, rows)))
     wide = SoftLabelStream(store)
-    wide_cache = dict(enumerate(wide._compute(blocks, rows)))
+    # The stream's read groups (a window's blocks) and the order the plan consumes their rows.
+    plan = bench.plan
+    order = [int(b) for b in plan.block_order()]
+    windows = [order[i : i + plan.window_blocks] for i in range(0, len(order), plan.window_blocks)]
+    group_of = np.full(plan.num_blocks, -1, dtype=np.int64)
+    for g, ids in enumerate(windows):
+        group_of[ids] = g
+    counts = dict(zip(order, plan.rows_per_block().tolist(), strict=True))
+    group_rows = [sum(counts[b] for b in ids) for ids in windows]
+    orders = list(_consumption_orders(plan.row_runs(), rows, group_of, group_rows))
 
-    def gather(s: SoftLabelStream, blocks_cache: dict) -> None:
-        for batch in PlanSampler(bench.plan):
-            s.source.gather(batch, batch // rows, blocks_cache, rows, (0, 0))
+    def window_reads(s: SoftLabelStream) -> None:
+        for ids, samples in zip(windows, orders, strict=True):
+            s._compute(ids, rows, samples, (plan.seed, plan.epoch))
 
     pieces: dict[str, Callable[[], object]] = {
         "zstd decode of the frames, 1 thread": bench._decode,
@@ -73,17 +81,16 @@ def main(argv: list[str] | None = None) -> None:
         "shard reads, logits (from the shard files)": lambda: shard_reads((LOGITS,)),
         "shard reads, every array, one after another": lambda: shard_reads(store.row_array_names),
         "shard reads, every array, zarrs": reads_with({"SOFTCACHE_DIRECT_READS": "0"}),
-        "the reader: a window's shards in one read": lambda: [
-            stream._compute(blocks[i : i + bench.plan.window_blocks], rows)
-            for i in range(0, len(blocks), bench.plan.window_blocks)
-        ],
+        "the reader: a window's shards read in plan order": lambda: window_reads(stream),
+        "the same, widened to float32": lambda: window_reads(wide),
+        "the same, zarrs, then taken in plan order": lambda: with_env(
+            {"SOFTCACHE_DIRECT_READS": "0"}, lambda: window_reads(stream)
+        ),
         "shard reads, every array, zarr-python": reads_with(
             {"SOFTCACHE_DIRECT_READS": "0", "SOFTCACHE_ZARRS": "0"}
         ),
         "all logits in one read": lambda: store.read(LOGITS),
         "fp16 -> fp32 widening (torch)": lambda: torch.from_numpy(raw).float(),
-        "row gather, fp16 as stored (the assembler)": lambda: gather(stream, cache),
-        "row gather + widening to float32": lambda: gather(wide, wide_cache),
         "whole stream, fp16 as stored": lambda: bench._read_stream(stream, bench.nbytes_stored),
         "whole stream, fp16 as stored, gathered inline (as train runs it)": lambda: (
             bench._read_stream(bench.stream_stored_inline, bench.nbytes_stored)

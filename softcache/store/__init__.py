@@ -48,7 +48,7 @@ from softcache.store.format import (
     token_arrays,
     token_fields,
 )
-from softcache.store.logit_store import LogitStore, holds_group
+from softcache.store.logit_store import LogitStore, holds_group, take_rows
 
 __all__ = [
     "ATTR_KEY",
@@ -84,6 +84,7 @@ __all__ = [
     "holds_group",
     "row_layout",
     "storage_dtype",
+    "take_rows",
     "token_arrays",
     "token_fields",
 ]

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from softcache.store.shard_files import (
     ShardFileReader,
     ShardLayout,
     UnsupportedChunk,
+    checked_picks,
     direct_reads_enabled,
     shard_layout,
 )
@@ -396,6 +397,84 @@ class LogitStore:
             dest[...] = got
         return list(out)
 
+    def read_gather(
+        self,
+        requests: Sequence[tuple[str, Sequence[tuple[int, int]], np.ndarray]],
+        out: Sequence[np.ndarray],
+        convert: Sequence[Callable[..., np.ndarray] | None] | None = None,
+    ) -> None:
+        """Rows picked, in any order, out of several row ranges of several arrays, into `out`.
+
+        For request `i = (name, ranges, positions)`: ``out[i][j] = rows[positions[j]]``, where
+        ``rows`` is the concatenation of array `name`'s `ranges`: `take` after `read_many`, in
+        one step. A local store's chunks are decoded and their picked rows scattered to their
+        places on every core (`ShardFileReader.read_gather`), each row written once; other stores
+        read the ranges through zarr (`read_many`) and then take the rows.
+
+        Args:
+            requests: `(array name, ranges, positions)`: `ranges` `[start, stop)` row ranges;
+                `positions` (P,) integer rows of their concatenation.
+            out: an array per request, `(P, *row shape)`, of any dtype the stored rows cast to.
+            convert: per request, `convert(rows, out=array)` writing the picked rows, converted,
+                into `array` (of `out[i]`'s dtype) and returning it (e.g. `decode_values`:
+                float16 or bfloat16 bits -> float32); or None (numpy's assignment casting).
+
+        Raises:
+            CorruptChunkError: as `read`.
+            ValueError: a range outside an array, a position outside its ranges, an `out` array
+                of another shape.
+        """
+        if len(out) != len(requests) or (convert is not None and len(convert) != len(requests)):
+            raise ValueError(f"{len(out)} output arrays for {len(requests)} requests")
+        requests = [
+            (name, ranges, checked_picks(name, self.array(name).shape, ranges, positions, dest, i))
+            for i, ((name, ranges, positions), dest) in enumerate(zip(requests, out, strict=True))
+        ]
+        if self._gather_files(requests, out, convert):
+            return
+        pairs = [(name, slice(r0, r1)) for name, ranges, _ in requests for r0, r1 in ranges]
+        parts = iter(self.read_many(pairs))
+        for i, (_, ranges, positions) in enumerate(requests):
+            take_rows(
+                [next(parts) for _ in ranges], positions, out[i],
+                None if convert is None else convert[i],
+            )  # fmt: skip
+
+    def _gather_files(
+        self,
+        requests: Sequence[tuple[str, Sequence[tuple[int, int]], np.ndarray]],
+        out: Sequence[np.ndarray],
+        convert: Sequence[Callable[..., np.ndarray] | None] | None,
+    ) -> bool:
+        """`read_gather` from the shard files (`shard_files`); False where zarr must read."""
+        if self._files is None or not direct_reads_enabled():
+            return False
+        layouts = []
+        for name, ranges, positions in requests:
+            layout = self._layout(name)
+            if layout is None:
+                return False
+            layouts.append((layout, ranges, positions))
+        try:
+            self._files.read_gather(layouts, out, convert)
+        except UnsupportedChunk:
+            return False
+        except ShardDecodeError as exc:
+            raise self._damaged(exc) from exc
+        return True
+
+    def _layout(self, name: str) -> ShardLayout | None:
+        """Array `name`'s shard-file layout, None where the shard-file reader cannot read it."""
+        if name not in self._layouts:
+            self._layouts[name] = shard_layout(self.array(name))
+        return self._layouts[name]
+
+    def _damaged(self, exc: ShardDecodeError) -> CorruptChunkError:
+        return CorruptChunkError(
+            f"store {self.location}: {exc}; the store is damaged: `softcache verify` names every "
+            "damaged shard"
+        )
+
     def _read_zarr_many(self, pairs: list[tuple[str, slice]]) -> list[np.ndarray]:
         """`read_many` through zarr's codec pipeline."""
         # Resolved here, not in the coroutine: opening an array blocks on zarr's event loop.
@@ -423,9 +502,7 @@ class LogitStore:
             return None
         layouts = []
         for name, rows in requests:
-            if name not in self._layouts:
-                self._layouts[name] = shard_layout(self.array(name))
-            layout = self._layouts[name]
+            layout = self._layout(name)
             if layout is None or not isinstance(rows, slice) or rows.step not in (None, 1):
                 return None
             layouts.append((layout, rows))
@@ -434,10 +511,7 @@ class LogitStore:
         except UnsupportedChunk:
             return None
         except ShardDecodeError as exc:
-            raise CorruptChunkError(
-                f"store {self.location}: {exc}; the store is damaged: `softcache verify` names "
-                "every damaged shard"
-            ) from exc
+            raise self._damaged(exc) from exc
 
     def _corrupt_chunk(self, exc: Exception, where: str) -> CorruptChunkError | None:
         """The `CorruptChunkError` a failed read means, or None if it was not a decode failure."""
@@ -574,6 +648,30 @@ class LogitStore:
         """Bytes the store occupies (compressed): every array, and the manifest."""
         manifest = object_size(self._group.store, MANIFEST_KEY) or 0
         return manifest + sum(self.array(name).nbytes_stored() for name in self.array_names)
+
+
+def take_rows(
+    parts: Sequence[np.ndarray],
+    positions: np.ndarray,
+    out: np.ndarray,
+    convert: Callable[..., np.ndarray] | None = None,
+) -> None:
+    """``out[:] = concatenate(parts)[positions]``, converted by `convert`, without the
+    concatenation's copy where `parts` is one array.
+
+    Args:
+        parts: row blocks of one array, in order (the same row shape and dtype).
+        positions: (P,) integer rows of their concatenation.
+        out: (P, *row shape), C-contiguous, any dtype the rows cast to.
+        convert: `convert(rows, out=out)` writes the picked rows, converted, into `out`; None:
+            numpy's assignment casting.
+    """
+    rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    picked = rows[np.asarray(positions, dtype=np.int64)]
+    if convert is None:
+        out[...] = picked
+    else:
+        convert(picked, out=out)
 
 
 def _pinned(backend: Any, checked: Any, digest: str, where: str) -> VerifiedStore:

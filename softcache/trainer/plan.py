@@ -207,6 +207,32 @@ class EpochPlan:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self.batches()
 
+    def row_runs(self, stop: int | None = None) -> Iterator[np.ndarray]:
+        """This rank's rows from the cursor to batch `stop`, in the order its batches hold them.
+
+        The concatenation of what `batches` would yield (without `stop`'s later batches), a
+        window (or the part of one inside the range) at a time; the cursor does not move. A
+        reader that places rows in the order they will be consumed draws them from here, a
+        window for the cost of a batch.
+
+        Args:
+            stop: the batch count to stop at (None: `len(self)`).
+
+        Yields:
+            int64 row indices, one array per window.
+        """
+        order, _, window_ends = self._layout()
+        num_batches = len(self) if stop is None else min(stop, len(self))
+        start = self._cursor * self.batch_size
+        end = min(num_batches * self.batch_size, self.num_rows())
+        window_starts = window_ends - self._window_lengths(order)
+        for w, (lo, hi) in enumerate(
+            zip(window_starts.tolist(), window_ends.tolist(), strict=True)
+        ):
+            first, last = max(start, lo), min(end, hi)
+            if first < last:
+                yield self._window_rows(order, w)[first - lo : last - lo]
+
     def rows_per_block(self, stop: int | None = None) -> np.ndarray:
         """How many rows of each of this rank's blocks the batches from the cursor to `stop` use.
 

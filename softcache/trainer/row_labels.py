@@ -1,18 +1,19 @@
 """Row layout of the stream: per-sample (or per-view) soft labels of dense and top-k stores.
 
 A plan block is one shard: `shard_samples` samples, all `views` rows of each. The stream reads a
-shard's rows of every array (a shuffle window's shards into one reused buffer per array,
-`RowBlocks.read_group`); this source gathers a batch's rows (the chosen view's, with views) into
-`SoftLabels`, widening them to float32 / int64 on the way (or handing over the stored dtypes for a
-GPU student, see `SoftLabelStream`'s `values`).
+shuffle window's shards at a time, every array's rows straight into the order the plan consumes
+them (the chosen view's row of each sample, widened to float32 / int64 on the way, or in the
+stored dtypes for a GPU student, see `SoftLabelStream`'s `values`), so that a batch is a slice of
+that buffer (`RowBlocks`).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from softcache.store import (
     VIEW_PARAMS,
     LogitStore,
     decode_values,
+    take_rows,
 )
 
 # What a stream delivers: decoded float32 / int64, or the store's own dtypes.
@@ -127,25 +129,17 @@ class SoftLabels:
             )
 
 
-class GroupBlock(dict):
-    """One block's arrays (`name -> rows`), views into the buffers of the read group it came in.
-
-    The stream reads a shuffle window's blocks in one group, into one buffer per array
-    (`group`), block after block (this one from row `start`). A batch whose rows all come from
-    one group is then gathered with one `take` per array, where a batch spread over a window's
-    blocks would otherwise take each block's rows and scatter them in place.
-    """
-
-    def __init__(
-        self, arrays: dict[str, np.ndarray], group: dict[str, np.ndarray], start: int
-    ) -> None:
-        super().__init__(arrays)
-        self.group = group
-        self.start = start
-
-
 class RowBlocks:
-    """How the stream reads, decodes and gathers a row store's blocks (one shard each).
+    """How the stream reads a row store's blocks (one shard each) and takes batches from them.
+
+    The stream reads a group of blocks at a time (a shuffle window's) and tells this source in
+    which order the plan will consume their samples (`read_group`'s `samples`). Each array's
+    rows are read straight into that order (the chosen view's row of each sample, widened where
+    `values` is `float32`) in one buffer per array (`LogitStore.read_gather`: on a local store
+    each chunk is decoded on every core and its rows scattered to their places, each written
+    once). A batch is then the next run of those rows (`take`): a slice, no copy, where all its
+    rows come from one group; two or more groups' runs (a batch straddling windows) are copied
+    together.
 
     Args:
         store: an open, complete row store.
@@ -159,7 +153,22 @@ class RowBlocks:
         self.view_policy = view_policy
         self.values = values
         self.views = store.meta.views
-        self._buffers = _GroupBuffers(store.row_layout(), self._names)
+        layout = store.row_layout()
+        value_dtype = store.meta.value_dtype
+        # Each array as delivered: its buffer dtype, and how its stored rows become that.
+        self._delivered: dict[str, tuple[np.dtype, Callable[..., np.ndarray] | None]] = {}
+        for name in self._names:
+            dtype = layout[name][1]
+            convert = None
+            if values == "float32" and name in (LOGITS, TOPK_VALUES):
+                dtype = np.dtype(np.float32)
+                convert = partial(decode_values, value_dtype=value_dtype)
+            elif values == "float32" and name == TOPK_INDICES:
+                dtype = np.dtype(np.int64)
+            self._delivered[name] = (np.dtype(dtype), convert)
+        self._buffers = _GroupBuffers(
+            {name: (layout[name][0], dtype) for name, (dtype, _) in self._delivered.items()}
+        )
 
     def check_block_rows(self, block_rows: int) -> None:
         """A plan over this store must take whole shards as its blocks."""
@@ -175,44 +184,87 @@ class RowBlocks:
         """The store rows `[start, stop)` of block `block`: shard `block`, every view."""
         return self.store.shard_bounds(block)
 
-    def gather(
+    def read_group(
+        self,
+        bounds: list[tuple[int, int]],
+        blocks: list[int],
+        samples: np.ndarray,
+        block_rows: int,
+        seed_epoch: tuple[int, int],
+        computed: list[dict[str, np.ndarray]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The rows of `samples`, in their order, out of the blocks `blocks`.
+
+        Args:
+            bounds: each block's store rows `[start, stop)` (`rows`).
+            blocks: the block ids, in the order of `bounds`.
+            samples: (S,) int64 plan rows (sample indices) inside those blocks, in the order
+                the plan consumes them.
+            block_rows: the plan's samples per block.
+            seed_epoch: the plan's seed and epoch (which view each sample replays).
+            computed: each block's arrays already read (by Dask tasks), in the order of
+                `bounds`; None reads them from the store.
+
+        Returns:
+            Array name -> (S, ...) rows in the delivered dtypes, in one of the reused buffers.
+        """
+        samples = np.asarray(samples, dtype=np.int64)
+        block_ids = samples // block_rows
+        lookup = np.full(max(blocks) + 1, -1, dtype=np.int64)
+        lookup[blocks] = np.arange(len(blocks))
+        which = lookup[np.minimum(block_ids, len(lookup) - 1)]
+        if samples.size and (block_ids.max() >= len(lookup) or which.min() < 0):
+            raise ValueError("samples outside the group's blocks")
+        sizes = np.array([stop - start for start, stop in bounds], dtype=np.int64)
+        firsts = np.cumsum(sizes) - sizes  # each block's first row in the group
+        offsets = samples - block_ids * block_rows
+        if self.store.meta.augmentation:  # the chosen view's row inside the shard
+            offsets = offsets * self.views + self._views(samples, seed_epoch)
+        positions = firsts[which] + offsets
+        group = self._buffers.get(len(samples))
+        if computed is None:
+            self.store.read_gather(
+                [(name, bounds, positions) for name in self._names],
+                [group[name] for name in self._names],
+                [self._delivered[name][1] for name in self._names],
+            )
+        else:
+            for name in self._names:
+                parts = [np.asarray(block[name]) for block in computed]
+                take_rows(parts, positions, group[name], self._delivered[name][1])
+        return group
+
+    def take(
         self,
         batch: np.ndarray,
         block_ids: np.ndarray,
-        cache: dict[int, dict[str, np.ndarray]],
-        rows: int,
+        parts: list[tuple[dict[str, np.ndarray], np.ndarray | None, int, int]],
+        block_rows: int,
         seed_epoch: tuple[int, int],
     ) -> SoftLabels:
-        offsets = batch - block_ids * rows
-        views = None
-        if self.store.meta.augmentation:
-            from softcache.data.augment import choose_views
+        """A batch's soft labels: its rows' runs in the groups they were read in.
 
-            views = choose_views(self.view_policy, self.views, batch, *seed_epoch)
-            offsets = offsets * self.views + views  # the chosen view's row inside the shard
-        unique = np.unique(block_ids)
-        cols: dict[str, np.ndarray] = {}
-        blocks = [cache[int(b)] for b in unique]
-        if unique.size == 1:
-            cols = {name: blocks[0][name][offsets] for name in self._names}
-        elif (group := _one_group(blocks)) is not None:
-            buffers, starts = group
-            # Each batch row's row in the group's buffers, through its block's first row there.
-            rows_in_group = starts[np.searchsorted(unique, block_ids)] + offsets
-            cols = {name: np.take(buffers[name], rows_in_group, axis=0) for name in self._names}
+        Args:
+            batch: (B,) int64 plan rows.
+            block_ids: (B,) their blocks.
+            parts: for each group the batch draws from, `(group, where, start, stop)`: the
+                group's rows `start:stop` are the batch's rows `where` (None: all of them).
+            block_rows: the plan's samples per block.
+            seed_epoch: the plan's seed and epoch.
+        """
+        if len(parts) == 1 and parts[0][1] is None:
+            group, _, start, stop = parts[0]
+            cols = {name: group[name][start:stop] for name in self._names}
         else:
-            # Which batch rows come from which block, worked out once for every array.
-            parts = []
-            for b in unique:
-                where = np.flatnonzero(block_ids == b)
-                parts.append((cache[int(b)], where, offsets[where]))
+            cols = {}
             for name in self._names:
                 first = parts[0][0][name]
                 col = np.empty((len(batch), *first.shape[1:]), dtype=first.dtype)
-                for block, where, rows_in_block in parts:
-                    col[where] = block[name][rows_in_block]
+                for group, where, start, stop in parts:
+                    col[where] = group[name][start:stop]
                 cols[name] = col
         meta = self.store.meta
+        views = self._views(batch, seed_epoch) if meta.augmentation else None
         out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
         if VIEW_PARAMS in cols:
             out.view_params = cols[VIEW_PARAMS]
@@ -220,66 +272,21 @@ class RowBlocks:
             out.logits = self._values(cols[LOGITS])
         else:
             out.topk_values = self._values(cols[TOPK_VALUES])
-            out.topk_indices = self._indices(cols[TOPK_INDICES])
+            out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
             out.lse = torch.from_numpy(cols[LSE])
         return out
 
-    def read_group(self, bounds: list[tuple[int, int]]) -> list[GroupBlock]:
-        """Blocks of rows `bounds` read in one concurrent `read_many`, into one buffer per array.
+    def _views(self, samples: np.ndarray, seed_epoch: tuple[int, int]) -> np.ndarray:
+        from softcache.data.augment import choose_views
 
-        Args:
-            bounds: each block's store rows `[start, stop)`.
-
-        Returns:
-            A `GroupBlock` per block, in the order of `bounds`.
-        """
-        blocks = self._buffers.blocks([stop - start for start, stop in bounds])
-        requests = [(name, slice(*rows)) for rows in bounds for name in self._names]
-        self.store.read_many(
-            requests, out=[block[name] for block in blocks for name in self._names]
-        )
-        return blocks
-
-    def decode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the reader thread does to a block after Dask decoded it: nothing.
-
-        Widening (fp16 -> fp32, uint16 ids -> int64) happens per batch in `gather`, on the
-        assembling thread, so the reader thread (zstd, zarrs) and the assembling thread (gather,
-        widening) share the work on two cores rather than one doing both.
-        """
-        return data
+        return choose_views(self.view_policy, self.views, samples, *seed_epoch)
 
     def _values(self, col: np.ndarray) -> torch.Tensor:
-        """A batch's stored values as delivered: float32, or the stored dtype (bfloat16 as
-        torch's bfloat16, from its uint16 bits)."""
-        value_dtype = self.store.meta.value_dtype
-        if self.values == "stored":
-            if value_dtype == "bfloat16":
-                return torch.from_numpy(col.view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(col)
-        return torch.from_numpy(decode_values(col, value_dtype))
-
-    def _indices(self, col: np.ndarray) -> torch.Tensor:
-        """A batch's stored class ids: int64, or the stored dtype (uint16 / int32)."""
-        if self.values == "stored":
-            return torch.from_numpy(col)
-        return torch.from_numpy(col.astype(np.int64))
-
-
-def _one_group(
-    blocks: list[dict[str, np.ndarray]],
-) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-    """The read group's buffers and each block's first row in them (int64), if every block came
-    in the same group; else None."""
-    first = blocks[0]
-    if not isinstance(first, GroupBlock):
-        return None
-    starts = []
-    for block in blocks:
-        if not isinstance(block, GroupBlock) or block.group is not first.group:
-            return None
-        starts.append(block.start)
-    return first.group, np.array(starts, dtype=np.int64)
+        """Values as delivered: float32, or the stored dtype (bfloat16 as torch's bfloat16, from
+        its uint16 bits)."""
+        if self.values == "stored" and self.store.meta.value_dtype == "bfloat16":
+            return torch.from_numpy(col.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(col)
 
 
 class _GroupBuffers:
@@ -287,60 +294,40 @@ class _GroupBuffers:
 
     A window's group is tens of MB; fresh memory is paid for in page faults as it is first
     written, which cost the stream benchmark's reads a quarter of their time. A group is free
-    again when none of its `GroupBlock`s is alive (batches are gathered copies) and no other
-    reference to its arrays or a view of them is left (their reference counts), so a buffer
-    still in use anywhere is not handed out.
+    again when no reference to its arrays or a view of them is left but this pool's (their
+    reference counts: the stream's dict of the group and every batch sliced from it hold one),
+    so a buffer still in use anywhere is not handed out.
 
     Args:
-        layout: per-row shape and dtype of every array (`LogitStore.row_layout`).
-        names: the arrays a group holds.
+        layout: per-row shape and delivered dtype of every array.
         keep: groups kept for reuse, at most (about the groups a stream has in flight).
     """
 
-    def __init__(
-        self,
-        layout: dict[str, tuple[tuple[int, ...], np.dtype]],
-        names: tuple[str, ...],
-        keep: int = 4,
-    ) -> None:
-        self._layout = {name: layout[name] for name in names}
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], np.dtype]], keep: int = 4) -> None:
+        self._layout = layout
         self._keep = keep
-        # Each group's buffers, and the blocks made of them (weakly: alive while in use).
-        self._groups: list[tuple[dict[str, np.ndarray], list[weakref.ref[GroupBlock]]]] = []
+        self._groups: list[dict[str, np.ndarray]] = []
         self._lock = threading.Lock()
 
-    def blocks(self, sizes: list[int]) -> list[GroupBlock]:
-        """Blocks of `sizes` rows (uninitialised), one after another in one group's buffers.
-
-        The group is reused where one of the same rows is free, and is in use from here on for
-        as long as one of the blocks returned is alive.
-        """
-        rows = sum(sizes)
+    def get(self, rows: int) -> dict[str, np.ndarray]:
+        """A group of `rows` rows per array (uninitialised): a new dict of a free group's arrays
+        of that size where there is one, else of new arrays. It is in use for as long as that
+        dict, one of its arrays or a view of one is alive."""
         with self._lock:
-            for group, users in self._groups:
-                if len(next(iter(group.values()))) == rows and _unused(group, users):
-                    break
-            else:
-                group = {
-                    name: np.empty((rows, *shape), dtype)
-                    for name, (shape, dtype) in self._layout.items()
-                }
-                users = []
-                if len(self._groups) >= self._keep:
-                    self._groups.pop(0)
-                self._groups.append((group, users))
-            out, start = [], 0
-            for size in sizes:
-                views = {name: array[start : start + size] for name, array in group.items()}
-                out.append(GroupBlock(views, group, start))
-                start += size
-            users[:] = [weakref.ref(block) for block in out]
-            return out
+            for group in self._groups:
+                if len(next(iter(group.values()))) == rows and _unused(group):
+                    return dict(group)
+            group = {
+                name: np.empty((rows, *shape), dtype)
+                for name, (shape, dtype) in self._layout.items()
+            }
+            if len(self._groups) >= self._keep:
+                self._groups.pop(0)
+            self._groups.append(group)
+            return dict(group)
 
 
-def _unused(group: dict[str, np.ndarray], blocks: list[weakref.ref[GroupBlock]]) -> bool:
-    """Whether no block of `group` is alive and only the pool refers to its arrays."""
+def _unused(group: dict[str, np.ndarray]) -> bool:
+    """Whether only the pool refers to `group`'s arrays (no other dict, array view or tensor)."""
     # An array's references when unused: its dict, the loop variable and getrefcount's argument.
-    return all(block() is None for block in blocks) and all(
-        sys.getrefcount(array) <= 3 for array in group.values()
-    )
+    return all(sys.getrefcount(array) <= 3 for array in group.values())

@@ -1,7 +1,7 @@
 """The soft-label stream: a store's soft labels, in epoch-plan order, read a bounded number ahead.
 
 One engine for every layout: what differs between a row store and a token store (what a block is,
-how it is decoded, how a batch's rows are gathered) is a source object (`row_labels.RowBlocks`,
+how a group of blocks is read and decoded, how a batch is taken from it) is a source object (`row_labels.RowBlocks`,
 `token_labels.TokenBlocks`) the engine calls; reading ahead, the memory bound, the epoch boundary and
 DDP are written once, here.
 
@@ -9,26 +9,31 @@ Reading random rows from a chunked store decompresses a whole chunk per row; com
 batch pays scheduling overhead per batch. Both are orders of magnitude slower than what the student
 needs. So the stream works in three threads:
 
-1. a reader reads whole storage blocks (shards) in `EpochPlan.block_order`, at most
-   `prefetch_blocks` ahead, a shuffle window's blocks at a time (the window's first batch needs
-   all of them): in this process one concurrent `LogitStore.read_many` of every array of those
-   blocks, spread over every core (a local store's chunks decoded straight from its shard files
-   by `softcache.store.shard_files`, otherwise by zarr's codec pipeline, zarrs where installed),
-   a row store's group into one buffer per array that is reused once its blocks are consumed;
-   or Dask tasks on a cluster when a `distributed.Client` is given (or a scheduler address to
-   the CLI);
-2. an assembler gathers each batch's rows from the blocks in memory and widens them (fp16 -> fp32,
-   uint16 -> int64), at most `assemble_ahead` runs of `HANDOFF_RUN` batches ahead; with
-   `assemble_ahead=0` the thread that iterates does it (the trainer's batch process, already
-   off the training thread);
+1. a reader reads whole storage blocks (shards) in `EpochPlan.block_order`, a shuffle window's
+   blocks at a time (the window's first batch needs all of them), at most `prefetch_blocks`
+   ahead. It knows the order in which the plan will consume the window's rows
+   (`EpochPlan.row_runs`), and the source puts them in that order as they are read: a row
+   store's chunks are decoded on every core and each chunk's rows (the chosen view's, widened
+   where `values` asks) scattered straight to their places in one reused buffer per array
+   (`LogitStore.read_gather`; zarr's codec pipeline, then a take, for stores that are not local
+   directories), so a batch is a slice of that buffer; a token store's blocks are decoded
+   whole. With a `distributed.Client` (or a scheduler address to the CLI) the blocks are read
+   by Dask tasks on the cluster and put in order here;
+2. an assembler takes each batch from the groups in memory (a slice, or the runs of two groups
+   for a batch that straddles windows; tokens: a gather), at most `assemble_ahead` runs of
+   `HANDOFF_RUN` batches ahead; with `assemble_ahead=0` the thread that iterates does it (the
+   trainer's batch process, already off the training thread);
 3. the training thread takes finished batches from a queue, a run at a time: the stream costs
    it a queue `get` per run.
 
-Where the widening happens is a choice (`values`). For a CPU student the assembler widens
-(`float32`, the default). For a GPU student the stream hands over the stored dtypes (`stored`:
+Where the widening happens is a choice (`values`). For a CPU student the reader widens as it
+places the rows, on every core (`float32`, the default). For a GPU student the stream hands over the stored dtypes (`stored`:
 float16/bfloat16 values, uint16 class ids) and `SoftLabels.to(device)` widens them after the copy:
-half the bytes cross to the device and the widening is free there. Memory is bounded by the
-prefetch window plus the plan's shuffle window, whatever N is.
+half the bytes cross to the device and the widening is free there. A batch of soft labels is a
+view of the stream's buffers (no copy): the buffer is read into again only once no batch, view or
+tensor of it is left (`row_labels._GroupBuffers`), so a caller may keep batches as long as it
+likes, at the cost of fresh buffers. Memory is bounded by the prefetch window plus the plan's
+shuffle window, whatever N is.
 
 Under DDP each rank streams its own plan (`EpochPlan(rank=..., world_size=...)`): it reads only the
 blocks of its own rows, the next epoch's read-ahead included, so no block is read by two ranks. Ranks
@@ -43,7 +48,7 @@ import itertools
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import dask.array as da
@@ -104,14 +109,14 @@ class SoftLabelStream:
             DDP rank (False: all of this rank's batches). No difference with one rank.
         view_policy: for stores with views, which view of each sample an epoch uses: `cycle` or
             `random` (see `softcache.data.augment.choose_views`).
-        values: row stores: `float32` (values float32, class ids int64, decoded on the reader
-            thread) or `stored` (the store's dtypes: float16 / bfloat16 values, uint16 / int32
+        values: row stores: `float32` (values float32, class ids int64, widened as the reader
+            places them) or `stored` (the store's dtypes: float16 / bfloat16 values, uint16 / int32
             ids, for `SoftLabels.to(device)` to widen on the device). Token stores always
             deliver `TokenCodec.decode`'s tensors.
-        assemble_ahead: runs of `HANDOFF_RUN` batches gathered ahead of the training loop, on a
+        assemble_ahead: runs of `HANDOFF_RUN` batches taken ahead of the training loop, on a
             thread of their own: the training thread only takes finished batches from a queue,
             a run at a time (one thread wake-up per run: handing batches over one by one cost
-            the stream benchmark a tenth of its time on two cores). 0: batches are gathered on
+            the stream benchmark a tenth of its time on two cores). 0: batches are taken on
             the thread that iterates, for a caller already off the training thread (the
             trainer's batch process): one thread and every handoff fewer.
         pin_memory: deliver row batches in pinned host memory (pinned on the assembler thread),
@@ -147,8 +152,8 @@ class SoftLabelStream:
         self.client = client
         self.equal_steps = equal_steps
         self.view_policy = view_policy
-        # (plan key, reader, rows left per block) of an epoch read ahead of its `batches` call.
-        self._ahead: tuple[tuple[Any, ...], _BlockReader, dict[int, int]] | None = None
+        # (plan key, reader) of an epoch read ahead of its `batches` call.
+        self._ahead: tuple[tuple[Any, ...], _BlockReader] | None = None
         self._ahead_lock = threading.Lock()
         self.assemble_ahead = assemble_ahead
         # Pinned batches copy to a GPU asynchronously; only a CUDA build can pin.
@@ -197,13 +202,12 @@ class SoftLabelStream:
         self._check_plan(plan)
         if then is not None:
             self._check_plan(then)
-        reader, remaining = self._take_or_start(plan)
+        reader = self._take_or_start(plan)
         batches = self._iterate(
             PlanSampler(plan, self.stop(plan)),
             plan.block_rows,
             (plan.seed, plan.epoch),
             reader,
-            remaining,
             then,
         )
         # Also stops the reader of an iterator whose batches go unread.
@@ -216,14 +220,14 @@ class SoftLabelStream:
         weakref.finalize(iterator, reader.close)
         return iterator
 
-    def _take_or_start(self, plan: EpochPlan) -> tuple[_BlockReader, dict[int, int]]:
+    def _take_or_start(self, plan: EpochPlan) -> _BlockReader:
         """The reader already prefetching this plan's epoch, or a new one."""
         key = _plan_key(plan)
         with self._ahead_lock:  # the assembler thread of the previous epoch may be setting it
             ahead, self._ahead = self._ahead, None
         if ahead is not None:
             if ahead[0] == key:
-                return ahead[1], ahead[2]
+                return ahead[1]
             ahead[1].close()
         return self._start(plan)
 
@@ -233,90 +237,144 @@ class SoftLabelStream:
         rows: int,
         seed_epoch: tuple[int, int],
         reader: _BlockReader,
-        remaining: dict[int, int],
         then: EpochPlan | None,
     ) -> Iterator[SoftLabels | TokenLabels]:
-        cache: dict[int, Any] = {}
+        cache: dict[int, Any] = {}  # group -> its rows, as the source read them
+        taken = np.zeros(len(reader.groups), dtype=np.int64)  # rows of each group consumed
         try:
             for batch in batches:
                 block_ids = batch // rows
-                used, counts = np.unique(block_ids, return_counts=True)
-                for b in used:
-                    while int(b) not in cache:
+                groups = reader.group_of[block_ids]
+                used, counts = _groups_used(groups)
+                for g in used:
+                    while int(g) not in cache:
                         got, data = reader.next()
                         cache[got] = data
                         if then is not None and reader.delivered_all:
                             with self._ahead_lock:
-                                self._ahead = (_plan_key(then), *self._start(then))
+                                self._ahead = (_plan_key(then), self._start(then))
                             then = None
-                out = self.source.gather(batch, block_ids, cache, rows, seed_epoch)
+                parts = []
+                for g, n in zip(used.tolist(), counts.tolist(), strict=True):
+                    where = None if len(used) == 1 else np.flatnonzero(groups == g)
+                    parts.append((cache[g], where, int(taken[g]), int(taken[g]) + n))
+                    taken[g] += n
+                out = self.source.take(batch, block_ids, parts, rows, seed_epoch)
+                del parts
+                for g in used.tolist():
+                    if taken[g] == reader.group_rows[g]:
+                        del cache[g]
                 yield out.pin_memory() if self.pin_memory and isinstance(out, SoftLabels) else out
-                for b, n in zip(used, counts, strict=True):
-                    remaining[int(b)] -= int(n)
-                    if remaining[int(b)] == 0:
-                        del cache[int(b)]
         finally:
             reader.close()
 
-    def _start(self, plan: EpochPlan) -> tuple[_BlockReader, dict[int, int]]:
+    def _start(self, plan: EpochPlan) -> _BlockReader:
         blocks = [int(b) for b in plan.block_order()]  # this rank's blocks only
-        # Rows of each block still to be consumed this epoch: a block leaves memory at zero, and
-        # one with none (already consumed, or only rows past the stop) is never read.
+        # Rows of each block the epoch consumes from its cursor to its stop: a block with none
+        # (already consumed, or only rows past the stop) is never read.
         counts = plan.rows_per_block(self.stop(plan))
-        remaining = dict(zip(blocks, (int(n) for n in counts), strict=True))
-        todo = [b for b in blocks if remaining[b] > 0]
+        todo = [b for b, n in zip(blocks, counts.tolist(), strict=True) if n > 0]
         # Read a window's blocks together: its first batch needs every one of them (rows are
         # shuffled across the window), and reading them at once overlaps their decoding.
         group = min(plan.window_blocks, self.prefetch_blocks)
-        return _BlockReader(self, todo, plan.block_rows, group), remaining
+        groups = [todo[i : i + group] for i in range(0, len(todo), group)]
+        return _BlockReader(self, plan, groups, dict(zip(blocks, counts.tolist(), strict=True)))
 
-    def _compute(self, blocks: list[int], block_rows: int) -> list[Any]:
-        """Read and decode `blocks`: each one contiguous row range of every per-row array.
+    def _compute(
+        self,
+        blocks: list[int],
+        block_rows: int,
+        samples: np.ndarray | None = None,
+        seed_epoch: tuple[int, int] = (0, 0),
+    ) -> Any:
+        """Read a group of blocks: each one contiguous row range of every per-row array.
 
-        With a `distributed` client the reads are Dask tasks on the cluster. In this process every
-        array of every block is read in one concurrent `LogitStore.read_many` (Dask's threaded
-        scheduler would only add its overhead to reads already spread over every core), by the
-        source's `read_group`: a row store's blocks land one after another in one buffer per
-        array, so that a batch is gathered from them in one `take` per array.
+        With a `distributed` client the reads are Dask tasks on the cluster. In this process
+        every array of every block is read in one concurrent read, spread over every core (Dask's
+        threaded scheduler would only add its overhead to reads already spread over every core).
+        The source (`read_group`) puts what was read in the order the plan consumes `samples`
+        (rows) or keeps it by block (tokens).
+
+        Args:
+            blocks: the group's block ids.
+            block_rows: the plan's samples per block.
+            samples: the group's plan rows, in the order they will be consumed; None: every
+                sample of the blocks, block after block.
+            seed_epoch: the plan's seed and epoch.
         """
         bounds = [self.source.rows(b, block_rows) for b in blocks]
-        results: Sequence[dict[str, np.ndarray]]
+        if samples is None:
+            num_samples = self.store.meta.num_samples
+            samples = np.concatenate(
+                [np.arange(b * block_rows, min((b + 1) * block_rows, num_samples)) for b in blocks]
+            )
+        computed = None
         if self.client is not None:
             graph = [{n: d[r0:r1] for n, d in self._dask.items()} for r0, r1 in bounds]
-            computed = self.client.gather(self.client.compute(graph))
-            results = [{k: np.asarray(v) for k, v in r.items()} for r in computed]
-        else:
-            results = self.source.read_group(bounds)
-        return [self.source.decode(r) for r in results]
+            got = self.client.gather(self.client.compute(graph))
+            computed = [{k: np.asarray(v) for k, v in r.items()} for r in got]
+        return self.source.read_group(bounds, blocks, samples, block_rows, seed_epoch, computed)
 
 
 class _BlockReader:
-    """A background thread reading blocks in order, at most `prefetch_blocks` ahead."""
+    """A background thread reading groups of blocks in order, a bounded number ahead.
+
+    It walks its own copy of the epoch's batches to learn the order in which the plan consumes
+    each group's rows, and hands each group over read in that order.
+
+    Attributes:
+        groups: the groups of block ids, in reading order.
+        group_of: block id -> its group's index (-1: not read this epoch).
+        group_rows: rows the epoch consumes from each group.
+    """
 
     _DONE = object()
 
     def __init__(
-        self, stream: SoftLabelStream, blocks: list[int], block_rows: int, group: int
+        self,
+        stream: SoftLabelStream,
+        plan: EpochPlan,
+        groups: list[list[int]],
+        rows_per_block: dict[int, int],
     ) -> None:
-        self._expected = len(blocks)
+        self.groups = groups
+        self.group_of = np.full(plan.num_blocks, -1, dtype=np.int64)
+        for g, ids in enumerate(groups):
+            self.group_of[ids] = g
+        self.group_rows = [sum(rows_per_block[b] for b in ids) for ids in groups]
         self._delivered = 0
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=stream.prefetch_blocks)
+        # Groups, not blocks, go through the queue: as many as `prefetch_blocks` blocks make.
+        group = max((len(ids) for ids in groups), default=1)
+        depth = max(1, stream.prefetch_blocks // group)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
-            args=(stream, blocks, block_rows, group),
+            args=(stream, plan_from_state(plan.state_dict()).row_runs(stream.stop(plan)),
+                  plan.block_rows, (plan.seed, plan.epoch)),
             name="softcache-stream",
             daemon=True,
-        )
+        )  # fmt: skip
         self._thread.start()
 
-    def _run(self, stream: SoftLabelStream, blocks: list[int], block_rows: int, group: int) -> None:
+    def _run(
+        self,
+        stream: SoftLabelStream,
+        runs: Iterator[np.ndarray],
+        block_rows: int,
+        seed_epoch: tuple[int, int],
+    ) -> None:
         try:
-            for i in range(0, len(blocks), group):
-                ids = blocks[i : i + group]
-                for b, data in zip(ids, stream._compute(ids, block_rows), strict=True):
-                    if not self._put((b, data)):
-                        return
+            orders = _consumption_orders(runs, block_rows, self.group_of, self.group_rows)
+            samples = next(orders, None)
+            for g, ids in enumerate(self.groups):
+                data = stream._compute(ids, block_rows, samples, seed_epoch)
+                # The next group's order now, while the consumer still waits for this group:
+                # beside its batches this Python would wait for the GIL.
+                samples = next(orders, None)
+                if not self._put((g, data)):
+                    return
+                del data
             self._put(self._DONE)
         except BaseException as exc:
             self._put(exc)
@@ -324,7 +382,7 @@ class _BlockReader:
     def _put(self, item: Any) -> bool:
         return put_unless_stopped(self._queue, item, self._stop)
 
-    def next(self) -> tuple[int, dict[str, np.ndarray]]:
+    def next(self) -> tuple[int, Any]:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -335,12 +393,49 @@ class _BlockReader:
 
     @property
     def delivered_all(self) -> bool:
-        """Whether every block this reader was given has been handed out."""
-        return self._delivered == self._expected
+        """Whether every group this reader was given has been handed out."""
+        return self._delivered == len(self.groups)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _consumption_orders(
+    runs: Iterator[np.ndarray],
+    block_rows: int,
+    group_of: np.ndarray,
+    group_rows: list[int],
+) -> Iterator[np.ndarray]:
+    """Each group's plan rows in the order the batches consume them, group after group.
+
+    Args:
+        runs: the epoch's rows in consumption order (`EpochPlan.row_runs`), drawn only as far
+            as the next group needs: rows of a later group wait for it.
+        block_rows: the plan's rows per block.
+        group_of: block id -> group.
+        group_rows: rows the epoch consumes from each group.
+    """
+    pending: dict[int, list[np.ndarray]] = {}
+    seen = np.zeros(len(group_rows), dtype=np.int64)
+    for g, want in enumerate(group_rows):
+        while seen[g] < want:
+            run = next(runs)
+            groups = group_of[run // block_rows]
+            used, counts = _groups_used(groups)
+            for h, n in zip(used.tolist(), counts.tolist(), strict=True):
+                pending.setdefault(h, []).append(run if len(used) == 1 else run[groups == h])
+                seen[h] += n
+        parts = pending.pop(g, [])
+        yield np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+def _groups_used(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(groups, return_counts=True)`, at the cost of a comparison for the usual batch,
+    whose rows all come from one group (`unique` sorts: a tenth of the stream's own time)."""
+    if groups.size and groups[0] == groups[-1] and (groups == groups[0]).all():
+        return groups[:1], np.array([groups.size])
+    return np.unique(groups, return_counts=True)
 
 
 def _runs(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

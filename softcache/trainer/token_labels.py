@@ -89,16 +89,43 @@ class TokenBlocks:
         s1 = min(s0 + block_rows, num_samples)
         return int(self.offsets[s0]), int(self.offsets[s1])
 
-    def read_group(self, bounds: list[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
+    def read_group(
+        self,
+        bounds: list[tuple[int, int]],
+        blocks: list[int],
+        samples: np.ndarray,
+        block_rows: int,
+        seed_epoch: tuple[int, int],
+        computed: list[dict[str, np.ndarray]] | None = None,
+    ) -> dict[int, dict[str, Tensor]]:
         """Blocks of store rows `bounds` (each `[start, stop)`), every per-token array of each,
-        read in one concurrent `read_many`; in the order of `bounds`."""
-        names = self.store.row_array_names
-        arrays = iter(self.store.read_many((n, slice(*r)) for r in bounds for n in names))
-        return [{n: next(arrays) for n in names} for _ in bounds]
+        read in one concurrent `read_many` (or `computed` by Dask tasks) and decoded; by block.
+
+        A token block is decoded whole (`TokenCodec.decode` makes new tensors anyway), so the
+        order the plan consumes `samples` in is not needed here: `take` gathers each batch.
+        """
+        if computed is None:
+            names = self.store.row_array_names
+            arrays = iter(self.store.read_many((n, slice(*r)) for r in bounds for n in names))
+            computed = [{n: next(arrays) for n in names} for _ in bounds]
+        return {b: self.decode(data) for b, data in zip(blocks, computed, strict=True)}
 
     def decode(self, data: dict[str, np.ndarray]) -> dict[str, Tensor]:
         """Stored rows -> the loss's tensors (on the reader thread)."""
         return decode_token_rows({k: np.asarray(v) for k, v in data.items()}, self.store.meta)
+
+    def take(
+        self,
+        batch: np.ndarray,
+        block_ids: np.ndarray,
+        parts: list[tuple[dict[int, dict[str, Tensor]], np.ndarray | None, int, int]],
+        block_rows: int,
+        seed_epoch: tuple[int, int],
+    ) -> TokenLabels:
+        """The batch's samples' rows, out of the groups it draws from (`parts`: each group's
+        blocks first)."""
+        blocks = {b: data for group, *_ in parts for b, data in group.items()}
+        return self.gather(batch, block_ids, blocks, block_rows, seed_epoch)
 
     def gather(
         self,

@@ -4,20 +4,24 @@ not decode back to zarr; the stream's read groups reuse their buffers only when 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numcodecs import Zstd
 
 from softcache.errors import CorruptChunkError
-from softcache.store import LOGITS, LogitStore
+from softcache.store import LOGITS, LogitStore, decode_values
 from softcache.store.shard_files import (
     _MISSING,
     ShardDecodeError,
@@ -108,6 +112,92 @@ def test_every_sharded_array_reads_as_zarr_python_reads_it(
         _same_bits(g, w, f"{kind} {n} {r} (read_many)")
 
 
+def _picked(plain: LogitStore, name: str, ranges: list, positions: np.ndarray) -> np.ndarray:
+    """What `read_gather` must give: zarr-python's rows of the ranges, then `take`."""
+    rows = [plain.read(name, slice(r0, r1)) for r0, r1 in ranges]
+    return np.concatenate(rows)[positions]
+
+
+def _gather(store: LogitStore, ranges: list, positions: np.ndarray, widen: bool = False) -> list:
+    """Every row array's picked rows by `store.read_gather` (values widened to float32 with
+    `decode_values` where `widen`), into buffers that start out full of sevens."""
+    layout = store.row_layout()
+    names = store.row_array_names
+    values = {n for n in names if n in ("logits", "topk_values")} if widen else set()
+    out = [
+        np.full((len(positions), *layout[n][0]), 7, np.float32 if n in values else layout[n][1])
+        for n in names
+    ]
+    convert = [
+        partial(decode_values, value_dtype=store.meta.value_dtype) if n in values else None
+        for n in names
+    ]
+    store.read_gather([(n, ranges, positions) for n in names], out, convert)
+    return out
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "tokens-topk"])
+def test_rows_picked_out_of_ranges_read_as_zarr_python_reads_them(
+    stores: dict[str, Path], kind: str
+) -> None:
+    # The stream's reads: a window's rows in the order the plan consumes them, each chunk
+    # scattered to its places (from the shard files) or read then taken (through zarr).
+    direct, plain = _readers(stores[kind])
+    n, chunk, shard = direct.meta.num_rows, direct.meta.chunk_rows, direct.meta.shard_rows
+    ranges = [(shard - 2, min(shard + chunk + 1, n)), (0, chunk), (max(n - 5, 0), n), (3, 3)]
+    total = sum(r1 - r0 for r0, r1 in ranges)
+    rng = np.random.default_rng(0)
+    orders = {
+        "shuffled": rng.permutation(total),
+        "repeats": rng.integers(0, total, 40),
+        "in order": np.arange(total),
+        "none": np.zeros(0, dtype=np.int64),
+    }
+    for what, positions in orders.items():
+        for widen in (False, True):
+            got = _gather(direct, ranges, positions, widen)
+            through_zarr = _gather(plain, ranges, positions, widen)
+            for name, g, z in zip(direct.row_array_names, got, through_zarr, strict=True):
+                want = _picked(plain, name, ranges, positions)
+                if g.dtype == np.float32 and want.dtype != np.float32:
+                    want = decode_values(want, direct.meta.value_dtype)
+                _same_bits(g, want, f"{kind} {name} {what} widen={widen}")
+                _same_bits(z, want, f"{kind} {name} {what} widen={widen}, through zarr")
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_rows_picked_out_of_any_ranges_read_as_zarr_python_reads_them(
+    stores: dict[str, Path], data: st.DataObject
+) -> None:
+    direct, plain = _readers(stores["dense-bf16"])
+    n = direct.meta.num_rows
+    bounds = st.tuples(st.integers(0, n), st.integers(0, n)).map(lambda r: (min(r), max(r)))
+    ranges = data.draw(st.lists(bounds, min_size=1, max_size=4))
+    total = sum(r1 - r0 for r0, r1 in ranges)
+    positions = np.array(
+        data.draw(st.lists(st.integers(0, max(total - 1, 0)), max_size=80 if total else 0)),
+        dtype=np.int64,
+    )
+    for name, got in zip(direct.row_array_names, _gather(direct, ranges, positions), strict=True):
+        _same_bits(got, _picked(plain, name, ranges, positions), f"{name} {ranges}")
+
+
+def test_picked_rows_are_refused_when_asked_for_outside_the_array(
+    stores: dict[str, Path],
+) -> None:
+    direct, plain = _readers(stores["dense-fp16"])
+    n = direct.meta.num_rows
+    out = [np.empty((2, direct.meta.num_classes), np.float16)]
+    for store in (direct, plain):
+        with pytest.raises(ValueError, match="not a range inside"):
+            store.read_gather([(LOGITS, [(0, n + 1)], np.array([0, 1]))], out)
+        with pytest.raises(ValueError, match=r"positions must be in \[0, 4\)"):
+            store.read_gather([(LOGITS, [(0, 4)], np.array([0, 4]))], out)
+        with pytest.raises(ValueError, match="shape"):
+            store.read_gather([(LOGITS, [(0, 4)], np.array([0]))], out)
+
+
 def test_a_token_stores_per_sample_arrays_are_left_to_zarr(stores: dict[str, Path]) -> None:
     direct, plain = _readers(stores["tokens-topk"])
     for name in direct.sample_array_names:
@@ -139,9 +229,17 @@ def test_the_read_never_goes_through_zarr(
 
     monkeypatch.setattr(LogitStore, "_read_zarr_many", refuse)
     _same_bits(direct.read_many([(LOGITS, slice(None))])[0], plain.read(LOGITS), LOGITS)
+    positions = np.arange(direct.meta.num_rows)[::-1].copy()
+    _same_bits(
+        _gather(direct, [(0, direct.meta.num_rows)], positions)[0],
+        plain.read(LOGITS)[positions],
+        "gather",
+    )
     monkeypatch.setenv("SOFTCACHE_DIRECT_READS", "0")
     with pytest.raises(AssertionError, match="codec pipeline"):
         direct.read_many([(LOGITS, slice(None))])
+    with pytest.raises(AssertionError, match="codec pipeline"):
+        _gather(direct, [(0, 4)], np.arange(4))
 
 
 def test_a_store_a_build_may_still_write_is_read_by_zarr(
@@ -205,8 +303,15 @@ def _read_fails(path: Path, *words: str) -> None:
         store.read(LOGITS)
     with pytest.raises(CorruptChunkError):
         store.read_many([(LOGITS, slice(None))])
+    n = store.meta.num_rows
+    with pytest.raises(CorruptChunkError) as picked:
+        store.read_gather(
+            [(LOGITS, [(0, n)], np.arange(n)[::-1].copy())],
+            [np.empty((n, store.meta.num_classes), np.float16)],
+        )
     for word in ("logits/c/1/0", "softcache verify", *words):
         assert word in str(info.value), (word, str(info.value))
+        assert word in str(picked.value), (word, str(picked.value))
 
 
 def test_chunk_frames_are_the_files_frames_and_decode_to_the_rows(
@@ -235,6 +340,26 @@ def test_a_flipped_bit_in_a_chunk_is_refused(stores: dict[str, Path], tmp_path: 
     data[len(_chunks(bytes(data), per)[0] or b"") // 2] ^= 0x10
     shard.write_bytes(bytes(data))
     _read_fails(path, "chunk 0", "fails its checksum")
+
+
+def test_a_damaged_chunk_no_picked_row_is_in_is_not_decoded(
+    stores: dict[str, Path], tmp_path: Path
+) -> None:
+    path, shard, per = _copy(stores, tmp_path)
+    data = bytearray(shard.read_bytes())
+    data[len(_chunks(bytes(data), per)[0] or b"") // 2] ^= 0x10  # shard 1, chunk 0
+    shard.write_bytes(bytes(data))
+    store, plain = LogitStore.open(str(path)), LogitStore.open(str(path), fast_reads=False)
+    rows, chunk = store.meta.shard_rows, store.meta.chunk_rows
+    ranges = [(0, 2 * rows)]
+    around = np.r_[0:rows, rows + chunk : 2 * rows]  # every row but the damaged chunk's
+    got = _gather(store, ranges, around[::-1].copy())[0]
+    want = np.concatenate(
+        [plain.read(LOGITS, slice(0, rows)), plain.read(LOGITS, slice(rows + chunk, 2 * rows))]
+    )
+    _same_bits(got, want[::-1], "around the damaged chunk")
+    with pytest.raises(CorruptChunkError, match="chunk 0"):
+        _gather(store, ranges, np.array([5, rows + chunk - 1]))
 
 
 def test_a_truncated_shard_file_is_refused(stores: dict[str, Path], tmp_path: Path) -> None:
@@ -325,22 +450,20 @@ def test_the_frame_header_parser_reads_every_size_field() -> None:
 
 def test_a_read_group_is_reused_only_once_nothing_refers_to_it() -> None:
     layout = {"a": ((4,), np.dtype(np.float16)), "b": ((), np.dtype(np.uint64))}
-    pool = _GroupBuffers(layout, ("a", "b"))
-    block, other = pool.blocks([6, 4])
-    group = block.group
-    assert other.group is group and other.start == 6 and block["a"].base is group["a"]
-    assert len(block["b"]) == 6 and len(other["b"]) == 4
-    ident = id(group)
+    pool = _GroupBuffers(layout)
+    group = pool.get(10)
+    assert group["a"].shape == (10, 4) and group["b"].dtype == np.uint64
+    ident = id(group["a"])
+    assert id(pool.get(10)["a"]) != ident  # the stream's dict of it is alive
+    batch = group["a"][2:4]  # a batch sliced from it
     del group
-    assert pool.blocks([10])[0].group is not block.group  # both blocks are in use
-    del block
-    assert pool.blocks([10])[0].group is not other.group  # one block is
-    view = other["a"][1:]
-    del other
-    assert id(pool.blocks([10])[0].group) != ident  # a view of its buffer is in use
-    del view
-    assert id(pool.blocks([5, 5])[0].group) == ident  # free: any split of its rows
-    assert id(pool.blocks([11])[0].group) != ident  # another size
+    assert id(pool.get(10)["a"]) != ident  # a view of its buffer is in use
+    tensor = torch.from_numpy(batch)
+    del batch
+    assert id(pool.get(10)["a"]) != ident  # a tensor over that view is
+    del tensor
+    assert id(pool.get(10)["a"]) == ident  # free again
+    assert id(pool.get(11)["a"]) != ident  # another size
 
 
 @pytest.mark.parametrize("kind", ["dense-fp16", "views"])
@@ -361,7 +484,9 @@ def test_epochs_over_reused_groups_deliver_what_zarr_reads(
         out = []
         for epoch in range(3):
             plan.set_epoch(epoch)
-            out += list(stream.batches(plan))
+            # Each batch copied and dropped before the next, as a training loop does: the
+            # groups' buffers are handed out again epoch after epoch.
+            out += [_copied(soft) for soft in stream.batches(plan)]
         return out
 
     fast, plain = epochs(True), epochs(False)
@@ -371,3 +496,17 @@ def test_epochs_over_reused_groups_deliver_what_zarr_reads(
         for name in ("logits", "topk_values", "topk_indices", "view_params"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None and y is None) or np.array_equal(np.asarray(x), np.asarray(y)), name
+
+
+def _copied(soft: Any) -> Any:
+    """A batch of soft labels with its arrays copied out of the stream's buffers."""
+    return dataclasses.replace(
+        soft,
+        **{
+            f.name: getattr(soft, f.name).clone()
+            if isinstance(getattr(soft, f.name), torch.Tensor)
+            else np.copy(getattr(soft, f.name))
+            for f in dataclasses.fields(soft)
+            if getattr(soft, f.name) is not None
+        },
+    )

@@ -534,11 +534,11 @@ def test_a_batch_of_empty_samples_has_no_rows_of_the_right_widths(stores: dict[s
     source = stream.source
     assert isinstance(source, TokenBlocks)
     block = 7 // 4
-    (decoded,) = stream._compute([block], plan.block_rows)
+    decoded = stream._compute([block], plan.block_rows)[block]
     got = source.gather(
         np.array([7, 8]),
         np.array([block, 8 // 4]),
-        {block: decoded, 8 // 4: stream._compute([8 // 4], 4)[0]},
+        {block: decoded, 8 // 4: stream._compute([8 // 4], 4)[8 // 4]},
         4,
         (0, 0),
     )

@@ -145,6 +145,28 @@ def test_rows_per_block_counts_the_rows_of_the_batches_between_cursor_and_stop(l
     assert plan.cursor == cursor  # counting does not draw batches
 
 
+@FEW
+@given(layouts(), st.data())
+def test_row_runs_are_the_batches_rows_in_order_between_cursor_and_stop(layout, data):
+    # The stream reads each window's rows straight into the order its batches take them, from
+    # these runs: they must be the batches' rows, in the batches' order, window by window.
+    rank = data.draw(st.integers(0, layout["world_size"] - 1))
+    plan = EpochPlan(**layout, rank=rank)
+    cursor = data.draw(st.integers(0, len(plan)))
+    stop = data.draw(st.none() | st.integers(0, len(plan) + 2))
+    list(itertools.islice(plan, cursor))
+    batches = list(itertools.islice(EpochPlan(**layout, rank=rank), len(plan)))
+    used = batches[cursor : len(plan) if stop is None else stop]
+    want = np.concatenate(used) if used else np.zeros(0, dtype=np.int64)
+    runs = list(plan.row_runs(stop))
+    got = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+    np.testing.assert_array_equal(got, want)
+    assert all(run.dtype == np.int64 and run.size for run in runs)
+    windows = [set((run // layout["block_rows"]).tolist()) for run in runs]
+    assert all(len(w) <= layout["window_blocks"] for w in windows)  # one window each
+    assert plan.cursor == cursor  # drawing the runs does not move the cursor
+
+
 def test_break_leaves_cursor_at_batches_yielded_and_exhausted_epoch_is_empty():
     plan = EpochPlan(num_samples=100, block_rows=10, batch_size=7)
     assert len(plan) == 15

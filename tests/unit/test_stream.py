@@ -207,7 +207,7 @@ def test_an_error_in_a_stream_with_an_assembler_reaches_its_batch(make_store, mo
     store = LogitStore.open(path)
     plan = _plan(store)
     stream = SoftLabelStream(store, assemble_ahead=2)
-    gather = stream.source.gather
+    gather = stream.source.take
     calls = []
 
     def failing(*args):
@@ -216,7 +216,7 @@ def test_an_error_in_a_stream_with_an_assembler_reaches_its_batch(make_store, mo
             raise DatasetMismatchError("the sixth batch")
         return gather(*args)
 
-    monkeypatch.setattr(stream.source, "gather", failing)
+    monkeypatch.setattr(stream.source, "take", failing)
     got = []
     with pytest.raises(DatasetMismatchError, match="sixth"):
         for soft in stream.batches(plan):
