@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softcache.errors import DatasetMismatchError
@@ -239,3 +240,42 @@ def test_closing_runs_of_batches_early_closes_the_source():
     assert next(runs) == [0, 1, 2]
     runs.close()
     assert closed == [True]
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_any_plan_prefetch_and_cursor_stream_the_plans_rows_exactly(built_stores, data):
+    # Each read group is placed in the order its rows will be consumed, and a batch is taken as
+    # runs of the groups it draws from: with a window wider than the read-ahead, a resumed epoch
+    # (groups no longer aligned with windows) or ranks, batches span several groups.
+    kind = data.draw(st.sampled_from(["dense", "topk"]))
+    store = LogitStore.open(str(built_stores[kind]))
+    world = data.draw(st.integers(1, 2))
+    plan = _plan(
+        store,
+        batch_size=data.draw(st.integers(1, 70)),
+        window_blocks=data.draw(st.integers(2, 3)),
+        epoch=data.draw(st.integers(0, 3)),
+        world_size=world,
+        rank=data.draw(st.integers(0, world - 1)),
+        drop_last=data.draw(st.booleans()),
+    )
+    cursor = data.draw(st.integers(0, len(plan)))
+    expected = list(itertools.islice(plan.batches(), cursor, None))
+    plan.load_state_dict({**plan.state_dict(), "cursor": cursor})
+    values = data.draw(st.sampled_from(["float32", "stored"]))
+    stream = SoftLabelStream(
+        store,
+        prefetch_blocks=data.draw(st.integers(1, 4)),
+        equal_steps=False,
+        values=values,
+        assemble_ahead=data.draw(st.sampled_from([0, 2])),
+    )
+    full = store.read_rows(0, store.meta.num_samples)
+    got = list(stream.batches(plan))
+    assert len(got) == len(expected)
+    for soft, rows in zip(got, expected, strict=True):
+        assert np.array_equal(soft.indices, rows)
+        if values == "stored":
+            soft = soft.to("cpu")
+        _check_rows(store, soft, full)
