@@ -51,6 +51,7 @@ _MISSING = 2**64 - 1
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CRC_BYTES = 4
 _ENV = "SOFTCACHE_DIRECT_READS"
+_THREADS_ENV = "SOFTCACHE_READ_THREADS"
 
 
 class ShardDecodeError(RuntimeError):
@@ -347,7 +348,15 @@ def default_threads() -> int:
 
     Every rank `torchrun` starts on a machine reads its own blocks at once (each epoch starts
     with a read on every rank), so each takes its share of the CPUs rather than all of them.
+    `SOFTCACHE_READ_THREADS`, where set, is the number.
     """
+    chosen = os.environ.get(_THREADS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(
+                f"{_THREADS_ENV}={chosen!r}: give a number of decoding threads >= 1, or unset it"
+            )
+        return int(chosen)
     # The CPUs this process may run on, where the OS says.
     affinity = getattr(os, "sched_getaffinity", None)
     cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1

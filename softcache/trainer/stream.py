@@ -1,9 +1,9 @@
 """The soft-label stream: a store's soft labels, in epoch-plan order, read a bounded number ahead.
 
 One engine for every layout: what differs between a row store and a token store (what a block is,
-how a group of blocks is read and decoded, how a batch is taken from it) is a source object (`row_labels.RowBlocks`,
-`token_labels.TokenBlocks`) the engine calls; reading ahead, the memory bound, the epoch boundary and
-DDP are written once, here.
+how a group of blocks is read and decoded, how a batch is taken from it) is a source object
+(`row_labels.RowBlocks`, `token_labels.TokenBlocks`) the engine calls; reading ahead, the memory
+bound, the epoch boundary and DDP are written once, here.
 
 Reading random rows from a chunked store decompresses a whole chunk per row; computing a graph per
 batch pays scheduling overhead per batch. Both are orders of magnitude slower than what the student
@@ -27,13 +27,14 @@ needs. So the stream works in three threads:
    it a queue `get` per run.
 
 Where the widening happens is a choice (`values`). For a CPU student the reader widens as it
-places the rows, on every core (`float32`, the default). For a GPU student the stream hands over the stored dtypes (`stored`:
-float16/bfloat16 values, uint16 class ids) and `SoftLabels.to(device)` widens them after the copy:
-half the bytes cross to the device and the widening is free there. A batch of soft labels is a
-view of the stream's buffers (no copy): the buffer is read into again only once no batch, view or
-tensor of it is left (`row_labels._GroupBuffers`), so a caller may keep batches as long as it
-likes, at the cost of fresh buffers. Memory is bounded by the prefetch window plus the plan's
-shuffle window, whatever N is.
+places the rows, on every core (`float32`, the default). For a GPU student the stream hands over
+the stored dtypes (`stored`: float16/bfloat16 values, uint16 class ids) and `SoftLabels.to(device)`
+widens them after the copy: half the bytes cross to the device and the widening is free there.
+
+A batch of soft labels is a view of the stream's buffers (no copy): a buffer is read into again
+only once no batch, view or tensor of it is left (`row_labels._GroupBuffers`), so a caller may keep
+batches as long as it likes, at the cost of fresh buffers. Memory is bounded by the prefetch window
+plus the plan's shuffle window, whatever N is.
 
 Under DDP each rank streams its own plan (`EpochPlan(rank=..., world_size=...)`): it reads only the
 blocks of its own rows, the next epoch's read-ahead included, so no block is read by two ranks. Ranks
@@ -319,8 +320,8 @@ class SoftLabelStream:
 class _BlockReader:
     """A background thread reading groups of blocks in order, a bounded number ahead.
 
-    It walks its own copy of the epoch's batches to learn the order in which the plan consumes
-    each group's rows, and hands each group over read in that order.
+    It draws the epoch's rows in the order the batches will consume them from its own copy of
+    the plan (`EpochPlan.row_runs`) and hands each group over read in that order.
 
     Attributes:
         groups: the groups of block ids, in reading order.

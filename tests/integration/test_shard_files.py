@@ -433,6 +433,12 @@ def test_the_decoding_threads_are_shared_among_a_machines_ranks(
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
     assert default_threads() == cpus
     assert ShardFileReader(tmp_path, threads=3).threads == 3
+    monkeypatch.setenv("SOFTCACHE_READ_THREADS", "5")  # the user's number, ranks or not
+    assert default_threads() == 5 and ShardFileReader(tmp_path).threads == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("SOFTCACHE_READ_THREADS", bad)
+        with pytest.raises(ValueError, match="SOFTCACHE_READ_THREADS"):
+            default_threads()
 
 
 def test_the_frame_header_parser_reads_every_size_field() -> None:
