@@ -558,9 +558,15 @@ class _GatherTask:
 _SCRATCH = threading.local()
 
 
+# Larger buffers are not kept: a thread holds at most this much per slot between reads.
+_SCRATCH_KEEP = 16 << 20
+
+
 def _scratch(nbytes: int, slot: int = 0) -> np.ndarray:
     """This thread's buffer `slot` (0: a decoded chunk, 1: its rows converted), `nbytes` uint8;
-    sized from validated metadata, never from a file."""
+    sized from validated metadata, never from a file. One over `_SCRATCH_KEEP` is a fresh one."""
+    if nbytes > _SCRATCH_KEEP:
+        return np.empty(nbytes, np.uint8)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get(slot)
     if buffer is None or buffer.nbytes < nbytes:

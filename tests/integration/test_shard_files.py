@@ -516,3 +516,21 @@ def _copied(soft: Any) -> Any:
             if getattr(soft, f.name) is not None
         },
     )
+
+
+def test_chunks_larger_than_a_kept_buffer_read_the_same(
+    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread keeps its chunk buffers between reads only up to `_SCRATCH_KEEP`; a larger chunk
+    # is decoded into a fresh buffer and reads the same.
+    from softcache.store import shard_files
+
+    monkeypatch.setattr(shard_files, "_SCRATCH_KEEP", 64)
+    direct, plain = _readers(stores["dense-bf16"])
+    n = direct.meta.num_rows
+    positions = np.random.default_rng(1).permutation(n - 3)
+    for widen in (False, True):
+        got = _gather(direct, [(3, n)], positions, widen)[0]
+        want = _picked(plain, LOGITS, [(3, n)], positions)
+        _same_bits(got, decode_values(want, "bfloat16") if widen else want, f"widen={widen}")
+    _same_bits(direct.read(LOGITS, slice(3, n - 2)), plain.read(LOGITS, slice(3, n - 2)), "edges")
