@@ -15,7 +15,7 @@ import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
@@ -76,6 +76,8 @@ from softcache.store.validate import (
     parse_meta,
     read_object,
 )
+
+_T = TypeVar("_T")
 
 
 class LogitStore:
@@ -447,33 +449,39 @@ class LogitStore:
         convert: Sequence[Callable[..., np.ndarray] | None] | None,
     ) -> bool:
         """`read_gather` from the shard files (`shard_files`); False where zarr must read."""
+
+        def gather(files: ShardFileReader, layouts: list[ShardLayout]) -> bool:
+            picks = [(lay, r[1], r[2]) for lay, r in zip(layouts, requests, strict=True)]
+            files.read_gather(picks, out, convert)
+            return True
+
+        return self._from_files([name for name, _, _ in requests], gather) is not None
+
+    def _from_files(
+        self, names: list[str], read: Callable[[ShardFileReader, list[ShardLayout]], _T]
+    ) -> _T | None:
+        """`read(reader, layouts)` of arrays `names` from the shard files (`shard_files`); None
+        where zarr must read: no shard-file reader for this store, direct reads switched off, an
+        array or a chunk that reader does not decode. A damaged shard is a `CorruptChunkError`."""
         if self._files is None or not direct_reads_enabled():
-            return False
+            return None
         layouts = []
-        for name, ranges, positions in requests:
-            layout = self._layout(name)
+        for name in names:
+            if name not in self._layouts:
+                self._layouts[name] = shard_layout(self.array(name))
+            layout = self._layouts[name]
             if layout is None:
-                return False
-            layouts.append((layout, ranges, positions))
+                return None
+            layouts.append(layout)
         try:
-            self._files.read_gather(layouts, out, convert)
+            return read(self._files, layouts)
         except UnsupportedChunk:
-            return False
+            return None
         except ShardDecodeError as exc:
-            raise self._damaged(exc) from exc
-        return True
-
-    def _layout(self, name: str) -> ShardLayout | None:
-        """Array `name`'s shard-file layout, None where the shard-file reader cannot read it."""
-        if name not in self._layouts:
-            self._layouts[name] = shard_layout(self.array(name))
-        return self._layouts[name]
-
-    def _damaged(self, exc: ShardDecodeError) -> CorruptChunkError:
-        return CorruptChunkError(
-            f"store {self.location}: {exc}; the store is damaged: `softcache verify` names every "
-            "damaged shard"
-        )
+            raise CorruptChunkError(
+                f"store {self.location}: {exc}; the store is damaged: `softcache verify` names "
+                "every damaged shard"
+            ) from exc
 
     def _read_zarr_many(self, pairs: list[tuple[str, slice]]) -> list[np.ndarray]:
         """`read_many` through zarr's codec pipeline."""
@@ -498,20 +506,14 @@ class LogitStore:
         self, requests: list[tuple[str, slice]], out: Sequence[np.ndarray] | None = None
     ) -> list[np.ndarray] | None:
         """`requests` decoded from the shard files (`shard_files`), None where zarr must read."""
-        if self._files is None or not direct_reads_enabled():
+        if any(not isinstance(rows, slice) or rows.step not in (None, 1) for _, rows in requests):
             return None
-        layouts = []
-        for name, rows in requests:
-            layout = self._layout(name)
-            if layout is None or not isinstance(rows, slice) or rows.step not in (None, 1):
-                return None
-            layouts.append((layout, rows))
-        try:
-            return self._files.read_many(layouts, out)
-        except UnsupportedChunk:
-            return None
-        except ShardDecodeError as exc:
-            raise self._damaged(exc) from exc
+
+        def read(files: ShardFileReader, layouts: list[ShardLayout]) -> list[np.ndarray]:
+            ranges = [(lay, rows) for lay, (_, rows) in zip(layouts, requests, strict=True)]
+            return files.read_many(ranges, out)
+
+        return self._from_files([name for name, _ in requests], read)
 
     def _corrupt_chunk(self, exc: Exception, where: str) -> CorruptChunkError | None:
         """The `CorruptChunkError` a failed read means, or None if it was not a decode failure."""

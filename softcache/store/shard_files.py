@@ -233,21 +233,13 @@ class ShardFileReader:
                         raise ValueError(f"out[{i}] is not C-contiguous")
                 outs.append(dest)
                 first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
+                what = f"{layout.path} rows {start}..{stop}"
                 for chunk in range(first, last if stop > start else first):
-                    shard, inner = divmod(chunk, layout.chunks_per_shard)
-                    where = (layout.path, shard)
-                    if where not in files:
-                        files[where] = _ShardFile.open(
-                            self.root, layout, shard, f"{layout.path} rows {start}..{stop}"
-                        )
-                    what = f"{layout.path} rows {start}..{stop}"
-                    source = _Chunk(self._zstd, layout, files[where], inner, what)
+                    source = self._chunk(files, layout, chunk, what)
                     tasks.append(_ChunkTask(source, chunk * layout.chunk_rows, start, stop, dest))
             self._run(tasks)
         finally:
-            for shard_file in files.values():
-                if shard_file is not None:
-                    shard_file.close()
+            _close(files)
         return outs
 
     def read_gather(
@@ -293,6 +285,7 @@ class ShardFileReader:
                 distinct = picks.size < 2 or bool((picks[1:] != picks[:-1]).all())
                 base = 0
                 for r0, r1 in ranges:
+                    what = f"{layout.path} rows {r0}..{r1}"
                     for chunk in range(r0 // layout.chunk_rows, -(-r1 // layout.chunk_rows)):
                         c0 = chunk * layout.chunk_rows
                         lo, hi = max(c0, r0), min(c0 + layout.chunk_rows, r1)
@@ -300,19 +293,7 @@ class ShardFileReader:
                         a, z = np.searchsorted(picks, (base + lo - r0, base + hi - r0))
                         if a == z:
                             continue
-                        shard, inner = divmod(chunk, layout.chunks_per_shard)
-                        where = (layout.path, shard)
-                        if where not in files:
-                            files[where] = _ShardFile.open(
-                                self.root, layout, shard, f"{layout.path} rows {r0}..{r1}"
-                            )
-                        source = _Chunk(
-                            self._zstd,
-                            layout,
-                            files[where],
-                            inner,
-                            f"{layout.path} rows {r0}..{r1}",
-                        )
+                        source = self._chunk(files, layout, chunk, what)
                         whole = distinct and z - a == layout.chunk_rows
                         tasks.append(
                             _GatherTask(
@@ -323,9 +304,21 @@ class ShardFileReader:
                     base += r1 - r0
             self._run(tasks)
         finally:
-            for shard_file in files.values():
-                if shard_file is not None:
-                    shard_file.close()
+            _close(files)
+
+    def _chunk(
+        self,
+        files: dict[tuple[str, int], _ShardFile | None],
+        layout: ShardLayout,
+        chunk: int,
+        what: str,
+    ) -> _Chunk:
+        """Chunk `chunk` of an array; its shard file is opened (and its index checked) once per
+        read, in `files`. `what` (the array and rows read) begins its errors' messages."""
+        shard, inner = divmod(chunk, layout.chunks_per_shard)
+        if (layout.path, shard) not in files:
+            files[layout.path, shard] = _ShardFile.open(self.root, layout, shard, what)
+        return _Chunk(self._zstd, layout, files[layout.path, shard], inner, what)
 
     def _run(self, tasks: list[Callable[[], None]]) -> None:
         if len(tasks) <= 1 or self.threads == 1:
@@ -607,6 +600,13 @@ def checked_picks(
             f"out[{i}] has shape {out.shape}, the picked rows {(picks.size, *shape[1:])}"
         )
     return picks.astype(np.int64, copy=False)
+
+
+def _close(files: dict[tuple[str, int], _ShardFile | None]) -> None:
+    """Unmap the shard files a read opened."""
+    for shard_file in files.values():
+        if shard_file is not None:
+            shard_file.close()
 
 
 def _crc_of(data: bytes | memoryview) -> int:
