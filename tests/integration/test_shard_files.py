@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from numcodecs import Zstd
 
 from softcache.errors import CorruptChunkError
-from softcache.store import LOGITS, LogitStore, decode_values
+from softcache.store import LOGITS, TOPK_VALUES, LogitStore, decode_values
 from softcache.store.shard_files import (
     _MISSING,
     ShardDecodeError,
@@ -123,7 +123,7 @@ def _gather(store: LogitStore, ranges: list, positions: np.ndarray, widen: bool 
     `decode_values` where `widen`), into buffers that start out full of sevens."""
     layout = store.row_layout()
     names = store.row_array_names
-    values = {n for n in names if n in ("logits", "topk_values")} if widen else set()
+    values = {n for n in names if n in (LOGITS, TOPK_VALUES)} if widen else set()
     out = [
         np.full((len(positions), *layout[n][0]), 7, np.float32 if n in values else layout[n][1])
         for n in names
@@ -293,6 +293,13 @@ def _shard_file(chunks: list[bytes | None]) -> bytes:
     return body + raw + struct.pack("<I", crc32c(raw))
 
 
+def _flip_a_bit_in_chunk_0(shard: Path, per: int) -> None:
+    """Flip one bit in the middle of the shard file's first chunk (its checksum left stale)."""
+    data = bytearray(shard.read_bytes())
+    data[len(_chunks(bytes(data), per)[0] or b"") // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
 def _with_crc(frame: bytes) -> bytes:
     return frame + struct.pack("<I", crc32c(frame))
 
@@ -336,9 +343,7 @@ def test_chunk_frames_are_the_files_frames_and_decode_to_the_rows(
 
 def test_a_flipped_bit_in_a_chunk_is_refused(stores: dict[str, Path], tmp_path: Path) -> None:
     path, shard, per = _copy(stores, tmp_path)
-    data = bytearray(shard.read_bytes())
-    data[len(_chunks(bytes(data), per)[0] or b"") // 2] ^= 0x10
-    shard.write_bytes(bytes(data))
+    _flip_a_bit_in_chunk_0(shard, per)
     _read_fails(path, "chunk 0", "fails its checksum")
 
 
@@ -346,9 +351,7 @@ def test_a_damaged_chunk_no_picked_row_is_in_is_not_decoded(
     stores: dict[str, Path], tmp_path: Path
 ) -> None:
     path, shard, per = _copy(stores, tmp_path)
-    data = bytearray(shard.read_bytes())
-    data[len(_chunks(bytes(data), per)[0] or b"") // 2] ^= 0x10  # shard 1, chunk 0
-    shard.write_bytes(bytes(data))
+    _flip_a_bit_in_chunk_0(shard, per)  # shard 1, chunk 0
     store, plain = LogitStore.open(str(path)), LogitStore.open(str(path), fast_reads=False)
     rows, chunk = store.meta.shard_rows, store.meta.chunk_rows
     ranges = [(0, 2 * rows)]

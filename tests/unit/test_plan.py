@@ -125,11 +125,11 @@ def test_resume_from_state_dict_yields_exactly_the_remaining_batches(layout, dat
         np.testing.assert_array_equal(got, want)
 
 
-@FEW
-@given(layouts(), st.data())
-def test_rows_per_block_counts_the_rows_of_the_batches_between_cursor_and_stop(layout, data):
-    # What the stream reads is decided by these counts: a block with none is never read, and a
-    # block leaves memory when its count is used up, so they must be the batches' own counts.
+def _between_cursor_and_stop(
+    layout: dict, data: st.DataObject
+) -> tuple[EpochPlan, int, int | None, np.ndarray]:
+    """A plan of a drawn rank advanced to a drawn cursor, a drawn stop (None: the epoch's end),
+    and the rows of the batches between them, in order (from an independent copy of the plan)."""
     rank = data.draw(st.integers(0, layout["world_size"] - 1))
     plan = EpochPlan(**layout, rank=rank)
     cursor = data.draw(st.integers(0, len(plan)))
@@ -137,7 +137,15 @@ def test_rows_per_block_counts_the_rows_of_the_batches_between_cursor_and_stop(l
     list(itertools.islice(plan, cursor))
     batches = list(itertools.islice(EpochPlan(**layout, rank=rank), len(plan)))
     used = batches[cursor : len(plan) if stop is None else stop]
-    rows = np.concatenate(used) if used else np.zeros(0, dtype=np.int64)
+    return plan, cursor, stop, np.concatenate(used) if used else np.zeros(0, dtype=np.int64)
+
+
+@FEW
+@given(layouts(), st.data())
+def test_rows_per_block_counts_the_rows_of_the_batches_between_cursor_and_stop(layout, data):
+    # What the stream reads is decided by these counts: a block with none is never read, and a
+    # block leaves memory when its count is used up, so they must be the batches' own counts.
+    plan, cursor, stop, rows = _between_cursor_and_stop(layout, data)
     per_block = np.bincount(rows // layout["block_rows"], minlength=plan.num_blocks)
     counts = plan.rows_per_block(stop)
     assert counts.dtype == np.int64
@@ -150,14 +158,7 @@ def test_rows_per_block_counts_the_rows_of_the_batches_between_cursor_and_stop(l
 def test_row_runs_are_the_batches_rows_in_order_between_cursor_and_stop(layout, data):
     # The stream reads each window's rows straight into the order its batches take them, from
     # these runs: they must be the batches' rows, in the batches' order, window by window.
-    rank = data.draw(st.integers(0, layout["world_size"] - 1))
-    plan = EpochPlan(**layout, rank=rank)
-    cursor = data.draw(st.integers(0, len(plan)))
-    stop = data.draw(st.none() | st.integers(0, len(plan) + 2))
-    list(itertools.islice(plan, cursor))
-    batches = list(itertools.islice(EpochPlan(**layout, rank=rank), len(plan)))
-    used = batches[cursor : len(plan) if stop is None else stop]
-    want = np.concatenate(used) if used else np.zeros(0, dtype=np.int64)
+    plan, cursor, stop, want = _between_cursor_and_stop(layout, data)
     runs = list(plan.row_runs(stop))
     got = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
     np.testing.assert_array_equal(got, want)
