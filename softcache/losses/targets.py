@@ -3,7 +3,8 @@
 `kd_loss_dense` and `kd_loss_topk` compute everything on the training thread: the teacher's
 softmax at the temperature, its entropy, the kept-class masks, then the student's side. Only the
 student's side depends on the student. A training loop that makes its batches on another thread
-(`softcache.trainer.ahead.Ahead`) prepares the teacher's side there, and the step runs only::
+or process (`softcache.trainer.ahead.Ahead`, `softcache.trainer.batch_process`) prepares the
+teacher's side there, and the step runs only::
 
     dense:  CE(s / T; P)                              P = softmax(t / T)
     top-k:  CE(s / T; P),  P = p on the kept classes + p_tail * softmax(s / T | tail)
@@ -12,10 +13,18 @@ plus the teacher's (constant) negative entropy, so the value is the KL of `kd_lo
 `kd_loss_topk`. The top-k form is exact, value and gradient: the gradient of the top-k loss with
 its tail bin is ``q - P`` with the tail's mass spread over the tail classes in proportion to the
 student's own tail (``dKL/dz_j = q_j - p_tail q_j / q_tail``), which is the gradient of a
-cross-entropy to ``P`` held constant; that cross-entropy exceeds the tail-bin cross-entropy by
-``p_tail * H(softmax(s / T | tail))``, subtracted without gradient. One fused cross-entropy, a masked
-softmax and two small no-grad terms replace the tail bin's dozen ops: on a 3 ms CPU step the
-top-k loss went from 1.15-1.30 to 1.00 of a hard-label step (`benchmarks/train.py`).
+cross-entropy to ``P`` held constant.
+
+On ``(B, C)`` targets the step computes that value directly, ``sum p log p - sum W log q - p_tail
+log q_tail`` with ``q_tail`` summed from ``q`` over the tail classes: a log-softmax, an exp and
+three reductions, differentiated by autograd (exact to any order, so a ``create_graph`` backward
+works). On a small head every op is a few microseconds of dispatch, and this is half the ops of
+the tail-share form it replaced (a masked softmax, a soft-target cross-entropy, an entropy
+correction): `python -m benchmarks.row_loss`. Summing ``q`` is exact while every tail class's
+``q_j`` is a normal float32; where some row's tail mass falls under `TAIL_EXACT_BELOW`, and always
+off the CPU (where the check would cost a device sync and the extra kernels cost nothing), the
+tail's mass is taken in log space (``logsumexp`` over the tail), so a tail the student has no
+float32 mass in still gets its gradient, ``p_tail exp(log q_j - log q_tail)``.
 
 Dense ``(B, C)`` top-k targets pay off for small batches of small heads, where a step is a few
 milliseconds of op overhead; above `DENSE_TOPK_ELEMENTS` per batch the top-k targets stay sparse
@@ -24,7 +33,6 @@ and the loss runs the memory-lean kernel (`softcache.losses.sparse.sparse_cross_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -37,6 +45,7 @@ from softcache.losses.rows import (
     _check_scalars,
     _check_topk,
     _combine,
+    _hard_loss,
     _tail_mass,
 )
 from softcache.losses.sparse import sparse_cross_entropy
@@ -47,6 +56,11 @@ from softcache.losses.sparse import sparse_cross_entropy
 # kernel's fewer full-row passes win (3.2 against 6.7 ms at 256 x 1,000, 18 against 72 ms at
 # 512 x 8,192).
 DENSE_TOPK_ELEMENTS = 1 << 15
+
+# Below this tail mass a row's tail is summed in log space. Summing ``q`` loses the tail classes
+# whose ``q_j`` fall under float32's normal range (2**-126 each, at most C of them): against a sum
+# of at least 2**-60 that is a relative error under C * 2**-66, nothing at any head width.
+TAIL_EXACT_BELOW = 2.0**-60
 
 
 @dataclass(frozen=True)
@@ -60,10 +74,10 @@ class TeacherTargets:
         neg_entropy: ``(B,)`` float32 ``sum p log p`` over the teacher's bins (the ``k`` kept
             classes and the tail for top-k).
         temperature: the temperature ``T`` the weights are at.
-        tail: ``(B, 1)`` float32 teacher tail mass (top-k; 0 for a row with an empty tail), else
+        tail: ``(B,)`` float32 teacher tail mass (top-k; 0 when every class is kept), else
             None.
-        kept: ``(B, C)`` bool, the kept classes of rows whose tail is not empty (top-k, dense
-            form), else None.
+        tail_classes: ``(B, C)`` float32, 1 on each row's tail classes (those not kept) and 0
+            elsewhere (top-k, dense form, with fewer kept classes than ``C``), else None.
         ids: ``(B, k)`` int64 kept class ids (top-k, sparse form), else None.
         num_classes: ``C``, the classes the targets are over (the student's head width).
     """
@@ -72,7 +86,7 @@ class TeacherTargets:
     neg_entropy: Tensor
     temperature: float
     tail: Tensor | None = None
-    kept: Tensor | None = None
+    tail_classes: Tensor | None = None
     ids: Tensor | None = None
     num_classes: int = 0
 
@@ -99,7 +113,7 @@ def dense_targets(teacher_logits: Tensor, temperature: float) -> TeacherTargets:
     _check_logits("teacher_logits", teacher_logits)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     p = log_p.exp()
-    neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(dim=1)
+    neg_entropy = -torch.special.entr(p).sum(dim=1)
     return TeacherTargets(
         weights=p, neg_entropy=neg_entropy, temperature=temperature, num_classes=p.shape[1]
     )
@@ -129,20 +143,17 @@ def topk_targets(
         )
     log_p = values.float() / temperature - lse.float().unsqueeze(1)
     p = log_p.exp()
-    has_tail = torch.full((p.shape[0],), ids.shape[1] < num_classes, device=p.device)
-    tail = torch.where(has_tail, _tail_mass(log_p), 0.0)
-    neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(dim=1) + torch.where(
-        tail > 0, tail * torch.log(torch.where(tail > 0, tail, 1.0)), 0.0
-    )
+    has_tail = ids.shape[1] < num_classes  # else every class is kept: no tail term
+    tail = _tail_mass(log_p) if has_tail else p.new_zeros(p.shape[0])
+    neg_entropy = -torch.special.entr(p).sum(dim=1) - torch.special.entr(tail)
     if p.shape[0] * num_classes > DENSE_TOPK_ELEMENTS:
         return TeacherTargets(
-            p, neg_entropy, temperature, tail=tail.unsqueeze(1), ids=ids, num_classes=num_classes
+            p, neg_entropy, temperature, tail=tail, ids=ids, num_classes=num_classes
         )
     weights = p.new_zeros(p.shape[0], num_classes).scatter_(1, ids, p)
-    kept = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, ids, True)
-    kept &= has_tail.unsqueeze(1)  # a row with no tail masks nothing: its tail term is 0
+    tail_classes = torch.ones_like(weights).scatter_(1, ids, 0.0) if has_tail else None
     return TeacherTargets(
-        weights, neg_entropy, temperature, tail=tail.unsqueeze(1), kept=kept,
+        weights, neg_entropy, temperature, tail=tail, tail_classes=tail_classes,
         num_classes=num_classes,
     )  # fmt: skip
 
@@ -166,7 +177,7 @@ def kd_loss_targets(
         alpha: weight of the hard-label term, in ``[0, 1]``.
 
     Returns:
-        A float32 scalar.
+        A float32 scalar (float64 for float64 logits).
 
     Raises:
         ValueError: ``alpha`` outside ``[0, 1]``, or targets of another batch or class count.
@@ -184,24 +195,39 @@ def kd_loss_targets(
             f"the targets are over {targets.num_classes} classes, the student has "
             f"{student_logits.shape[1]}"
         )
-    correction: Tensor | float = 0.0
-    if targets.ids is not None:  # top-k, sparse form: the lean kernel
-        assert targets.tail is not None
-        cross = sparse_cross_entropy(
-            student_logits, targets.ids, targets.weights, targets.tail[:, 0],
-            temperature=temperature,
-        )  # fmt: skip
-    else:
-        z = student_logits.float()
-        if temperature != 1.0:
-            z = z / temperature
-        weights = targets.weights
-        if targets.kept is not None:
-            assert targets.tail is not None
-            with torch.no_grad():
-                tail_share = torch.softmax(z.masked_fill(targets.kept, -math.inf), dim=1)
-                weights = torch.addcmul(weights, tail_share, targets.tail)
-                correction = targets.tail[:, 0] * torch.special.entr(tail_share).sum(dim=1)
-        cross = F.cross_entropy(z, weights, reduction="none")
-    soft = (cross - correction + targets.neg_entropy).mean()
+    if targets.ids is None:  # (B, C) targets: the KL itself, differentiated by autograd
+        soft = _dense_form_kl(student_logits, targets) * ((1.0 - alpha) * temperature**2 / rows)
+        if alpha > 0.0:
+            soft = soft + alpha * _hard_loss(student_logits, hard_targets)
+        return soft
+    assert targets.tail is not None  # top-k, sparse form: the lean kernel
+    cross = sparse_cross_entropy(
+        student_logits, targets.ids, targets.weights, targets.tail, temperature=temperature,
+    )  # fmt: skip
+    soft = (cross + targets.neg_entropy).mean()
     return _combine(soft, student_logits, hard_targets, temperature, alpha)
+
+
+def _dense_form_kl(student_logits: Tensor, targets: TeacherTargets) -> Tensor:
+    """``sum_b KL_b`` from ``(B, C)`` targets (module docstring), in float32 (float64 logits:
+    float64). Dot products over the flattened batch, not products and sums: fewer ops, forward
+    and backward."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    z = student_logits.to(dtype)
+    if targets.temperature != 1.0:
+        z = z * (1.0 / targets.temperature)
+    log_q = torch.log_softmax(z, dim=1)
+    cross = torch.vdot(targets.weights.to(dtype).reshape(-1), log_q.reshape(-1))
+    tail, tail_classes = targets.tail, targets.tail_classes
+    if tail_classes is not None:
+        assert tail is not None
+        tail, tail_classes = tail.to(dtype), tail_classes.to(dtype)
+        q_tail = None
+        if log_q.device.type == "cpu":
+            q_tail = torch.linalg.vecdot(log_q.exp(), tail_classes)
+        if q_tail is not None and float(q_tail.detach().min()) >= TAIL_EXACT_BELOW:
+            cross = cross + torch.vdot(tail, q_tail.log())
+        else:  # log space; a row's tail is never empty
+            log_q_tail = torch.logsumexp(log_q + torch.log(tail_classes), dim=1)
+            cross = cross + torch.vdot(tail, torch.where(tail > 0, log_q_tail, 0.0))
+    return targets.neg_entropy.to(dtype).sum() - cross

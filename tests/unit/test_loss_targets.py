@@ -4,10 +4,15 @@
 `kd_loss_dense`'s and `kd_loss_topk`'s values and gradients: dense and top-k stores, both top-k
 forms (dense targets, and the sparse ones large heads get), any k (k = C leaves no tail),
 temperatures, alpha with labelled, unlabelled and mixed batches, and tails the student has almost
-no mass in.
+no mass in. The dense form is checked on both of its ways to the tail's mass (summed, and in log space),
+against float64 gradients, and to second order.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -74,9 +79,10 @@ def test_dense_targets_give_kd_loss_dense(seed, batch, classes, scale, temperatu
     temperature=st.floats(0.25, 8.0),
     alpha=st.sampled_from([0.0, 0.3, 1.0]),
     sparse=st.booleans(),
+    log_space=st.booleans(),
 )
 def test_topk_targets_give_kd_loss_topk(
-    seed, batch, classes, k_fraction, scale, temperature, alpha, sparse
+    seed, batch, classes, k_fraction, scale, temperature, alpha, sparse, log_space
 ):
     student, teacher, labels = _case(seed, batch, classes, scale)
     k = max(1, round(k_fraction * classes))
@@ -89,8 +95,18 @@ def test_topk_targets_give_kd_loss_topk(
         student,
     )
     targets = _topk_targets(sparse, values, indices.to(torch.int32), lse, classes, temperature)
-    got = _loss_and_grad(lambda s: kd_loss_targets(s, targets, labels, alpha=alpha), student)
+    with _tail_in_log_space(log_space):
+        got = _loss_and_grad(lambda s: kd_loss_targets(s, targets, labels, alpha=alpha), student)
     _close(got, want, temperature)
+
+
+@contextmanager
+def _tail_in_log_space(on: bool) -> Iterator[None]:
+    """The dense form's tail mass taken in log space for every batch (as off the CPU), if `on`."""
+    with pytest.MonkeyPatch.context() as mp:
+        if on:
+            mp.setattr(tg, "TAIL_EXACT_BELOW", math.inf)
+        yield
 
 
 def _topk_targets(sparse: bool, *args) -> tg.TeacherTargets:
@@ -145,3 +161,79 @@ def test_sparse_targets_refuse_a_student_of_another_width():
     targets = _topk_targets(True, values, indices, torch.zeros(4), 10, 1.0)
     with pytest.raises(ValueError, match="over 10 classes, the student has 8"):
         kd_loss_targets(torch.zeros(4, 8), targets, None)
+
+
+def _exact_topk_kl(student: torch.Tensor, targets: tg.TeacherTargets) -> torch.Tensor:
+    """The top-k KL in float64 from its definition over the teacher's bins (the kept classes and
+    the tail), summed over rows and times T^2 / B as `kd_loss_targets` averages it."""
+    assert targets.tail_classes is not None and targets.tail is not None
+    temperature = targets.temperature
+    log_q = torch.log_softmax(student.double() / temperature, dim=1)
+    in_tail = targets.tail_classes.double() > 0
+    log_q_tail = torch.logsumexp(log_q.masked_fill(~in_tail, -math.inf), dim=1)
+    weights, tail = targets.weights.double(), targets.tail.double()
+    cross = (weights * log_q).sum(dim=1) + torch.where(tail > 0, tail * log_q_tail, 0.0)
+    kl = targets.neg_entropy.double() - cross
+    return kl.mean() * temperature**2
+
+
+@pytest.mark.parametrize("log_space", [False, True])
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+def test_dense_form_gradient_is_the_float64_gradient(log_space, student_dtype):
+    """Value and gradient against float64 autograd of the definition, on students whose tail
+    mass ranges from most of the row to far below float32 (where summing q would lose it)."""
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 12, generator=gen) * 2
+    student[:, :2] += torch.tensor([0.0, 5.0, 30.0, 90.0, 150.0, 400.0]).unsqueeze(1)
+    teacher = torch.randn(6, 12, generator=gen)
+    values, indices = teacher[:, :2], torch.tensor([[0, 1]] * 6)  # the student's top two
+    lse = torch.logsumexp(teacher / 1.5, dim=1)
+    targets = _topk_targets(False, values, indices, lse, 12, 1.5)
+    student = student.to(student_dtype)
+    with _tail_in_log_space(log_space):
+        loss, grad = _loss_and_grad(lambda s: kd_loss_targets(s, targets, None), student)
+    want_loss, want_grad = _loss_and_grad(lambda s: _exact_topk_kl(s, targets), student.double())
+    assert grad.dtype == student_dtype and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if student_dtype == torch.float32 else {}
+    torch.testing.assert_close(grad, want_grad.to(student_dtype), **tolerance)
+    assert (want_grad[3:, 2:] < 0).all()  # the faint tails are pushed up, not dropped
+
+
+@pytest.mark.parametrize("log_space", [False, True])
+@pytest.mark.parametrize("kind", ["dense", "topk", "topk-no-tail"])
+def test_dense_form_passes_gradcheck(log_space, kind):
+    gen = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, generator=gen) * 2
+    if kind == "dense":
+        targets = dense_targets(teacher, 2.0)
+    else:
+        k = 7 if kind == "topk-no-tail" else 3
+        values, indices = teacher.topk(k, dim=1)
+        targets = _topk_targets(False, values, indices, torch.logsumexp(teacher / 2.0, 1), 7, 2.0)
+    assert (targets.tail_classes is None) == (kind != "topk")
+    with _tail_in_log_space(log_space):
+        assert torch.autograd.gradcheck(
+            lambda s: kd_loss_targets(s, targets, None, alpha=0.25), (student,)
+        )
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_second_derivatives_through_the_dense_form_are_right(kind):
+    """A gradient penalty needs the loss's second derivatives: they pass gradgradcheck, and a
+    create_graph backward gives the same first derivative as a plain one."""
+    gen = torch.Generator().manual_seed(9)
+    student = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 6, generator=gen)
+    if kind == "dense":
+        targets = dense_targets(teacher, 2.0)
+    else:
+        values, indices = teacher.topk(2, dim=1)
+        targets = _topk_targets(False, values, indices, torch.logsumexp(teacher / 2.0, 1), 6, 2.0)
+    loss = kd_loss_targets(student, targets, None)
+    (fast,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (graphed,) = torch.autograd.grad(loss, student, create_graph=True)
+    assert graphed.requires_grad
+    torch.testing.assert_close(graphed.detach(), fast)
+    assert torch.autograd.gradgradcheck(lambda s: kd_loss_targets(s, targets, None), (student,))
