@@ -1,6 +1,6 @@
 """The row KD loss's cost on the training thread, against the hard-label cross-entropy it adds to.
 
-    .venv/bin/python -m benchmarks.row_loss                      # 64x100 (the fast student), 256x128
+    .venv/bin/python -m benchmarks.row_loss                   # 64x100 (the fast student), 256x128
     .venv/bin/python -m benchmarks.row_loss --shapes 64x100 --rounds 31
 
 A CPU student's step computes only the student's side of the KD loss (`losses.kd_loss_targets`;

@@ -4,8 +4,8 @@
 `kd_loss_dense`'s and `kd_loss_topk`'s values and gradients: dense and top-k stores, both top-k
 forms (dense targets, and the sparse ones large heads get), any k (k = C leaves no tail),
 temperatures, alpha with labelled, unlabelled and mixed batches, and tails the student has almost
-no mass in. The dense form is checked on both of its ways to the tail's mass (summed, and in log space),
-against float64 gradients, and to second order.
+no mass in. The dense form is checked on both of its ways to the tail's mass (summed, and in log
+space), against float64 gradients, and to second order.
 """
 
 from __future__ import annotations
@@ -221,8 +221,8 @@ def test_dense_form_passes_gradcheck(log_space, kind):
 
 @pytest.mark.parametrize("kind", ["dense", "topk"])
 def test_second_derivatives_through_the_dense_form_are_right(kind):
-    """A gradient penalty needs the loss's second derivatives: they pass gradgradcheck, and a
-    create_graph backward gives the same first derivative as a plain one."""
+    """A gradient penalty needs the loss's second derivatives: a create_graph backward gives a
+    differentiable first derivative equal to the plain one, and the second passes gradgradcheck."""
     gen = torch.Generator().manual_seed(9)
     student = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(3, 6, generator=gen)
