@@ -17,9 +17,9 @@ cross-entropy to ``P`` held constant.
 
 On ``(B, C)`` targets the step computes that value directly, ``sum p log p - sum W log q - p_tail
 log q_tail`` with ``q_tail`` summed from ``q`` over the tail classes: a log-softmax, an exp and
-three reductions, differentiated by autograd (exact to any order, so a ``create_graph`` backward
-works). On a small head every op is a few microseconds of dispatch, and this is half the ops of
-the tail-share form it replaced (a masked softmax, a soft-target cross-entropy, an entropy
+four reductions, differentiated by autograd (exact to any order, so a ``create_graph`` backward
+works). On a small head every op is a few microseconds of dispatch, and this is about half the
+ops of the tail-share form it replaced (a masked softmax, a soft-target cross-entropy, an entropy
 correction): `python -m benchmarks.row_loss`. Summing ``q`` is exact while every tail class's
 ``q_j`` is a normal float32; where some row's tail mass falls under `TAIL_EXACT_BELOW`, and always
 off the CPU (where the check would cost a device sync and the extra kernels cost nothing), the
