@@ -45,7 +45,6 @@ from softcache.losses.rows import (
     _check_scalars,
     _check_topk,
     _combine,
-    _hard_loss,
     _tail_mass,
 )
 from softcache.losses.sparse import sparse_cross_entropy
@@ -196,15 +195,13 @@ def kd_loss_targets(
             f"{student_logits.shape[1]}"
         )
     if targets.ids is None:  # (B, C) targets: the KL itself, differentiated by autograd
-        soft = _dense_form_kl(student_logits, targets) * ((1.0 - alpha) * temperature**2 / rows)
-        if alpha > 0.0:
-            soft = soft + alpha * _hard_loss(student_logits, hard_targets)
-        return soft
-    assert targets.tail is not None  # top-k, sparse form: the lean kernel
-    cross = sparse_cross_entropy(
-        student_logits, targets.ids, targets.weights, targets.tail, temperature=temperature,
-    )  # fmt: skip
-    soft = (cross + targets.neg_entropy).mean()
+        soft = _dense_form_kl(student_logits, targets) / rows
+    else:  # top-k, sparse form: the lean kernel
+        assert targets.tail is not None
+        cross = sparse_cross_entropy(
+            student_logits, targets.ids, targets.weights, targets.tail, temperature=temperature,
+        )  # fmt: skip
+        soft = (cross + targets.neg_entropy).mean()
     return _combine(soft, student_logits, hard_targets, temperature, alpha)
 
 
