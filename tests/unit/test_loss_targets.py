@@ -177,20 +177,27 @@ def _exact_topk_kl(student: torch.Tensor, targets: tg.TeacherTargets) -> torch.T
     return kl.mean() * temperature**2
 
 
-@pytest.mark.parametrize("log_space", [False, True])
+@pytest.mark.parametrize("path", ["summed", "fallback", "log space"])
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
-def test_dense_form_gradient_is_the_float64_gradient(log_space, student_dtype):
+def test_dense_form_gradient_is_the_float64_gradient(path, student_dtype):
     """Value and gradient against float64 autograd of the definition, on students whose tail
-    mass ranges from most of the row to far below float32 (where summing q would lose it)."""
+    mass ranges from most of the row to far below float32 (where summing q would lose it). Each
+    way to the tail's mass is taken for sure: summed (the threshold at 0, on the rows whose tail
+    float32 holds), the automatic fallback (the default threshold, a batch with faint tails) and
+    log space throughout (as off the CPU)."""
     gen = torch.Generator().manual_seed(3)
     student = torch.randn(6, 12, generator=gen) * 2
     student[:, :2] += torch.tensor([0.0, 5.0, 30.0, 90.0, 150.0, 400.0]).unsqueeze(1)
     teacher = torch.randn(6, 12, generator=gen)
-    values, indices = teacher[:, :2], torch.tensor([[0, 1]] * 6)  # the student's top two
+    rows = 3 if path == "summed" else 6  # rows 3-5: tails under float32's normal range
+    student, teacher = student[:rows], teacher[:rows]
+    values, indices = teacher[:, :2], torch.tensor([[0, 1]] * rows)  # the student's top two
     lse = torch.logsumexp(teacher / 1.5, dim=1)
     targets = _topk_targets(False, values, indices, lse, 12, 1.5)
     student = student.to(student_dtype)
-    with _tail_in_log_space(log_space):
+    threshold = {"summed": 0.0, "fallback": tg.TAIL_EXACT_BELOW, "log space": math.inf}[path]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "TAIL_EXACT_BELOW", threshold)
         loss, grad = _loss_and_grad(lambda s: kd_loss_targets(s, targets, None), student)
     want_loss, want_grad = _loss_and_grad(lambda s: _exact_topk_kl(s, targets), student.double())
     assert grad.dtype == student_dtype and torch.isfinite(grad).all()
