@@ -78,7 +78,11 @@ def handoff_waits(bench: TrainBench, loader: str, epochs: int = 3) -> list[float
         output=str(bench.workdir / "unused"), loader=loader,
     )  # fmt: skip
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
-    process = BatchProcess(config, Ranks(), torch.device("cpu")) if loader == "process" else None
+    process = (
+        BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+        if loader == "process"
+        else None
+    )
     student = instantiate(workload.student, "student")
     optimizer = torch.optim.AdamW(student.parameters())
     waits: list[float] = []

@@ -34,6 +34,7 @@ from benchmarks.harness import (
     write_json,
 )
 from benchmarks.lm import LMBuildBench, LMTrainBench, bytes_workload, v32k_workload
+from benchmarks.own_loop import OwnLoopBench
 from benchmarks.scaling import ScalingBench
 from benchmarks.speedup import SpeedupBench
 from benchmarks.storage import StorageBench
@@ -41,7 +42,9 @@ from benchmarks.stream import StreamBench
 from benchmarks.train import TrainBench, TrainWorkload
 from benchmarks.views import ViewsBench
 
-SECTIONS = ("build", "views", "train", "speedup", "stream", "storage", "scaling", "digits", "lm")
+SECTIONS = (
+    "build", "views", "train", "own-loop", "speedup", "stream", "storage", "scaling", "digits", "lm",
+)  # fmt: skip
 DEFAULT_JSON = Path("data/bench/results.json")
 # A 1-minute load average above this (the benchmark itself keeps about one core busy) means that
 # other processes shared the machine.
@@ -173,6 +176,17 @@ def benches(
         return [
             (TrainBench(workload, workdir), s.train_rounds),
             (TrainBench(fast, workdir / "fast-student"), s.train_rounds),
+        ]
+    if section == "own-loop":
+        workload = TrainWorkload(
+            "", STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
+        )
+        fast = TrainWorkload(
+            "fast student", FAST_STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
+        )
+        return [
+            (OwnLoopBench(workload, workdir / "own-loop"), s.train_rounds),
+            (OwnLoopBench(fast, workdir / "own-loop-fast"), s.train_rounds),
         ]
     if section == "speedup":
         cheapest = next(iter(ONLINE_TEACHERS.values()))

@@ -10,7 +10,8 @@ its steps took 149 ms alone, 297-304 ms beside a batch thread running a loader w
 calls.
 
 So by default (`TrainConfig.loader = "process"`) the training loop's batches are made by a child
-process that builds the same layout from the same config and runs `layout.batches` there: input
+process that builds the same layout from the same config and runs `layout.batches` there (any
+`BatchSource` can run so: `AlignedBatches(..., batch_process=True)` runs its own epochs): input
 collation, the alignment check's hashing, the store reads, the gather and the teacher targets all
 leave the training process. Each batch crosses in shared memory: the child writes every tensor and
 array of the batch into one of `depth + 1` slots (shared uint8 tensors, grown when a batch does not
@@ -29,7 +30,8 @@ config, in the same order, and nothing in it draws from torch's global RNG.
 
 The child starts from multiprocessing's fork server (which imports torch and softcache once per
 parent process, so a child costs a fork, not an interpreter start) without re-importing the
-parent's `__main__` (a script without a main guard would run again in it). Where a child cannot be
+parent's `__main__` (a script without a main guard would run again in it); what it is sent may
+therefore not be defined there, which is refused before the child starts. Where a child cannot be
 made (no fork server on this platform, a config that does not pickle, a spec the child cannot
 resolve) the loop warns and uses the batch thread; `loader = "thread"` asks for it. The price of a
 child: the dataset and the store are opened twice (the parent's layout still computes losses and
@@ -57,7 +59,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterator
 from multiprocessing import connection, spawn
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -92,22 +94,34 @@ class BatchProcessError(RuntimeError):
     """The batch process died, or could not be started."""
 
 
+class BatchSource(Protocol):
+    """What a batch process runs: a layout, or anything that makes an epoch's batches alike."""
+
+    def batches(
+        self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
+    ) -> Iterator[Any]:
+        """The plan's batches of its current epoch, from its cursor: at most `steps`."""
+        ...
+
+
 class BatchProcess:
-    """A training layout's batches, made in a child process (see the module docstring).
+    """A batch source's batches, made in a child process (see the module docstring).
 
     Args:
-        config: the run's configuration; the child builds its layout from it.
-        ranks: this process's DDP rank and world size.
-        device: where the student runs (the child makes the batches for it: stored dtypes for
-            CUDA, teacher targets for a CPU student) without touching the device.
+        source: a picklable callable the child calls once to build its `BatchSource` (which
+            then makes every epoch's batches); its arguments cross pickled, with torch tensors
+            moved to shared memory.
+        device: where the student runs: on CUDA the slots are page-locked for asynchronous
+            copies; the child never touches the device.
         depth: batches the child makes ahead of the one in use.
 
     Raises:
-        BatchProcessError: the config does not pickle (an object the child cannot receive).
+        BatchProcessError: `source` does not pickle, or refers to something defined in the
+            script being run (`__main__`), which the child does not import.
     """
 
     def __init__(
-        self, config: TrainConfig, ranks: Ranks, device: torch.device, *, depth: int = 4
+        self, source: Callable[[], BatchSource], device: torch.device, *, depth: int = 4
     ) -> None:
         self.device = device
         self._slots: dict[int, torch.Tensor] = {}
@@ -115,17 +129,7 @@ class BatchProcess:
         self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._registered: dict[int, int] = {}  # slot -> page-locked address (CUDA)
         self._ready = False
-        try:
-            child = _child_config(config)
-            # multiprocessing's pickler, with torch's reductions: the tensors of a dataset given
-            # as an object move to shared memory and the child maps them, rather than a copy.
-            args = bytes(
-                ForkingPickler.dumps(
-                    (child, ranks, device.type, depth + 1, dict(os.environ), _start_method())
-                )
-            )
-        except Exception as exc:
-            raise BatchProcessError(f"the training config does not pickle: {exc}") from exc
+        args = _pickled((source, depth + 1, dict(os.environ), _start_method()))
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(_PRELOAD))
         commands, self._commands = context.Pipe(duplex=False)
@@ -145,6 +149,25 @@ class BatchProcess:
         commands.close()  # the child's ends: closing ours lets EOF reach the other side
         results.close()
         self._finalizer = weakref.finalize(self, _shutdown, self._process, self._commands)
+
+    @classmethod
+    def for_layout(
+        cls, config: TrainConfig, ranks: Ranks, device: torch.device, *, depth: int = 4
+    ) -> BatchProcess:
+        """The training loop's batch process: the child builds the run's layout from `config`.
+
+        Args:
+            config: the run's configuration (the student, teacher and evaluation stay here).
+            ranks: this process's DDP rank and world size.
+            device: where the student runs (the child makes the batches for it: stored dtypes
+                for CUDA, teacher targets for a CPU student) without touching the device.
+            depth: batches the child makes ahead of the one in use.
+
+        Raises:
+            BatchProcessError: the config does not pickle (an object the child cannot receive).
+        """
+        source = functools.partial(_child_layout, _child_config(config), ranks, device.type)
+        return cls(source, device, depth=depth)
 
     def wait_ready(self) -> None:
         """Wait until the child has built its layout.
@@ -235,7 +258,8 @@ class BatchProcess:
         self._process.join(timeout=5)
         return BatchProcessError(
             f"the batch process exited (code {self._process.exitcode}) while making batches; "
-            "rerun with --loader thread to make them in this process, where its error shows"
+            "make them in this process, where its error shows, to see why (`softcache train "
+            "--loader thread`; `AlignedBatches(..., batch_process=False)`)"
         )
 
     def _stop_epoch(self) -> None:
@@ -317,13 +341,59 @@ def _child_config(config: TrainConfig) -> TrainConfig:
     )
 
 
+def _child_layout(config: TrainConfig, ranks: Ranks, device_type: str) -> Any:
+    """The child's copy of the run's layout (a `BatchSource`)."""
+    return open_layout(config, ranks, torch.device(device_type), None, pin_memory=False)
+
+
+def _pickled(args: tuple[Any, ...]) -> bytes:
+    """`args` pickled for the child, refused if they need the parent's `__main__`.
+
+    multiprocessing's pickler, with torch's reductions: the tensors of a dataset given as an
+    object move to shared memory and the child maps them, rather than a copy. The child does not
+    import the script being run (see `_without_main`), so a class or function defined there
+    would not unpickle in it: that is said here, before a child is started.
+
+    Raises:
+        BatchProcessError: `args` do not pickle, or refer to `__main__`.
+    """
+    buffer = io.BytesIO()
+    pickler = _MainRefusingPickler(buffer)
+    try:
+        pickler.dump(args)
+    except _DefinedInMain as exc:
+        raise BatchProcessError(
+            f"{exc} is defined in the script being run (__main__), which the batch process does "
+            "not import; define it in a module of its own and import it from there"
+        ) from None
+    except Exception as exc:
+        raise BatchProcessError(f"what the batch process needs does not pickle: {exc}") from exc
+    return buffer.getvalue()
+
+
+class _DefinedInMain(Exception):
+    """A pickled object's class or function lives in `__main__` (its qualified name)."""
+
+
+class _MainRefusingPickler(ForkingPickler):
+    """`ForkingPickler` that raises `_DefinedInMain` at anything that `__main__` defines."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # A class or function is pickled by name; an instance by its class's name.
+        named = isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__"))
+        kind = obj if named else type(obj)
+        if getattr(kind, "__module__", None) == "__main__":
+            raise _DefinedInMain(getattr(kind, "__qualname__", repr(kind)))
+        return NotImplemented
+
+
 def _serve(
     args: bytes, commands: connection.Connection, results: connection.Connection, consumed: Any
 ) -> None:
     """The child's main loop: build the layout, then make epochs of batches on request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     torch.set_num_threads(1)  # the batch work is small ops; the cores are the step's
-    config, ranks, device_type, num_slots, environ, start_method = pickle.loads(args)
+    source, num_slots, environ, start_method = pickle.loads(args)
     # The fork server's environment is the parent's when the server started; the run's is now.
     os.environ.clear()
     os.environ.update(environ)
@@ -337,7 +407,7 @@ def _serve(
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     try:
-        layout = open_layout(config, ranks, torch.device(device_type), None, pin_memory=False)
+        layout = source()
     except BaseException as exc:
         _send_error(results, exc)
         return
@@ -573,7 +643,7 @@ def open_batch_process(
         _fallback("this platform has no fork server")
         return None
     try:
-        return BatchProcess(config, ranks, device)
+        return BatchProcess.for_layout(config, ranks, device)
     except BatchProcessError as exc:
         _fallback(str(exc))
         return None
@@ -604,6 +674,7 @@ def _fallback(why: str) -> None:
 __all__ = [
     "BatchProcess",
     "BatchProcessError",
+    "BatchSource",
     "open_batch_process",
     "ready_or_none",
 ]

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from softcache.config import TrainConfig
-from softcache.errors import DatasetMismatchError
+from softcache.errors import ConfigError, DatasetMismatchError
+from softcache.store import LogitStore
 from softcache.trainer import train
 from softcache.trainer.batch_process import BatchProcess, BatchProcessError
 from softcache.trainer.ddp import Ranks
+from softcache.trainer.distill import AlignedBatches
 from softcache.trainer.layouts import open_layout
 from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
@@ -140,7 +142,7 @@ def test_the_batch_process_makes_the_batches_the_thread_makes(
     config = _config(stores, kind, tmp_path, hash_check="first-epoch", **stride)
     where = torch.device(device)
     layout = open_layout(config, Ranks(), where, None, pin_memory=False)
-    process = BatchProcess(config, Ranks(), where)
+    process = BatchProcess.for_layout(config, Ranks(), where)
     try:
         made = _epochs(process.batches, layout, config)
     finally:
@@ -158,7 +160,7 @@ def test_an_epoch_stopped_early_leaves_the_next_one_whole(
     config = _config(stores, "topk-bf16", tmp_path)
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
     first, second = _plans(layout, config)
-    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
     try:
         batches = process.batches(first, equal_steps(first), hash_stride=1, then=second)
         taken = [_copied(next(batches)) for _ in range(2)]
@@ -178,7 +180,7 @@ def test_a_dataset_that_differs_is_refused_by_name_from_the_child(
     config = _config(stores, "dense-fp16", tmp_path, dataset=spec("altered_dataset"))
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
     plan = _plans(layout, config)[0]
-    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
     try:
         with pytest.raises(DatasetMismatchError, match=f"sample {specs.ALTERED_SAMPLE} ") as info:
             for _ in process.batches(plan, len(plan), hash_stride=1, then=None):
@@ -196,7 +198,7 @@ def test_a_killed_batch_process_is_named(
     config = _config(stores, "dense-fp16", tmp_path)
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
     plan = _plans(layout, config)[0]
-    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
     try:
         batches = process.batches(plan, len(plan), hash_stride=0, then=None)
         next(batches)
@@ -214,9 +216,9 @@ def test_the_child_sees_the_environment_of_the_run_not_of_the_fork_server(
 ) -> None:
     # The fork server is started by now (earlier tests); its environment is older than this one.
     config = _config(stores, "dense-fp16", tmp_path)
-    BatchProcess(config, Ranks(), torch.device("cpu")).close()
+    BatchProcess.for_layout(config, Ranks(), torch.device("cpu")).close()
     monkeypatch.setenv("SOFTCACHE_TEST_N", str(specs.num_samples() - 1))
-    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
     try:
         # The child's dataset is one sample short, as this process's would be: refused there.
         with pytest.raises(
@@ -239,7 +241,7 @@ def test_dataloader_workers_in_the_child_start_as_in_the_parent(
         stores, "dense-fp16", tmp_path, dataset=spec("start_method_dataset"), num_workers=2
     )
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
-    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
     try:
         made = _epochs(process.batches, layout, config)
     finally:
@@ -255,7 +257,7 @@ def test_a_dataset_object_reaches_the_child_in_shared_memory(
     data = specs.dataset()
     config = _config(stores, "dense-fp16", tmp_path, dataset=data)
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
-    process = BatchProcess(config, Ranks(), torch.device("cpu"))
+    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
     try:
         process.wait_ready()
         assert data.x.is_shared()  # moved to shared memory for the child, not copied to it
@@ -293,3 +295,105 @@ def test_both_loaders_train_the_same_student(
     assert losses == process_losses
     for name, value in students[0].items():
         assert torch.equal(value, students[1][name]), name
+
+
+# ---- the own-loop API: AlignedBatches(..., batch_process=True) ---------------------------------
+
+
+def _api_epochs(aligned: AlignedBatches, plans: list[EpochPlan], **kwargs: Any) -> list[Any]:
+    """Two epochs of `aligned` (the first reading the second's ahead), copied as they arrive."""
+    out = []
+    for epoch, plan in enumerate(plans):
+        then = plans[1] if epoch == 0 else None
+        out.append([_copied(batch) for batch in aligned.epoch(plan, then=then, **kwargs)])
+    return out
+
+
+def _store_plans(store: LogitStore, batch_size: int = 24) -> list[EpochPlan]:
+    plan = EpochPlan(
+        num_samples=store.meta.num_samples, block_rows=store.meta.shard_samples,
+        batch_size=batch_size, seed=3,
+    )  # fmt: skip
+    second = plan_from_state(plan.state_dict())
+    second.set_epoch(1)
+    return [plan, second]
+
+
+@pytest.mark.parametrize("values", ["float32", "stored"])
+@pytest.mark.parametrize("kind", list(ROWS))
+def test_aligned_batches_in_a_batch_process_are_the_inline_ones(
+    stores: dict[str, Path], kind: str, values: str, in_root: Path
+) -> None:
+    store = LogitStore.open(stores[kind])
+    options = {"values": values, "hash_stride": 2, "view_policy": "random"}
+    inline = AlignedBatches(specs.dataset(), store, **options)
+    plans = _store_plans(store)
+    with AlignedBatches(specs.dataset(), store, batch_process=True, **options) as aligned:
+        made = _api_epochs(aligned, plans)
+        assert aligned.steps(plans[0]) == len(made[0]) > 1
+        # A per-epoch hash stride reaches the child; so does a re-iterable loader's epoch.
+        made_unchecked = _api_epochs(aligned, plans, hash_stride=0)
+        loader = aligned.loader(plan_from_state(plans[0].state_dict()))
+        looped = [[_copied(b) for b in loader] for _ in range(2)]
+    want = _api_epochs(inline, plans)
+    _assert_same(made, want, kind)
+    _assert_same(made_unchecked, want, kind)
+    _assert_same(looped, [[_copied(b) for b in inline.epoch(p)] for p in plans], kind)
+
+
+def test_aligned_batches_refuse_a_misaligned_dataset_from_the_child(
+    stores: dict[str, Path], in_root: Path
+) -> None:
+    store = LogitStore.open(stores["dense-fp16"])
+    plan = _store_plans(store)[0]
+    with AlignedBatches(specs.altered_dataset(), store, batch_process=True) as aligned:
+        with pytest.raises(DatasetMismatchError, match=f"sample {specs.ALTERED_SAMPLE} ") as info:
+            for _ in aligned.epoch(plan):
+                pass
+        assert any("raised in the batch process" in note for note in info.value.__notes__)
+        # An epoch stopped early, then one whole: the child stops and goes on.
+        batches = aligned.epoch(plan, hash_stride=0)
+        next(batches)
+        batches.close()
+        assert sum(1 for _ in aligned.epoch(plan, hash_stride=0)) == aligned.steps(plan)
+
+
+def test_aligned_batches_after_close_are_made_here(stores: dict[str, Path], in_root: Path) -> None:
+    store = LogitStore.open(stores["topk-bf16"])
+    plans = _store_plans(store)
+    aligned = AlignedBatches(specs.dataset(), store, batch_process=True)
+    process = aligned._process
+    assert process is not None
+    aligned.close()
+    aligned.close()  # idempotent
+    assert not process._process.is_alive()
+    _assert_same(
+        _api_epochs(aligned, plans), _api_epochs(AlignedBatches(specs.dataset(), store), plans)
+    )
+
+
+class _Scripted(torch.utils.data.Dataset):
+    """A dataset class as a training script defines it: in `__main__`."""
+
+    def __len__(self) -> int:
+        return specs.num_samples()
+
+    def __getitem__(self, i: int) -> Any:
+        return specs.dataset()[i]
+
+
+_Scripted.__module__ = "__main__"
+
+
+def test_aligned_batches_refuse_what_the_child_cannot_receive(
+    stores: dict[str, Path], in_root: Path
+) -> None:
+    store = LogitStore.open(stores["dense-fp16"])
+    with pytest.raises(ConfigError, match=r"_Scripted is defined in the script being run"):
+        AlignedBatches(_Scripted(), store, batch_process=True)
+    unpicklable = specs.dataset()
+    unpicklable.hook = lambda: 0  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"does not pickle.*batch_process=False"):
+        AlignedBatches(unpicklable, store, batch_process=True)
+    with pytest.raises(ConfigError, match="client"):
+        AlignedBatches(specs.dataset(), store, batch_process=True, client=object())
