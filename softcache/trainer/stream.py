@@ -317,6 +317,14 @@ class SoftLabelStream:
         return self.source.read_group(bounds, blocks, samples, block_rows, seed_epoch, computed)
 
 
+class StreamClosedError(RuntimeError):
+    """A batch was asked of a stream whose epoch was closed."""
+
+
+# Seconds between checks, while waiting for a group, that the reader was not closed.
+_CLOSED_POLL = 0.1
+
+
 class _BlockReader:
     """A background thread reading groups of blocks in order, a bounded number ahead.
 
@@ -384,7 +392,15 @@ class _BlockReader:
         return put_unless_stopped(self._queue, item, self._stop)
 
     def next(self) -> tuple[int, Any]:
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=_CLOSED_POLL)
+                break
+            except queue.Empty:
+                # Closed (the consumer's iterator was dropped before the assembler thread's):
+                # no group is coming, and that thread must not wait for one forever.
+                if self._stop.is_set():
+                    raise StreamClosedError("the soft-label stream was closed") from None
         if isinstance(item, BaseException):
             raise item
         if item is self._DONE:  # pragma: no cover - the plan never asks for more than it listed

@@ -5,10 +5,12 @@ views."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +343,26 @@ def test_the_trainers_prepared_targets_give_the_loss_of_the_raw_soft_labels(
         (g_want,) = torch.autograd.grad(want, list(student.parameters())[-1])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("assemble_ahead", [2, 0])
+def test_an_own_loop_epoch_left_early_stops_its_threads(
+    built_stores: dict[str, Path], assemble_ahead: int, in_root: Path
+) -> None:
+    # The store's 5 shards are read in two groups: leaving after the first batch leaves the
+    # second unread. The stream's reader stopped first once left the assembling thread waiting
+    # for that group for ever (and the loop waited 5 s for it, twice).
+    store = softcache.open_store(str(built_stores["dense"]))
+    plan = softcache.EpochPlan(
+        num_samples=hs.num_samples(), block_rows=store.meta.shard_samples, batch_size=24, seed=1
+    )
+    aligned = softcache.AlignedBatches(hs.dataset(), store, assemble_ahead=assemble_ahead)
+    # A whole epoch first: it starts the store's decoding pool, which lives on.
+    assert sum(1 for _ in aligned.epoch(plan)) == aligned.steps(plan)
+    before = set(threading.enumerate())
+    for _ in range(2):
+        with contextlib.closing(aligned.epoch(plan)) as batches:
+            next(batches)
+    assert [t.name for t in set(threading.enumerate()) - before] == []
+    # ... and the next epoch is whole.
+    assert sum(1 for _ in aligned.epoch(plan)) == aligned.steps(plan)
