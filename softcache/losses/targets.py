@@ -33,7 +33,9 @@ and the loss runs the memory-lean kernel (`softcache.losses.sparse.sparse_cross_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,13 +93,16 @@ class TeacherTargets:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
         """A copy on `device`."""
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            if isinstance(getattr(self, f.name), Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return TeacherTargets(**moved)
+        return self._mapped(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> TeacherTargets:
+        """A copy in pinned host memory (for asynchronous copies to a GPU)."""
+        return self._mapped(Tensor.pin_memory)
+
+    def _mapped(self, how: Callable[[Tensor], Tensor]) -> TeacherTargets:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        changes: dict[str, Any] = {k: how(v) for k, v in values.items() if isinstance(v, Tensor)}
+        return replace(self, **changes)
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ drops to keep the step counts equal changes from epoch to epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -108,14 +109,22 @@ def distillation_loss(
 
     Returns:
         A float32 scalar: `losses.kd_loss_dense`'s or `losses.kd_loss_topk`'s value (see
-        `softcache.losses` for the formulas), computed through `teacher_targets` where it can.
+        `softcache.losses` for the formulas), computed through `teacher_targets` where it can:
+        the batch's own (`soft.targets`, from `AlignedBatches(..., temperature=T)`) when they
+        are at `temperature` over the student's classes, else made here.
     """
-    prepared = teacher_targets(
-        soft,
-        temperatures=temperatures,
-        temperature=temperature,
-        num_classes=student_logits.shape[-1],
-    )
+    prepared = soft.targets
+    if (
+        prepared is None
+        or prepared.temperature != temperature
+        or prepared.num_classes != student_logits.shape[-1]
+    ):
+        prepared = teacher_targets(
+            soft,
+            temperatures=temperatures,
+            temperature=temperature,
+            num_classes=student_logits.shape[-1],
+        )
     if prepared is not None:
         return losses.kd_loss_targets(student_logits, prepared, targets, alpha=alpha)
     return renormalised_topk_loss(
@@ -232,6 +241,12 @@ class AlignedBatches:
         assemble_ahead: runs of soft-label batches gathered ahead on a thread of the stream's own (see
             `SoftLabelStream`); 0 gathers them on the thread that iterates `epoch`, for a
             caller that runs it off the training thread already (`softcache.trainer.ahead.Ahead`).
+        temperature: the distillation temperature T, if the teacher's side of the loss is to be
+            made with the batches (`SoftLabels.targets`, float32; `distillation_loss` at T uses
+            it): off the training thread with `batch_process`. For a GPU student with
+            `values="stored"` it is twice the bytes of dense fp16 labels to copy; leave it None
+            there to make them on the device. A top-k store without a normaliser at T gets none
+            (its loss renormalises, as `distillation_loss` logs).
         batch_process: make the batches in a child process (`softcache.trainer.batch_process`,
             as `softcache train` does): input collation, the hash check, the store's reads and
             the soft labels' assembly all leave this process and its GIL, and each batch
@@ -265,6 +280,7 @@ class AlignedBatches:
         view_policy: str = "cycle",
         values: str = "float32",
         assemble_ahead: int = 2,
+        temperature: float | None = None,
         batch_process: bool = False,
     ) -> None:
         if store.meta.tokens:
@@ -291,6 +307,11 @@ class AlignedBatches:
         )
         self.hash_stride = hash_stride
         self.augmentation = augmentation_of(store.meta.augmentation)
+        if temperature is not None and not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        if temperature is not None:
+            warn_unstored_temperature(store.meta, temperature)
         self._process: BatchProcess | None = None
         if batch_process:
             self._process = _start_process(
@@ -305,6 +326,7 @@ class AlignedBatches:
                 view_policy=view_policy,
                 values=values,
                 assemble_ahead=assemble_ahead,
+                temperature=temperature,
             )
 
     def close(self) -> None:
@@ -374,7 +396,20 @@ class AlignedBatches:
                 hashes = hash_rows(inputs[::stride]) if stride else None
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
+            if self.temperature is not None:
+                soft = self._with_targets(soft, self.temperature)
             yield inputs, labels, soft
+
+    def _with_targets(self, soft: SoftLabels, temperature: float) -> SoftLabels:
+        meta = self.store.meta
+        targets = teacher_targets(
+            soft,
+            temperatures=meta.temperatures,
+            temperature=temperature,
+            num_classes=meta.num_classes,
+            warn=False,  # warned in __init__
+        )
+        return dataclasses.replace(soft, targets=targets)
 
 
 class _AlignedInChild:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from softcache.store import (
     decode_values,
     take_rows,
 )
+
+if TYPE_CHECKING:
+    from softcache.losses import TeacherTargets
 
 # What a stream delivers: decoded float32 / int64, or the store's own dtypes.
 VALUE_MODES = ("float32", "stored")
@@ -52,6 +56,9 @@ class SoftLabels:
             None.
         view_params: (B, P) float64 parameters that recreate each row's view from the sample
             (stores with views), else None: apply them to the inputs before the student sees them.
+        targets: the teacher's side of the KD loss at one temperature (`losses.TeacherTargets`,
+            float32), made beside the step when `AlignedBatches` is given a `temperature`;
+            `distillation_loss` at that temperature then runs only the student's side. Else None.
     """
 
     indices: np.ndarray
@@ -62,6 +69,7 @@ class SoftLabels:
     lse: torch.Tensor | None = None
     views: np.ndarray | None = None
     view_params: np.ndarray | None = None
+    targets: TeacherTargets | None = None
 
     def pin_memory(self) -> SoftLabels:
         """A copy with the tensors in pinned host memory, so `to(cuda, non_blocking=True)` copies
@@ -79,6 +87,7 @@ class SoftLabels:
             pin(self.lse),
             self.views,
             self.view_params,
+            None if self.targets is None else self.targets.pin_memory(),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SoftLabels:
@@ -103,6 +112,7 @@ class SoftLabels:
             move(self.lse, torch.float32),
             self.views,
             self.view_params,
+            None if self.targets is None else self.targets.to(device, non_blocking=non_blocking),
         )
 
     def check_alignment(self, input_hashes: np.ndarray, stride: int = 1) -> None:

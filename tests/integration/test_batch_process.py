@@ -6,6 +6,7 @@ child trains on the thread, with a warning; the two loaders train the same stude
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+import softcache
 from softcache.config import TrainConfig
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
-from softcache.trainer import train
+from softcache.trainer import distill, train
 from softcache.trainer.batch_process import BatchProcess, BatchProcessError
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import AlignedBatches
@@ -325,7 +327,7 @@ def test_aligned_batches_in_a_batch_process_are_the_inline_ones(
     stores: dict[str, Path], kind: str, values: str, in_root: Path
 ) -> None:
     store = LogitStore.open(stores[kind])
-    options = {"values": values, "hash_stride": 2, "view_policy": "random"}
+    options = {"values": values, "hash_stride": 2, "view_policy": "random", "temperature": 2.0}
     inline = AlignedBatches(specs.dataset(), store, **options)
     plans = _store_plans(store)
     with AlignedBatches(specs.dataset(), store, batch_process=True, **options) as aligned:
@@ -397,3 +399,40 @@ def test_aligned_batches_refuse_what_the_child_cannot_receive(
         AlignedBatches(unpicklable, store, batch_process=True)
     with pytest.raises(ConfigError, match="client"):
         AlignedBatches(specs.dataset(), store, batch_process=True, client=object())
+
+
+@pytest.mark.parametrize("kind", ["dense-fp16", "topk-bf16"])
+def test_distillation_loss_takes_the_batches_targets_at_their_temperature_only(
+    stores: dict[str, Path], kind: str, in_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LogitStore.open(stores[kind])
+    plan = _store_plans(store)[0]
+    with contextlib.closing(AlignedBatches(specs.dataset(), store).epoch(plan)) as batches:
+        _, labels, soft = next(batches)
+    aligned = AlignedBatches(specs.dataset(), store, temperature=2.0)
+    with contextlib.closing(aligned.epoch(plan)) as batches:
+        _, _, prepared = next(batches)
+    assert soft.targets is None and prepared.targets is not None
+    assert prepared.targets.temperature == 2.0
+    torch.manual_seed(0)
+    logits = torch.randn(len(labels), store.meta.num_classes)
+    made: list[float] = []  # the temperatures distillation_loss made targets at itself
+    make = distill.teacher_targets
+    monkeypatch.setattr(
+        distill,
+        "teacher_targets",
+        lambda soft, **kw: made.append(kw["temperature"]) or make(soft, **kw),
+    )
+    for temperature in (2.0, 1.0):  # at 1.0 the batch's targets (at 2.0) are not used
+        values, grads = [], []
+        for batch_soft in (soft, prepared):
+            z = logits.clone().requires_grad_()
+            loss = softcache.distillation_loss(
+                z, batch_soft, labels, temperatures=store.meta.temperatures,
+                temperature=temperature, alpha=0.25,
+            )  # fmt: skip
+            loss.backward()
+            values.append(loss.detach())
+            grads.append(z.grad)
+        assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1]), temperature
+    assert made == [2.0, 1.0, 1.0]
