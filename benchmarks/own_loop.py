@@ -9,8 +9,9 @@ loop's epochs, as the module docstring of `softcache.trainer.distill` writes it,
   collation, no hashes), with the hard-label cross-entropy: what the user's loop costs without KD;
 - `inline-*`: `AlignedBatches(dataset, store)`: inputs collated and hashed on the calling thread,
   soft labels assembled on a thread of the stream's (the API's default);
-- `process-*`: `AlignedBatches(dataset, store, batch_process=True)`: all of that in a child process,
-  each batch arriving in shared memory.
+- `process-*`: `AlignedBatches(dataset, store, batch_process=True, temperature=T)`: all of that
+  in a child process, with the teacher's side of the loss (`SoftLabels.targets`), each batch
+  arriving in shared memory; the step runs only the student's side.
 
 Each case is one epoch (epochs 1, 2, ... of one plan; one `AlignedBatches` per case for the whole
 bench, as a loop keeps one) after `interleave`'s warm-up round, which pays the first reads and the
@@ -64,6 +65,7 @@ class OwnLoopBench:
                 self.dataset,
                 store,
                 batch_process=where == "process",
+                temperature=TEMPERATURE if where == "process" else None,
                 pin_memory=cuda,
                 values="stored" if cuda else "float32",
             )
@@ -137,7 +139,10 @@ class OwnLoopBench:
         note = f"N={len(self.dataset)}, batch {w.batch_size}, every row's hash checked"
         figures = []
         for encoding, what in (("dense", "dense"), ("topk", "top-5")):
-            for where, how in (("inline", "AlignedBatches"), ("process", "batch_process=True")):
+            for where, how in (
+                ("inline", "AlignedBatches"),
+                ("process", "batch_process=True, temperature"),
+            ):
                 figures.append(
                     ratio_figure(
                         f"{prefix}own loop, {how}: offline KD / hard epoch, {what}",

@@ -244,6 +244,10 @@ def train(
     to the same weights an uninterrupted run reaches. Under torchrun (`torchrun --nproc_per_node P
     -m softcache.cli train ...`) each process is one DDP rank: --batch-size is per rank, and rank 0
     reports and writes.
+
+    On a CPU, torch steps the student on a thread per core while the batches are made on another
+    core: a small, fast student may step faster with fewer threads (OMP_NUM_THREADS=1 on 2 cores
+    took a small MLP's epoch from 274 to 194 ms, but a CNN's from 668 to 773 ms): measure yours.
     """
     from softcache.config import load_config
     from softcache.trainer import train as run_train
