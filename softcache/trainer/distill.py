@@ -315,6 +315,7 @@ class AlignedBatches:
         self._process: BatchProcess | None = None
         if batch_process:
             self._process = _start_process(
+                AlignedBatches,
                 dataset,
                 store,
                 pin_memory=pin_memory,
@@ -413,41 +414,56 @@ class AlignedBatches:
 
 
 class _AlignedInChild:
-    """The batch process's `BatchSource` for `AlignedBatches(..., batch_process=True)`."""
+    """The batch process's `BatchSource` for `AlignedBatches` / `AlignedTokenBatches` made with
+    ``batch_process=True``: the same class, made in the child without a process of its own."""
 
-    def __init__(self, dataset: Any, store: LogitStore, options: dict[str, Any]) -> None:
-        self.aligned = AlignedBatches(dataset, store, **options)
+    def __init__(
+        self, kind: type[AlignedBatches | AlignedTokenBatches], dataset: Any, store: LogitStore,
+        options: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.aligned = kind(dataset, store, **options)
 
     def batches(
         self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, SoftLabels]]:
+    ) -> Iterator[Any]:
         del steps  # `epoch` ends after `steps(plan)` batches, as the parent counted them
-        return self.aligned.epoch(plan, hash_stride=hash_stride, then=then)
+        if isinstance(self.aligned, AlignedBatches):
+            return self.aligned.epoch(plan, hash_stride=hash_stride, then=then)
+        return self.aligned.epoch(plan, then=then)
 
 
 def _start_process(
-    dataset: Any, store: LogitStore, *, pin_memory: bool, client: Any | None, **options: Any
+    kind: type[AlignedBatches | AlignedTokenBatches],
+    dataset: Any,
+    store: LogitStore,
+    *,
+    pin_memory: bool,
+    client: Any | None,
+    **options: Any,
 ) -> BatchProcess:
-    """A batch process making `AlignedBatches(dataset, store, **options)`'s epochs."""
+    """A batch process making `kind(dataset, store, **options)`'s epochs."""
+    name = f"{kind.__name__}(batch_process=True)"
     if client is not None:
         raise ConfigError(
-            "AlignedBatches(batch_process=True) reads the store in its child process, not "
-            "through a Dask client: pass one of client= and batch_process=True"
+            f"{name} reads the store in its child process, not through a Dask client: pass one "
+            "of client= and batch_process=True"
         )
     if "forkserver" not in multiprocessing.get_all_start_methods():
         raise ConfigError(
-            "AlignedBatches(batch_process=True) needs multiprocessing's fork server, which this "
-            "platform lacks: pass batch_process=False"
+            f"{name} needs multiprocessing's fork server, which this platform lacks: pass "
+            "batch_process=False"
         )
     # The slots are page-locked for a CUDA student's asynchronous copies; the child pins nothing.
     cuda = pin_memory and torch.cuda.is_available()
-    source = functools.partial(_AlignedInChild, dataset, store, dict(options, pin_memory=False))
+    if kind is AlignedBatches:
+        options["pin_memory"] = False
+    source = functools.partial(_AlignedInChild, kind, dataset, store, options)
     try:
         return BatchProcess(source, torch.device("cuda" if cuda else "cpu"))
     except BatchProcessError as exc:
         raise ConfigError(
-            f"AlignedBatches(batch_process=True) cannot start its batch process: {exc} (or pass "
-            "batch_process=False to make the batches in this process)"
+            f"{name} cannot start its batch process: {exc} (or pass batch_process=False to make "
+            "the batches in this process)"
         ) from exc
 
 
@@ -516,6 +532,10 @@ class AlignedTokenBatches:
         client: a `distributed.Client` for the stream, or None for threads.
         hash_check: check every sample of every batch (False: none).
         pad_id: the id padding takes in ``input_ids``.
+        batch_process: make the batches in a child process, as `AlignedBatches` does (see
+            there): the collation, the hash checks and the targets' decoding leave this
+            process, and each batch's tensors are valid until the next batch is asked for.
+            Call `close()` (or use a `with` block) to stop the child. Not with `client`.
     """
 
     def __init__(
@@ -528,6 +548,7 @@ class AlignedTokenBatches:
         client: Any | None = None,
         hash_check: bool = True,
         pad_id: int = 0,
+        batch_process: bool = False,
     ) -> None:
         if not store.meta.tokens:
             raise ConfigError(
@@ -541,7 +562,33 @@ class AlignedTokenBatches:
         self.hash_check = hash_check
         self.pad_id = pad_id
         self.stream = SoftLabelStream(store, prefetch_blocks=prefetch_blocks, client=client)
-        self._hashes = store.sample_hashes() if hash_check else None
+        # With a batch process, the child checks (and reads the hashes).
+        self._hashes = store.sample_hashes() if hash_check and not batch_process else None
+        self._process: BatchProcess | None = None
+        if batch_process:
+            self._process = _start_process(
+                AlignedTokenBatches,
+                dataset,
+                store,
+                pin_memory=False,
+                client=client,
+                num_workers=num_workers,
+                prefetch_blocks=prefetch_blocks,
+                hash_check=hash_check,
+                pad_id=pad_id,
+            )
+
+    def close(self) -> None:
+        """Stop the batch process, if there is one (idempotent); `epoch` then makes batches here."""
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+    def __enter__(self) -> AlignedTokenBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def block_rows(self, batch_size: int = 1, world_size: int = 1) -> int:
         """The plan's ``block_rows`` for this store: samples per block (`block_samples_for`)."""
@@ -562,6 +609,10 @@ class AlignedTokenBatches:
         Raises:
             DatasetMismatchError: a sample's tokens differ from those the teacher saw.
         """
+        if self._process is not None:
+            # The child runs this same method (without a process of its own) on its copy.
+            yield from self._process.batches(plan, self.steps(plan), hash_stride=0, then=then)
+            return
         loader = DataLoader(
             self.dataset,
             batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists

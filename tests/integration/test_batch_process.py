@@ -25,13 +25,13 @@ from softcache.store import LogitStore
 from softcache.trainer import distill, train
 from softcache.trainer.batch_process import BatchProcess, BatchProcessError
 from softcache.trainer.ddp import Ranks
-from softcache.trainer.distill import AlignedBatches
+from softcache.trainer.distill import AlignedBatches, AlignedTokenBatches
 from softcache.trainer.layouts import open_layout
 from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 from tests.conftest import spec
-from tests.helpers import build_row_stores, build_token_store, specs
+from tests.helpers import build_row_stores, build_token_store, specs, token_specs
 
 
 def mp_default() -> str:
@@ -436,3 +436,47 @@ def test_distillation_loss_takes_the_batches_targets_at_their_temperature_only(
             grads.append(z.grad)
         assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1]), temperature
     assert made == [2.0, 1.0, 1.0]
+
+
+def test_aligned_token_batches_in_a_batch_process_are_the_inline_ones(
+    stores: dict[str, Path], in_root: Path
+) -> None:
+    store = LogitStore.open(stores["tokens"])
+    inline = AlignedTokenBatches(token_specs.ragged_dataset(), store)
+    plan = EpochPlan(
+        num_samples=store.meta.num_samples, block_rows=inline.block_rows(4), batch_size=4, seed=5
+    )
+    second = plan_from_state(plan.state_dict())
+    second.set_epoch(1)
+    plans = [plan, second]
+
+    def epochs(aligned: AlignedTokenBatches) -> list[Any]:
+        return [
+            [_copied(b) for b in aligned.epoch(p, then=plans[1] if not e else None)]
+            for e, p in enumerate(plans)
+        ]
+
+    with AlignedTokenBatches(token_specs.ragged_dataset(), store, batch_process=True) as aligned:
+        made = epochs(aligned)
+    want = epochs(inline)
+    assert len(want[0]) > 1
+    _assert_same(made, want, "tokens")
+
+
+def test_aligned_token_batches_refuse_a_misaligned_dataset_from_the_child(
+    stores: dict[str, Path], in_root: Path
+) -> None:
+    store = LogitStore.open(stores["tokens"])
+    data = token_specs.ragged_dataset()
+    data.seqs[0], data.seqs[1] = data.seqs[1], data.seqs[0]  # two samples swapped
+    with AlignedTokenBatches(data, store, batch_process=True) as aligned:
+        plan = EpochPlan(
+            num_samples=store.meta.num_samples, block_rows=aligned.block_rows(4), batch_size=4,
+            seed=0,
+        )  # fmt: skip
+        with pytest.raises(DatasetMismatchError) as info:
+            for _ in aligned.epoch(plan):
+                pass
+        assert any("raised in the batch process" in note for note in info.value.__notes__)
+    with pytest.raises(ConfigError, match=r"AlignedTokenBatches\(batch_process=True\).*client"):
+        AlignedTokenBatches(data, store, batch_process=True, client=object())
