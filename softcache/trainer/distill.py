@@ -24,9 +24,12 @@ By default that work runs in the process that iterates `epoch`: the inputs' coll
 on its thread, the soft labels' reads and assembly on threads of the stream's, all under the
 training thread's GIL. `AlignedBatches(dataset, store, batch_process=True)` makes the same batches,
 bit for bit, in a child process (`softcache.trainer.batch_process`, as `softcache train` does), and
-hands each over in shared memory: a batch is then valid until the next one is asked for. Measured
-on a fast CPU student (`python -m benchmarks.run --only own-loop`, 2 cores), it took the loop's
-offline epoch from 1.65-1.71x a hard-label epoch to 1.26-1.34x.
+hands each over in shared memory: a batch is then valid until the next one is asked for. With
+`temperature=T` the teacher's side of the loss is made there too (`SoftLabels.targets`, which
+`distillation_loss` at T takes). Measured on a fast CPU student (`python -m benchmarks.run --only
+own-loop`, 2 cores; two runs), the loop's offline epoch over a hard-label loop's went from
+1.48-1.71x (dense and top-5) to 1.26-1.34x with `batch_process`, and to 0.91x dense / 1.11x
+top-5 with `temperature` as well.
 
 Under DDP (e.g. `torchrun --nproc_per_node 4 train.py`), give the plan the process's rank and world
 size; each rank then loads the inputs and reads the soft-label blocks of its own rows only, and every
