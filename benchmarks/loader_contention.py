@@ -34,8 +34,8 @@ from benchmarks.train import TrainBench, TrainWorkload
 from softcache.config import TrainConfig
 from softcache.runtime.specs import instantiate
 from softcache.trainer.ahead import Ahead
-from softcache.trainer.batch_process import BatchProcess
 from softcache.trainer.ddp import Ranks
+from softcache.trainer.layout_process import layout_process
 from softcache.trainer.layouts import open_layout
 
 LOADERS = (("hard", "dense"), ("offline", "dense"), ("offline", "topk"))
@@ -78,11 +78,7 @@ def handoff_waits(bench: TrainBench, loader: str, epochs: int = 3) -> list[float
         output=str(bench.workdir / "unused"), loader=loader,
     )  # fmt: skip
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
-    process = (
-        BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
-        if loader == "process"
-        else None
-    )
+    process = layout_process(config, Ranks(), torch.device("cpu")) if loader == "process" else None
     student = instantiate(workload.student, "student")
     optimizer = torch.optim.AdamW(student.parameters())
     waits: list[float] = []

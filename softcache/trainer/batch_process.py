@@ -43,7 +43,6 @@ mapped by the child (held once), anything else in it copied.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import io
 import logging
@@ -65,9 +64,6 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers the reductions that share tensors' memory
 
-from softcache.config import TrainConfig
-from softcache.trainer.ddp import Ranks
-from softcache.trainer.layouts import open_layout
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import plan_from_state
 
@@ -79,6 +75,7 @@ _GROWTH = 1.25
 # What the fork server imports once, so that a child costs a fork rather than these imports.
 _PRELOAD = (
     __name__,
+    "softcache.trainer.layout_process",
     "softcache.trainer.rows",
     "softcache.trainer.tokens",
 )
@@ -149,25 +146,6 @@ class BatchProcess:
         commands.close()  # the child's ends: closing ours lets EOF reach the other side
         results.close()
         self._finalizer = weakref.finalize(self, _shutdown, self._process, self._commands)
-
-    @classmethod
-    def for_layout(
-        cls, config: TrainConfig, ranks: Ranks, device: torch.device, *, depth: int = 4
-    ) -> BatchProcess:
-        """The training loop's batch process: the child builds the run's layout from `config`.
-
-        Args:
-            config: the run's configuration (the student, teacher and evaluation stay here).
-            ranks: this process's DDP rank and world size.
-            device: where the student runs (the child makes the batches for it: stored dtypes
-                for CUDA, teacher targets for a CPU student) without touching the device.
-            depth: batches the child makes ahead of the one in use.
-
-        Raises:
-            BatchProcessError: the config does not pickle (an object the child cannot receive).
-        """
-        source = functools.partial(_child_layout, _child_config(config), ranks, device.type)
-        return cls(source, device, depth=depth)
 
     def wait_ready(self) -> None:
         """Wait until the child has built its layout.
@@ -320,30 +298,6 @@ def _child_error(exc: BaseException | None, text: str) -> BaseException:
 
 
 # -- the child
-
-
-def _child_config(config: TrainConfig) -> TrainConfig:
-    """What the child's layout needs of the run's config: the dataset and store settings.
-
-    The student, the teacher and the evaluation stay in the parent (they may be large objects,
-    which would be pickled across); so do the checks the parent's layout made when it was built
-    (a token store's scan hashes every sample, and the student's tokenizer is checked there).
-    The per-epoch alignment checks come with each epoch's command.
-    """
-    return dataclasses.replace(
-        config,
-        student="(the parent's)",
-        teacher=None if config.teacher is None else "(the parent's)",
-        tokenizer=None,
-        eval_dataset=None,
-        eval_store=None,
-        hash_check="off",
-    )
-
-
-def _child_layout(config: TrainConfig, ranks: Ranks, device_type: str) -> Any:
-    """The child's copy of the run's layout (a `BatchSource`)."""
-    return open_layout(config, ranks, torch.device(device_type), None, pin_memory=False)
 
 
 def _pickled(args: tuple[Any, ...]) -> bytes:
@@ -631,50 +585,8 @@ def _shutdown(process: multiprocessing.process.BaseProcess, commands: Any) -> No
         process.join()
 
 
-def open_batch_process(
-    config: TrainConfig, ranks: Ranks, device: torch.device
-) -> BatchProcess | None:
-    """The run's batch process, started, or None for the batch thread (asked for with
-    `loader = "thread"`, or no child here: warned about). Call `ready_or_none` before the first
-    epoch: the child builds its layout meanwhile."""
-    if config.loader != "process":
-        return None
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        _fallback("this platform has no fork server")
-        return None
-    try:
-        return BatchProcess.for_layout(config, ranks, device)
-    except BatchProcessError as exc:
-        _fallback(str(exc))
-        return None
-
-
-def ready_or_none(process: BatchProcess | None) -> BatchProcess | None:
-    """`process` once its layout is built; None (warned about, the child stopped) if it failed."""
-    if process is None:
-        return None
-    try:
-        process.wait_ready()
-    except BatchProcessError as exc:
-        process.close()
-        _fallback(str(exc))
-        return None
-    return process
-
-
-def _fallback(why: str) -> None:
-    warnings.warn(
-        f"making batches on a thread of the training process ({why}); pass --loader thread "
-        "to ask for that and silence this warning",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
 __all__ = [
     "BatchProcess",
     "BatchProcessError",
     "BatchSource",
-    "open_batch_process",
-    "ready_or_none",
 ]

@@ -78,7 +78,6 @@ from softcache.data.sequences import (
 from softcache.data.views import augmentation_of, replay
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore, StoreMeta
-from softcache.trainer.batch_process import BatchProcess, BatchProcessError
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabels, SoftLabelStream
 from softcache.trainer.token_labels import TokenLabels, block_samples_for
@@ -86,6 +85,7 @@ from softcache.trainer.tokens import token_kd_loss
 
 if TYPE_CHECKING:
     from softcache.store.token_codec import TokenCodec
+    from softcache.trainer.batch_process import BatchProcess
 
 log = logging.getLogger("softcache")
 _warned_temperatures: set[float] = set()
@@ -445,6 +445,9 @@ def _start_process(
     **options: Any,
 ) -> BatchProcess:
     """A batch process making `kind(dataset, store, **options)`'s epochs."""
+    # Imported here: the batch process runs the training layouts, which import this module.
+    from softcache.trainer.batch_process import BatchProcess, BatchProcessError
+
     name = f"{kind.__name__}(batch_process=True)"
     if client is not None:
         raise ConfigError(

@@ -46,7 +46,7 @@ from softcache.runtime.specs import module_from
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
 from softcache.trainer.ahead import Ahead
-from softcache.trainer.batch_process import open_batch_process, ready_or_none
+from softcache.trainer.layout_process import open_batch_process, ready_or_none
 from softcache.trainer.layouts import TrainLayout, open_layout
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state

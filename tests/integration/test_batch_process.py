@@ -23,9 +23,10 @@ from softcache.config import TrainConfig
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
 from softcache.trainer import distill, train
-from softcache.trainer.batch_process import BatchProcess, BatchProcessError
+from softcache.trainer.batch_process import BatchProcessError
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import AlignedBatches, AlignedTokenBatches
+from softcache.trainer.layout_process import layout_process
 from softcache.trainer.layouts import open_layout
 from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
@@ -144,7 +145,7 @@ def test_the_batch_process_makes_the_batches_the_thread_makes(
     config = _config(stores, kind, tmp_path, hash_check="first-epoch", **stride)
     where = torch.device(device)
     layout = open_layout(config, Ranks(), where, None, pin_memory=False)
-    process = BatchProcess.for_layout(config, Ranks(), where)
+    process = layout_process(config, Ranks(), where)
     try:
         made = _epochs(process.batches, layout, config)
     finally:
@@ -162,7 +163,7 @@ def test_an_epoch_stopped_early_leaves_the_next_one_whole(
     config = _config(stores, "topk-bf16", tmp_path)
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
     first, second = _plans(layout, config)
-    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+    process = layout_process(config, Ranks(), torch.device("cpu"))
     try:
         batches = process.batches(first, equal_steps(first), hash_stride=1, then=second)
         taken = [_copied(next(batches)) for _ in range(2)]
@@ -182,7 +183,7 @@ def test_a_dataset_that_differs_is_refused_by_name_from_the_child(
     config = _config(stores, "dense-fp16", tmp_path, dataset=spec("altered_dataset"))
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
     plan = _plans(layout, config)[0]
-    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+    process = layout_process(config, Ranks(), torch.device("cpu"))
     try:
         with pytest.raises(DatasetMismatchError, match=f"sample {specs.ALTERED_SAMPLE} ") as info:
             for _ in process.batches(plan, len(plan), hash_stride=1, then=None):
@@ -200,7 +201,7 @@ def test_a_killed_batch_process_is_named(
     config = _config(stores, "dense-fp16", tmp_path)
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
     plan = _plans(layout, config)[0]
-    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+    process = layout_process(config, Ranks(), torch.device("cpu"))
     try:
         batches = process.batches(plan, len(plan), hash_stride=0, then=None)
         next(batches)
@@ -218,9 +219,9 @@ def test_the_child_sees_the_environment_of_the_run_not_of_the_fork_server(
 ) -> None:
     # The fork server is started by now (earlier tests); its environment is older than this one.
     config = _config(stores, "dense-fp16", tmp_path)
-    BatchProcess.for_layout(config, Ranks(), torch.device("cpu")).close()
+    layout_process(config, Ranks(), torch.device("cpu")).close()
     monkeypatch.setenv("SOFTCACHE_TEST_N", str(specs.num_samples() - 1))
-    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+    process = layout_process(config, Ranks(), torch.device("cpu"))
     try:
         # The child's dataset is one sample short, as this process's would be: refused there.
         with pytest.raises(
@@ -243,7 +244,7 @@ def test_dataloader_workers_in_the_child_start_as_in_the_parent(
         stores, "dense-fp16", tmp_path, dataset=spec("start_method_dataset"), num_workers=2
     )
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
-    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+    process = layout_process(config, Ranks(), torch.device("cpu"))
     try:
         made = _epochs(process.batches, layout, config)
     finally:
@@ -259,7 +260,7 @@ def test_a_dataset_object_reaches_the_child_in_shared_memory(
     data = specs.dataset()
     config = _config(stores, "dense-fp16", tmp_path, dataset=data)
     layout = open_layout(config, Ranks(), torch.device("cpu"), None)
-    process = BatchProcess.for_layout(config, Ranks(), torch.device("cpu"))
+    process = layout_process(config, Ranks(), torch.device("cpu"))
     try:
         process.wait_ready()
         assert data.x.is_shared()  # moved to shared memory for the child, not copied to it
