@@ -61,7 +61,7 @@ import functools
 import logging
 import multiprocessing
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ from softcache.data.sequences import (
 from softcache.data.views import augmentation_of, replay
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore, StoreMeta
+from softcache.trainer.batch_process import BatchProcess, BatchProcessError
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import PlanSampler, SoftLabels, SoftLabelStream
 from softcache.trainer.token_labels import TokenLabels, block_samples_for
@@ -85,7 +86,6 @@ from softcache.trainer.tokens import token_kd_loss
 
 if TYPE_CHECKING:
     from softcache.store.token_codec import TokenCodec
-    from softcache.trainer.batch_process import BatchProcess
 
 log = logging.getLogger("softcache")
 _warned_temperatures: set[float] = set()
@@ -221,7 +221,25 @@ def _warn_renormalised(temperature: float, temperatures: Sequence[float]) -> Non
     )
 
 
-class AlignedBatches:
+class _BatchProcessOwner:
+    """What `AlignedBatches` and `AlignedTokenBatches` share with ``batch_process=True``."""
+
+    _process: BatchProcess | None = None
+
+    def close(self) -> None:
+        """Stop the batch process, if there is one (idempotent); `epoch` then makes batches here."""
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AlignedBatches(_BatchProcessOwner):
     """(inputs, labels, soft labels) batches in the order of an epoch plan, alignment-checked.
 
     Args:
@@ -315,7 +333,7 @@ class AlignedBatches:
         self.temperature = temperature
         if temperature is not None:
             warn_unstored_temperature(store.meta, temperature)
-        self._process: BatchProcess | None = None
+        self._process = None
         if batch_process:
             self._process = _start_process(
                 AlignedBatches,
@@ -332,18 +350,6 @@ class AlignedBatches:
                 assemble_ahead=assemble_ahead,
                 temperature=temperature,
             )
-
-    def close(self) -> None:
-        """Stop the batch process, if there is one (idempotent); `epoch` then makes batches here."""
-        if self._process is not None:
-            self._process.close()
-            self._process = None
-
-    def __enter__(self) -> AlignedBatches:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def steps(self, plan: EpochPlan) -> int:
         """Batches `epoch` yields for the plan's epoch, counted from its start."""
@@ -445,9 +451,6 @@ def _start_process(
     **options: Any,
 ) -> BatchProcess:
     """A batch process making `kind(dataset, store, **options)`'s epochs."""
-    # Imported here: the batch process runs the training layouts, which import this module.
-    from softcache.trainer.batch_process import BatchProcess, BatchProcessError
-
     name = f"{kind.__name__}(batch_process=True)"
     if client is not None:
         raise ConfigError(
@@ -509,7 +512,7 @@ class AlignedLoader:
 # ---- token stores (language models) --------------------------------------------------------------
 
 
-class AlignedTokenBatches:
+class AlignedTokenBatches(_BatchProcessOwner):
     """(inputs, per-token targets) batches of a token store, in the order of an epoch plan.
 
     What `AlignedBatches` is for row stores, for a causal LM's per-token store::
@@ -568,9 +571,9 @@ class AlignedTokenBatches:
         self.hash_check = hash_check
         self.pad_id = pad_id
         self.stream = SoftLabelStream(store, prefetch_blocks=prefetch_blocks, client=client)
-        # With a batch process, the child checks (and reads the hashes).
-        self._hashes = store.sample_hashes() if hash_check and not batch_process else None
-        self._process: BatchProcess | None = None
+        # Read at the first epoch made here (with a batch process, the child reads them).
+        self._hashes: np.ndarray | None = None
+        self._process = None
         if batch_process:
             self._process = _start_process(
                 AlignedTokenBatches,
@@ -583,18 +586,6 @@ class AlignedTokenBatches:
                 hash_check=hash_check,
                 pad_id=pad_id,
             )
-
-    def close(self) -> None:
-        """Stop the batch process, if there is one (idempotent); `epoch` then makes batches here."""
-        if self._process is not None:
-            self._process.close()
-            self._process = None
-
-    def __enter__(self) -> AlignedTokenBatches:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def block_rows(self, batch_size: int = 1, world_size: int = 1) -> int:
         """The plan's ``block_rows`` for this store: samples per block (`block_samples_for`)."""
@@ -629,7 +620,9 @@ class AlignedTokenBatches:
             loader, self.stream.batches(plan, then=then), strict=True
         ):
             assert isinstance(targets, TokenLabels)  # a token store's (checked in __init__)
-            if self._hashes is not None:
+            if self.hash_check:
+                if self._hashes is None:
+                    self._hashes = self.store.sample_hashes()
                 _check_token_batch(inputs, hashes, targets, self._hashes, self.store.location)
             yield inputs, targets
 

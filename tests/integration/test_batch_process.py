@@ -479,5 +479,11 @@ def test_aligned_token_batches_refuse_a_misaligned_dataset_from_the_child(
             for _ in aligned.epoch(plan):
                 pass
         assert any("raised in the batch process" in note for note in info.value.__notes__)
+        # Closed, the batches are made here, and still checked here.
+        aligned.close()
+        with pytest.raises(DatasetMismatchError) as info:
+            for _ in aligned.epoch(plan):
+                pass
+        assert not getattr(info.value, "__notes__", None)
     with pytest.raises(ConfigError, match=r"AlignedTokenBatches\(batch_process=True\).*client"):
         AlignedTokenBatches(data, store, batch_process=True, client=object())
