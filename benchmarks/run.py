@@ -165,28 +165,22 @@ def benches(
         # 1,024 samples x 4 views: as many teacher rows as the build section's full N.
         workload = BuildWorkload("", TEACHER, "benchmarks.models:images_quick", device=device)
         return [(ViewsBench(workload, 4, workdir), s.views_rounds)]
-    if section == "train":
-        workload = TrainWorkload(
-            "", STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
-        )
-        # The same store, a student three times faster per step: less time to hide the loader in.
-        fast = TrainWorkload(
-            "fast student", FAST_STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
-        )
-        return [
-            (TrainBench(workload, workdir), s.train_rounds),
-            (TrainBench(fast, workdir / "fast-student"), s.train_rounds),
+    if section in ("train", "own-loop"):
+        # The benchmark student, and on the same store a student three times faster per step:
+        # less time to hide the loader in.
+        students = {"": STUDENT, "fast student": FAST_STUDENT}
+        workloads = [
+            TrainWorkload(label, student, TEACHER, s.images, epochs=s.train_epochs, device=device)
+            for label, student in students.items()
         ]
-    if section == "own-loop":
-        workload = TrainWorkload(
-            "", STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
-        )
-        fast = TrainWorkload(
-            "fast student", FAST_STUDENT, TEACHER, s.images, epochs=s.train_epochs, device=device
-        )
+        if section == "train":
+            return [
+                (TrainBench(workloads[0], workdir), s.train_rounds),
+                (TrainBench(workloads[1], workdir / "fast-student"), s.train_rounds),
+            ]
         return [
-            (OwnLoopBench(workload, workdir / "own-loop"), s.train_rounds),
-            (OwnLoopBench(fast, workdir / "own-loop-fast"), s.train_rounds),
+            (OwnLoopBench(workloads[0], workdir / "own-loop"), s.train_rounds),
+            (OwnLoopBench(workloads[1], workdir / "own-loop-fast"), s.train_rounds),
         ]
     if section == "speedup":
         cheapest = next(iter(ONLINE_TEACHERS.values()))
