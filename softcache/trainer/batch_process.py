@@ -344,7 +344,7 @@ class _MainRefusingPickler(ForkingPickler):
 def _serve(
     args: bytes, commands: connection.Connection, results: connection.Connection, consumed: Any
 ) -> None:
-    """The child's main loop: build the layout, then make epochs of batches on request."""
+    """The child's main loop: build its batch source, then make epochs of batches on request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     torch.set_num_threads(1)  # the batch work is small ops; the cores are the step's
     source, num_slots, environ, start_method = pickle.loads(args)

@@ -175,6 +175,20 @@ def teacher_targets(
     return None
 
 
+def store_teacher_targets(
+    soft: SoftLabels, meta: StoreMeta, temperature: float
+) -> losses.TeacherTargets | None:
+    """`teacher_targets` over the store's classes, from its temperatures, not warning: for a
+    batch maker that warned once already (`warn_unstored_temperature`)."""
+    return teacher_targets(
+        soft,
+        temperatures=meta.temperatures,
+        temperature=temperature,
+        num_classes=meta.num_classes,
+        warn=False,
+    )
+
+
 def warn_unstored_temperature(meta: StoreMeta, temperature: float) -> None:
     """Log that a top-k store's loss will renormalise, if it keeps no normaliser at
     `temperature` (the training loop's warning, once per run)."""
@@ -411,14 +425,7 @@ class AlignedBatches(_BatchProcessOwner):
             yield inputs, labels, soft
 
     def _with_targets(self, soft: SoftLabels, temperature: float) -> SoftLabels:
-        meta = self.store.meta
-        targets = teacher_targets(
-            soft,
-            temperatures=meta.temperatures,
-            temperature=temperature,
-            num_classes=meta.num_classes,
-            warn=False,  # warned in __init__
-        )
+        targets = store_teacher_targets(soft, self.store.meta, temperature)  # warned in __init__
         return dataclasses.replace(soft, targets=targets)
 
 

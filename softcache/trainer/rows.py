@@ -31,7 +31,7 @@ from softcache.trainer.distill import (
     AlignedBatches,
     check_sample_count,
     renormalised_topk_loss,
-    teacher_targets,
+    store_teacher_targets,
     warn_unstored_temperature,
 )
 from softcache.trainer.plan import EpochPlan
@@ -124,13 +124,7 @@ class RowLayout:
         """The batch's teacher targets, or its soft labels for the renormalised top-k fallback
         (a temperature without a normaliser, warned about once per run in `__init__`)."""
         assert self.store is not None
-        prepared = teacher_targets(
-            soft,
-            temperatures=self.store.meta.temperatures,
-            temperature=self.config.temperature,
-            num_classes=self.store.meta.num_classes,
-            warn=False,
-        )
+        prepared = store_teacher_targets(soft, self.store.meta, self.config.temperature)
         return soft if prepared is None else prepared
 
     def _batches(
