@@ -46,6 +46,7 @@ from softcache.runtime.specs import module_from
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
 from softcache.trainer.ahead import Ahead
+from softcache.trainer.batch_process import NextEpoch
 from softcache.trainer.layout_process import open_batch_process, ready_or_none
 from softcache.trainer.layouts import TrainLayout, open_layout
 from softcache.trainer.plan import EpochPlan
@@ -211,7 +212,9 @@ def _train(
         # (`Ahead`): the step only takes finished batches, so their collation, hashing and
         # gathering overlap with it.
         if feeder is not None:
-            batches = feeder.batches(plan, steps, hash_stride=stride, then=then)
+            batches = feeder.batches(
+                plan, steps, hash_stride=stride, then=then, after=_next_epoch(config, then)
+            )
         else:
             source = layout.batches(plan, steps, hash_stride=stride, then=then)
             batches = Ahead(source, depth=2, name="batches").results()
@@ -292,6 +295,19 @@ def _check_output(output: Path, config: TrainConfig) -> None:
             f"{output} already holds a training run ({', '.join(held)}); pass --resume to "
             "continue it, --overwrite to replace it, or choose another --output"
         )
+
+
+def _next_epoch(config: TrainConfig, then: EpochPlan | None) -> NextEpoch | None:
+    """The epoch after this one as the loop will ask the batch process for it, for the child
+    to start as soon as this one is made; None after the last epoch."""
+    if then is None:
+        return None
+    after = None
+    if then.epoch + 1 < config.epochs:
+        after = plan_from_state(then.state_dict())
+        after.set_epoch(then.epoch + 1)
+    stride = epoch_hash_stride(config, first_epoch=False)
+    return NextEpoch(then, equal_steps(then), stride, after)
 
 
 def epoch_hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:

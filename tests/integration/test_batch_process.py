@@ -11,6 +11,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from softcache.config import TrainConfig
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
 from softcache.trainer import distill, train
-from softcache.trainer.batch_process import BatchProcessError
+from softcache.trainer.batch_process import BatchProcess, BatchProcessError, NextEpoch
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import AlignedBatches, AlignedTokenBatches
 from softcache.trainer.layout_process import layout_process
@@ -33,6 +34,7 @@ from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 from tests.conftest import spec
 from tests.helpers import build_row_stores, build_token_store, specs, token_specs
+from tests.helpers.batch_sources import MarkedEpochs, marked
 
 
 def mp_default() -> str:
@@ -80,15 +82,21 @@ def _plans(layout: Any, config: TrainConfig) -> list[EpochPlan]:
     return [plan, second]
 
 
-def _epochs(make: Any, layout: Any, config: TrainConfig) -> list[list[Any]]:
+def _epochs(make: Any, layout: Any, config: TrainConfig, *, ahead: bool = False) -> list[list[Any]]:
     """Two epochs of batches (the first reading the second's ahead), copied out of their
-    memory as they arrive: a batch process's views are valid until the next batch."""
+    memory as they arrive: a batch process's views are valid until the next batch. `ahead`:
+    the second epoch is queued in the batch process with the first (`after`), as the
+    training loop does."""
     plans = _plans(layout, config)
     out = []
     for epoch, plan in enumerate(plans):
         then = plans[1] if epoch == 0 else None
         stride = epoch_hash_stride(config, first_epoch=epoch == 0)
-        batches = make(plan, equal_steps(plan), hash_stride=stride, then=then)
+        extra = {}
+        if ahead and then is not None:
+            later = epoch_hash_stride(config, first_epoch=False)
+            extra["after"] = NextEpoch(then, equal_steps(then), later, None)
+        batches = make(plan, equal_steps(plan), hash_stride=stride, then=then, **extra)
         out.append([_copied(batch) for batch in batches])
     return out
 
@@ -147,7 +155,7 @@ def test_the_batch_process_makes_the_batches_the_thread_makes(
     layout = open_layout(config, Ranks(), where, None, pin_memory=False)
     process = layout_process(config, Ranks(), where)
     try:
-        made = _epochs(process.batches, layout, config)
+        made = _epochs(process.batches, layout, config, ahead=True)  # as the loop asks
     finally:
         process.close()
     want = _epochs(layout.batches, layout, config)
@@ -175,6 +183,84 @@ def test_an_epoch_stopped_early_leaves_the_next_one_whole(
     _assert_same(taken, [_copied(b) for b in want_first[:2]])
     want = list(layout.batches(second, len(second), hash_stride=0, then=None))
     _assert_same(made, want)
+
+
+def _marked_plan(epoch: int) -> EpochPlan:
+    plan = EpochPlan(num_samples=64, block_rows=16, batch_size=8, seed=0)
+    plan.set_epoch(epoch)
+    return plan
+
+
+def _appears(path: Path, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _made(batches: Any) -> list[list[int]]:
+    return [batch.tolist() for batch in batches]
+
+
+def test_the_epoch_queued_after_this_one_is_made_before_it_is_asked_for(
+    tmp_path: Path, in_root: Path
+) -> None:
+    """The next epoch's batches are under way in the child while the loop is between epochs
+    (evaluating, checkpointing), so its first batch does not wait for the child to set it up.
+    Six batches an epoch against three slots: the queued epoch waits for slots like any."""
+    first, second = _marked_plan(0), _marked_plan(1)
+    process = BatchProcess(MarkedEpochs(str(tmp_path)), torch.device("cpu"), depth=2)
+    try:
+        after = NextEpoch(second, 6, 0, None)
+        got = _made(process.batches(first, 6, hash_stride=1, then=second, after=after))
+        assert got == marked(first, 6, 1)
+        assert _appears(tmp_path / "epoch-1")  # begun before anyone asked for it
+        assert _made(process.batches(second, 6, hash_stride=0, then=None)) == marked(second, 6, 0)
+        time.sleep(0.3)  # nothing was queued after the second: the child starts nothing
+        assert not (tmp_path / "epoch-2").exists()
+    finally:
+        process.close()
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [(1, 4, 0), (1, 6, 1), (5, 6, 0)],
+    ids=["other-steps", "other-stride", "other-epoch"],
+)
+def test_an_epoch_queued_ahead_but_asked_for_otherwise_is_dropped(
+    tmp_path: Path, in_root: Path, asked: tuple[int, int, int]
+) -> None:
+    first, second = _marked_plan(0), _marked_plan(1)
+    process = BatchProcess(MarkedEpochs(str(tmp_path)), torch.device("cpu"), depth=2)
+    try:
+        after = NextEpoch(second, 6, 0, None)
+        _made(process.batches(first, 6, hash_stride=1, then=second, after=after))
+        assert _appears(tmp_path / "epoch-1")
+        epoch, steps, stride = asked
+        plan = _marked_plan(epoch)
+        got = _made(process.batches(plan, steps, hash_stride=stride, then=None))
+        assert got == marked(plan, steps, stride)  # not a batch of the queued epoch among them
+        # ... and the process is in step for the epoch after.
+        assert _made(process.batches(first, 6, hash_stride=0, then=None)) == marked(first, 6, 0)
+    finally:
+        process.close()
+
+
+def test_an_epoch_left_early_drops_the_epoch_queued_after_it(tmp_path: Path, in_root: Path) -> None:
+    first, second = _marked_plan(0), _marked_plan(1)
+    process = BatchProcess(MarkedEpochs(str(tmp_path)), torch.device("cpu"), depth=2)
+    try:
+        after = NextEpoch(second, 6, 0, None)
+        batches = process.batches(first, 6, hash_stride=1, then=second, after=after)
+        assert next(batches).tolist() == marked(first, 6, 1)[0]
+        batches.close()  # as the loop does at max_steps
+        time.sleep(0.3)
+        assert not (tmp_path / "epoch-1").exists()  # dropped, never begun
+        assert _made(process.batches(second, 3, hash_stride=1, then=None)) == marked(second, 3, 1)
+    finally:
+        process.close()
 
 
 def test_a_dataset_that_differs_is_refused_by_name_from_the_child(
