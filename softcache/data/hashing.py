@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from softcache.data.fetch import Stacked
 from softcache.data.labels import NO_LABEL
 from softcache.errors import DatasetFormatError
 
@@ -62,7 +63,7 @@ def collate_with_hashes(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tenso
 
     Args:
         items: dataset items, each `(input, label)`; input a tensor or array, label an int, a 0-d
-            tensor, `-1` or `None` (no label).
+            tensor, `-1` or `None` (no label); or a batch fetched whole (`fetch.Stacked`).
 
     Returns:
         inputs (B, ...) tensor; labels (B,) int64 with -1 for missing; hashes (B,) uint64.
@@ -99,6 +100,8 @@ def _collate_strided(
 
 
 def _stack(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(items, Stacked):  # fetched whole (`softcache.data.fetch`): already stacked
+        return items.inputs, items.labels
     inputs = []
     labels = []
     for item in items:

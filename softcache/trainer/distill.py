@@ -68,6 +68,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache import losses
+from softcache.data.fetch import batch_fetching
 from softcache.data.hashing import collate_pairs, hash_rows, sampled_collate
 from softcache.data.sequences import (
     IGNORE_INDEX,
@@ -403,7 +404,7 @@ class AlignedBatches(_BatchProcessOwner):
             return
         augmentation = self.augmentation
         loader = DataLoader(
-            self.dataset,
+            batch_fetching(self.dataset),
             batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists
             # With views, what the teacher saw is the replayed view: hash after replaying it.
             collate_fn=collate_pairs if augmentation else sampled_collate(stride),
@@ -618,7 +619,7 @@ class AlignedTokenBatches(_BatchProcessOwner):
             yield from self._process.batches(plan, self.steps(plan), hash_stride=0, then=then)
             return
         loader = DataLoader(
-            self.dataset,
+            batch_fetching(self.dataset),
             batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=_SequencesWithHashes(self.pad_id, self.hash_check),
             num_workers=self.num_workers,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from softcache import losses
 from softcache.config import TrainConfig
+from softcache.data.fetch import batch_fetching
 from softcache.data.hashing import collate_pairs, collate_with_hashes
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.runtime.devices import autocast
@@ -138,7 +139,7 @@ class RowLayout:
                 yield inputs, labels, soft, soft.indices
             return
         loader = DataLoader(
-            self.dataset,
+            batch_fetching(self.dataset),
             batch_sampler=PlanSampler(plan, steps),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=collate_pairs,
             num_workers=self.config.num_workers,
@@ -228,7 +229,9 @@ class _Evaluator:
         if not config.eval_dataset:
             return
         dataset = dataset_from(config.eval_dataset, "eval dataset")
-        self.loader = DataLoader(dataset, batch_size=512, collate_fn=collate_with_hashes)
+        self.loader = DataLoader(
+            batch_fetching(dataset), batch_size=512, collate_fn=collate_with_hashes
+        )
         if config.eval_store:
             eval_store = LogitStore.open(config.eval_store, storage_options=config.storage_options)
             self.teacher_top1 = self._store_top1(eval_store, dataset)

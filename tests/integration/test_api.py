@@ -366,3 +366,33 @@ def test_an_own_loop_epoch_left_early_stops_its_threads(
     assert [t.name for t in set(threading.enumerate()) - before] == []
     # ... and the next epoch is whole.
     assert sum(1 for _ in aligned.epoch(plan)) == aligned.steps(plan)
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_a_tensor_dataset_fetched_whole_is_checked_and_batched_as_item_by_item(
+    built_stores: dict[str, Path], kind: str, in_root: Path
+) -> None:
+    """A torch `TensorDataset` is fetched a batch at a time (`softcache.data.fetch`): the store,
+    built from the same rows item by item, checks every one of its rows, the batches are the
+    item-by-item ones, and a dataset with two rows swapped is refused by name."""
+    from torch.utils.data import TensorDataset
+
+    from softcache.errors import DatasetMismatchError
+
+    store = softcache.open_store(str(built_stores[kind]))
+    plan = softcache.EpochPlan(
+        num_samples=hs.num_samples(), block_rows=store.meta.shard_samples, batch_size=24, seed=3
+    )
+    whole = TensorDataset(hs.inputs(), hs.labels())
+    fetched = list(softcache.AlignedBatches(whole, store, hash_stride=1).epoch(plan))
+    items = list(softcache.AlignedBatches(hs.dataset(), store, hash_stride=1).epoch(plan))
+    assert len(fetched) == len(items) == len(plan)
+    for (x, y, soft), (x_items, y_items, soft_items) in zip(fetched, items, strict=True):
+        assert torch.equal(x, x_items) and torch.equal(y, y_items)
+        assert np.array_equal(soft.indices, soft_items.indices)
+    swapped = hs.inputs()
+    swapped[[4, 9]] = swapped[[9, 4]]
+    aligned = softcache.AlignedBatches(TensorDataset(swapped, hs.labels()), store, hash_stride=1)
+    with pytest.raises(DatasetMismatchError, match=r"sample [49] "):
+        for _ in aligned.epoch(plan):
+            pass

@@ -1,0 +1,86 @@
+"""Whole batches fetched from in-memory tensors: one index per batch, not a call per sample.
+
+A DataLoader fetches a batch of a map-style dataset item by item (``dataset[i]`` for each row)
+and its collate function stacks the items. For a `TensorDataset` of (inputs, labels) that is a
+Python call, two tensor views and a label conversion per sample, then a stack: in the batch
+process of `benchmarks/train.py` (64 rows of 3x32x32) the dataset's `__getitem__` and the
+collation took 61 of the 123 ms an epoch of its batches cost. `batch_fetching(dataset)` gives
+such a dataset the DataLoader's batched fetch (`__getitems__`): one index of each tensor per
+batch, which the collate functions of `softcache.data.hashing` take as it is (`Stacked`). The
+batches are the item-by-item ones, bit for bit; any other dataset is returned unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from softcache.data.labels import NO_LABEL
+
+# Label dtypes whose every value converts to int64 as `int(label)` would.
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A batch fetched whole, as the collate functions would stack its items.
+
+    Attributes:
+        inputs: ``(B, ...)`` the rows' inputs, contiguous, in the dataset's dtype.
+        labels: ``(B,)`` int64 labels, `NO_LABEL` where a row's label is negative.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+class _BatchFetched(Dataset):
+    """A `TensorDataset` of (inputs, labels) whose batches are fetched with one index each."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> Stacked:
+        inputs, labels = self.dataset.tensors
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        picked = labels[rows].to(torch.int64)
+        return Stacked(inputs[rows].contiguous(), torch.where(picked < 0, NO_LABEL, picked))
+
+
+def batch_fetching(dataset: Any) -> Any:
+    """`dataset`, fetched a batch at a time where it is a CPU `TensorDataset` of (inputs, labels).
+
+    Only the `TensorDataset` class itself qualifies (a subclass may change what an item is), with
+    two tensors on the CPU and 1-D integer labels; anything else is returned as it is, and its
+    items are fetched and checked one by one.
+
+    Args:
+        dataset: a map-style dataset.
+
+    Returns:
+        A dataset with the same items whose DataLoader batches arrive as `Stacked`, or `dataset`.
+    """
+    if type(dataset) is not TensorDataset or len(dataset.tensors) != 2:
+        return dataset
+    inputs, labels = dataset.tensors
+    if inputs.device.type != "cpu" or labels.device.type != "cpu":
+        return dataset
+    if labels.ndim != 1 or labels.dtype not in _LABEL_DTYPES:
+        return dataset
+    return _BatchFetched(dataset)
+
+
+__all__ = ["Stacked", "batch_fetching"]
