@@ -29,9 +29,9 @@ The child starts an epoch when it is asked for, unless it was told of it with th
 (`batches(after=NextEpoch(...))`, which the training loop does): then it starts it as soon as the
 one before is made, and that epoch's first batches are waiting when the loop asks. Otherwise each
 epoch's first batch waits for the child to set the epoch up (its DataLoader iterator, whose
-workers start per epoch, the first collation, the first teacher targets): 2.8 ms hard and 3.8-4.8
-ms offline a 245 ms epoch of the fast student of `benchmarks/train.py`, 0.2-0.3 ms with the epoch
-queued. A call that asks for anything else drops the queued epoch, unused.
+workers start per epoch, the first collation, the first teacher targets): 2.7-3.2 ms hard and
+3.6-4.8 ms offline in a 240-290 ms epoch of the fast student of `benchmarks/train.py`, 0.2-0.3 ms
+with the epoch queued. A call that asks for anything else drops the queued epoch, unused.
 
 The batches are those the thread path makes, bit for bit: the same layout code runs on the same
 config, in the same order, and nothing in it draws from torch's global RNG.
