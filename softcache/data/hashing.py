@@ -66,7 +66,7 @@ def collate_with_hashes(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tenso
             tensor, `-1` or `None` (no label); or a batch fetched whole (`fetch.Stacked`).
 
     Returns:
-        inputs (B, ...) tensor; labels (B,) int64 with -1 for missing; hashes (B,) uint64.
+        inputs (B, ...) tensor; labels (B,) int64, `MISSING_LABEL` for missing; hashes (B,) uint64.
 
     Raises:
         DatasetFormatError: an item is not an `(input, label)` pair of the expected kinds.

@@ -619,7 +619,7 @@ class AlignedTokenBatches(_BatchProcessOwner):
             yield from self._process.batches(plan, self.steps(plan), hash_stride=0, then=then)
             return
         loader = DataLoader(
-            batch_fetching(self.dataset),
+            self.dataset,
             batch_sampler=PlanSampler(plan, self.steps(plan)),  # type: ignore[arg-type]  # int64 arrays index like lists
             collate_fn=_SequencesWithHashes(self.pad_id, self.hash_check),
             num_workers=self.num_workers,
