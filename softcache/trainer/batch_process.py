@@ -139,8 +139,9 @@ class BatchProcess:
         depth: batches the child makes ahead of the one in use.
 
     Raises:
-        BatchProcessError: `source` does not pickle, or refers to something defined in the
-            script being run (`__main__`), which the child does not import.
+        BatchProcessError: this platform has no fork server; `source` does not pickle, or
+            refers to something defined in the script being run (`__main__`), which the child
+            does not import.
     """
 
     def __init__(
@@ -154,6 +155,8 @@ class BatchProcess:
         self._ready = False
         # The epoch command sent ahead (`batches(after=...)`), which the child runs next.
         self._queued: tuple[Any, ...] | None = None
+        if "forkserver" not in multiprocessing.get_all_start_methods():
+            raise BatchProcessError("this platform has no fork server")
         args = _pickled((source, depth + 1, dict(os.environ), _start_method()))
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(_PRELOAD))

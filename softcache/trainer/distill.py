@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import multiprocessing
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
@@ -464,11 +463,6 @@ def _start_process(
         raise ConfigError(
             f"{name} reads the store in its child process, not through a Dask client: pass one "
             "of client= and batch_process=True"
-        )
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        raise ConfigError(
-            f"{name} needs multiprocessing's fork server, which this platform lacks: pass "
-            "batch_process=False"
         )
     # The slots are page-locked for a CUDA student's asynchronous copies; the child pins nothing.
     cuda = pin_memory and torch.cuda.is_available()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import multiprocessing
 import warnings
 from typing import Any
 
@@ -50,9 +49,6 @@ def open_batch_process(
     `loader = "thread"`, or no child here: warned about). Call `ready_or_none` before the first
     epoch: the child builds its layout meanwhile."""
     if config.loader != "process":
-        return None
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        _fallback("this platform has no fork server")
         return None
     try:
         return layout_process(config, ranks, device)

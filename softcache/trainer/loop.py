@@ -200,10 +200,7 @@ def _train(
             enabled=progress and ranks.main,
             initial=rows.before(start_cursor),
         )
-        then = None
-        if epoch + 1 < config.epochs:
-            then = plan_from_state(dict(plan.state_dict(), cursor=0))
-            then.set_epoch(epoch + 1)
+        then = _following(plan, config.epochs)
         t_epoch = time.perf_counter()
         t_ready = t_epoch
         model.train()
@@ -297,17 +294,23 @@ def _check_output(output: Path, config: TrainConfig) -> None:
         )
 
 
+def _following(plan: EpochPlan, epochs: int) -> EpochPlan | None:
+    """A new plan at the start of the epoch after `plan`'s; None if that is past `epochs`."""
+    if plan.epoch + 1 >= epochs:
+        return None
+    after = plan_from_state(plan.state_dict())
+    after.set_epoch(plan.epoch + 1)  # from its first batch
+    return after
+
+
 def _next_epoch(config: TrainConfig, then: EpochPlan | None) -> NextEpoch | None:
-    """The epoch after this one as the loop will ask the batch process for it, for the child
-    to start as soon as this one is made; None after the last epoch."""
+    """The epoch after this one as the loop will ask the batch process for it (its plan and
+    `then` made as the loop makes them), for the child to start as soon as this one is made;
+    None after the last epoch."""
     if then is None:
         return None
-    after = None
-    if then.epoch + 1 < config.epochs:
-        after = plan_from_state(then.state_dict())
-        after.set_epoch(then.epoch + 1)
     stride = epoch_hash_stride(config, first_epoch=False)
-    return NextEpoch(then, equal_steps(then), stride, after)
+    return NextEpoch(then, equal_steps(then), stride, _following(then, config.epochs))
 
 
 def epoch_hash_stride(config: TrainConfig, *, first_epoch: bool) -> int:
