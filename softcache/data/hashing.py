@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,17 +34,25 @@ def hash_rows(inputs: torch.Tensor) -> np.ndarray:
     Returns:
         (B,) uint64 hashes; equal rows of equal dtype and shape hash equal, across processes and runs.
     """
-    # clone: `.contiguous()` keeps the zero strides of an empty tensor, which `view` refuses.
-    batch = inputs.detach().cpu().clone(memory_format=torch.contiguous_format)
+    batch = inputs.detach().cpu()
+    if not batch.is_contiguous() or batch.numel() == 0:
+        # clone: `.contiguous()` keeps the zero strides of an empty tensor, which `view` refuses.
+        batch = batch.clone(memory_format=torch.contiguous_format)
     header = f"{batch.dtype}|{tuple(batch.shape[1:])}|".encode()
-    # Reinterpret as bytes so dtypes numpy lacks (bfloat16) hash too.
-    raw = batch.reshape(batch.shape[0], -1).view(torch.uint8).numpy()
-    out = np.empty(batch.shape[0], dtype=np.uint64)
-    for i in range(batch.shape[0]):
-        h = hashlib.blake2b(header, digest_size=8)
-        h.update(raw[i].tobytes())
-        out[i] = int.from_bytes(h.digest(), "little")
-    return out
+    rows = batch.reshape(batch.shape[0], math.prod(batch.shape[1:]))
+    try:  # as bytes, so that dtypes numpy lacks (bfloat16) hash too
+        raw = rows.view(torch.uint8).numpy()
+    except RuntimeError:  # a size-1 dimension with a stride other than 1 (contiguous all the same)
+        raw = rows.clone(memory_format=torch.contiguous_format).view(torch.uint8).numpy()
+    # One hasher seeded with the header, copied per row, and rows passed as buffers, not
+    # copied to bytes: a quarter less time on small rows, a sixth on 12 KiB ones.
+    seeded = hashlib.blake2b(header, digest_size=8)
+    digests = bytearray()
+    for row in raw:
+        h = seeded.copy()
+        h.update(row)
+        digests += h.digest()
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def fingerprint(hashes: np.ndarray, offsets: np.ndarray | None = None) -> str:
@@ -102,6 +111,12 @@ def _collate_strided(
 def _stack(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(items, Stacked):  # fetched whole (`softcache.data.fetch`): already stacked
         return items.inputs, items.labels
+    uniform = _stack_uniform(items)
+    return uniform if uniform is not None else _stack_items(items)
+
+
+def _stack_items(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_stack` item by item: every item checked, every label converted on its own."""
     inputs = []
     labels = []
     for item in items:
@@ -118,6 +133,66 @@ def _stack(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
             "the same shape (pad or resize them in the dataset)"
         ) from exc
     return batch, torch.tensor(labels, dtype=torch.int64)
+
+
+def _stack_uniform(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_stack` of the usual batch in a few calls, or None to leave it to the item-by-item path.
+
+    The usual batch is `(input, label)` tuples whose inputs are all tensors (or all arrays) and
+    whose labels are all of one kind: Python ints, numpy integers of one type, 0-d integer
+    tensors, or None. Its labels are converted in one call, not an ``int()`` and a check per row
+    (64 rows: about 40 against 100 µs with int labels, 45 against 210 µs with tensor labels); the
+    result is the item-by-item one, bit for bit. Anything else, including every batch the
+    item-by-item path refuses, returns None, so that path raises its errors as before.
+    """
+    if not all(type(item) is tuple and len(item) == 2 for item in items):
+        return None
+    xs = [item[0] for item in items]
+    ys = [item[1] for item in items]
+    if not xs:
+        return None
+    labels = _labels_uniform(ys)
+    if labels is None:
+        return None
+    kinds = set(map(type, xs))
+    try:
+        if kinds == {torch.Tensor}:
+            inputs = torch.stack(xs)
+        elif kinds == {np.ndarray} and len({x.dtype for x in xs}) == 1:
+            inputs = torch.from_numpy(np.stack(xs))
+        else:
+            return None
+    except (RuntimeError, TypeError, ValueError):  # the item-by-item path says what is wrong
+        return None
+    return inputs, torch.where(labels < 0, MISSING_LABEL, labels)
+
+
+def _labels_uniform(ys: list[Any]) -> torch.Tensor | None:
+    """``(B,)`` int64 labels from labels all of one kind (`_stack_uniform`), else None."""
+    kinds = set(map(type, ys))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is int:  # not bool, whose type is its own
+        return torch.tensor(ys, dtype=torch.int64)
+    if kind in _NUMPY_LABELS:
+        return torch.from_numpy(np.array(ys, dtype=np.int64))
+    if kind is type(None):
+        return torch.full((len(ys),), MISSING_LABEL, dtype=torch.int64)
+    if kind is torch.Tensor:
+        try:
+            stacked = torch.stack(ys)  # promotes mixed integer dtypes, as int() would read them
+        except RuntimeError:  # shapes differ: some label is not 0-d
+            return None
+        if stacked.ndim != 1 or stacked.device.type != "cpu" or stacked.dtype not in _TENSOR_LABELS:
+            return None
+        return stacked.to(torch.int64)
+    return None
+
+
+# Label types whose values all convert to int64 exactly, as `int(label)` reads them.
+_NUMPY_LABELS = frozenset({np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32})
+_TENSOR_LABELS = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
 def collate_pairs(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, None]:

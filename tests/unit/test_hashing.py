@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from softcache.data.hashing import (
     MISSING_LABEL,
@@ -57,6 +60,22 @@ def test_non_contiguous_input_hashes_like_contiguous() -> None:
     strided = x.t().contiguous().t()  # same values, column-major memory
     assert not strided.is_contiguous()
     np.testing.assert_array_equal(hash_rows(strided), hash_rows(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x[::2],  # strided rows
+        lambda x: x[:1:2],  # one row, contiguous yet with a stride other than 1
+        lambda x: x.reshape(8, 1, 6)[:, :, :1],  # size-1 dimensions, strided
+        lambda x: x[:, None, :].expand(8, 3, 6),  # zero strides
+        lambda x: x[:0],  # no rows
+        lambda x: x[:, :0],  # empty rows
+    ],
+)
+def test_any_layout_hashes_as_the_recipe_says(make: object) -> None:
+    x = make(torch.rand(8, 6, generator=torch.Generator().manual_seed(4)))  # type: ignore[operator]
+    assert hash_rows(x).tolist() == [_recipe(row, "float32") for row in x.numpy()]
 
 
 def test_content_dtype_and_shape_all_count() -> None:
@@ -170,3 +189,101 @@ def test_check_alignment_with_a_stride_names_the_first_bad_checked_row() -> None
     altered = hashes.copy()
     altered[5] += 1  # row 5 is not among the checked rows
     soft.check_alignment(altered[::3], stride=3)
+
+
+# The uniform path (`_stack_uniform`) against the item-by-item one (`_stack_items`): the batch a
+# DataLoader collates, label kind by label kind.
+_LABEL_KINDS = {
+    "int": lambda v: v,
+    "none": lambda v: None,
+    "np.int64": np.int64,
+    "np.int32": np.int32,
+    "np.uint8": lambda v: np.uint8(abs(v) % 256),
+    "tensor.int64": lambda v: torch.tensor(v),
+    "tensor.int32": lambda v: torch.tensor(v, dtype=torch.int32),
+    "tensor.uint8": lambda v: torch.tensor(abs(v) % 256, dtype=torch.uint8),
+    "tensor.bool": lambda v: torch.tensor(v > 0),  # accepted item by item, so left to that path
+}
+_INPUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
+
+
+@st.composite
+def _uniform_batches(draw: st.DrawFn) -> tuple[list[tuple[object, object]], list[str]]:
+    """A batch of (input, label) tuples, and the kinds of label it holds (one or two)."""
+    rows = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from(_INPUT_DTYPES))
+    shape = draw(st.lists(st.integers(0, 3), max_size=2))
+    as_numpy = dtype != torch.bfloat16 and draw(st.booleans())
+    kinds = draw(st.lists(st.sampled_from(sorted(_LABEL_KINDS)), min_size=1, max_size=2))
+    # Labels reach 2**40 where every kind holds 64 bits; else they stay within int32.
+    wide = set(kinds) <= {"int", "none", "np.int64", "tensor.int64"}
+    values = draw(
+        st.lists(st.integers(-300, 2**40 if wide else 2**31 - 1), min_size=rows, max_size=rows)
+    )
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = (torch.randn(rows, *shape, generator=g) * 100).to(dtype)
+    if x.ndim > 1 and draw(st.booleans()):
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)  # rows that are strided views
+    items = [
+        (x[i].numpy() if as_numpy else x[i], _LABEL_KINDS[kinds[i % len(kinds)]](v))
+        for i, v in enumerate(values)
+    ]
+    return items, sorted({kinds[i % len(kinds)] for i in range(rows)})
+
+
+@settings(max_examples=200, deadline=None)
+@given(_uniform_batches())
+def test_uniform_stacking_is_item_by_item_stacking(case: tuple[list, list[str]]) -> None:
+    from softcache.data.hashing import _stack, _stack_items, _stack_uniform
+
+    items, kinds = case
+    expected_inputs, expected_labels = _stack_items(items)
+    uniform = _stack_uniform(items)
+    if len(kinds) == 1 and kinds != ["tensor.bool"]:
+        assert uniform is not None  # the path the usual batch takes
+    if uniform is not None:
+        inputs, labels = uniform
+        assert inputs.dtype == expected_inputs.dtype and labels.dtype == torch.int64
+        assert torch.equal(inputs, expected_inputs)
+        assert torch.equal(labels, expected_labels)
+    inputs, labels = _stack(items)
+    assert torch.equal(inputs, expected_inputs) and torch.equal(labels, expected_labels)
+
+
+def test_uniform_stacking_takes_tensor_labels_and_leaves_bool_ones() -> None:
+    from softcache.data.hashing import _stack_uniform
+
+    x = torch.zeros(3, 2)
+    taken = _stack_uniform([(x[i], torch.tensor(v)) for i, v in enumerate([3, -5, 0])])
+    assert taken is not None and taken[1].tolist() == [3, MISSING_LABEL, 0]
+    assert _stack_uniform([(x[i], torch.tensor(True)) for i in range(3)]) is None
+    assert _stack_uniform([(x[i], torch.tensor(1, device="meta")) for i in range(3)]) is None
+
+
+@pytest.mark.parametrize(
+    ("label", "fragment"),
+    [
+        (1.0, "has label 1.0"),
+        (True, "has label True"),
+        (torch.tensor([1]), "has label tensor"),
+        (torch.tensor(1.0), "has label tensor"),
+        (np.array([1]), "has label array"),
+        (np.uint64(1), None),  # accepted item by item: not the uniform path's to take
+    ],
+)
+def test_a_batch_of_only_bad_labels_is_refused_as_item_by_item(
+    label: object, fragment: str | None
+) -> None:
+    items = [(torch.zeros(3), label), (torch.ones(3), label)]
+    if fragment is None:
+        assert collate_with_hashes(items)[1].tolist() == [1, 1]
+        return
+    with pytest.raises(DatasetFormatError, match=re.escape(fragment)):
+        collate_with_hashes(items)
+
+
+def test_a_ragged_batch_of_arrays_is_refused_by_name() -> None:
+    with pytest.raises(DatasetFormatError, match=r"different shapes \[\(2,\), \(3,\)\]"):
+        collate_with_hashes([(np.zeros(3), 0), (np.zeros(2), 0)])
+    with pytest.raises(DatasetFormatError, match="has an input of type list"):
+        collate_with_hashes([([0.0], 0), ([1.0], 0)])
