@@ -33,6 +33,7 @@ and the loss runs the memory-lean kernel (`softcache.losses.sparse.sparse_cross_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -47,6 +48,7 @@ from softcache.losses.rows import (
     _check_scalars,
     _check_topk,
     _combine,
+    _hard_loss,
     _tail_mass,
 )
 from softcache.losses.sparse import sparse_cross_entropy
@@ -187,49 +189,65 @@ def kd_loss_targets(
         ValueError: ``alpha`` outside ``[0, 1]``, or targets of another batch or class count.
     """
     temperature = targets.temperature
-    _check_scalars(temperature, alpha)
+    # The step's hot path: one comparison chain and one shape test, the messages only on failure
+    # (on this machine's cold caches each Python-level check and no-op `.to` cost microseconds).
+    if not (0.0 <= alpha <= 1.0 and 0.0 < temperature < math.inf):
+        _check_scalars(temperature, alpha)
     rows = targets.weights.shape[0]
-    if student_logits.ndim != 2 or student_logits.shape[0] != rows:
-        raise ValueError(
-            f"student_logits has shape {tuple(student_logits.shape)}, the targets are for a "
-            f"batch of {rows} rows"
-        )
-    if targets.num_classes != student_logits.shape[1]:
-        raise ValueError(
-            f"the targets are over {targets.num_classes} classes, the student has "
-            f"{student_logits.shape[1]}"
-        )
+    shape = student_logits.shape
+    if len(shape) != 2 or shape[0] != rows or shape[1] != targets.num_classes:
+        _check_batch(shape, rows, targets.num_classes)
     if targets.ids is None:  # (B, C) targets: the KL itself, differentiated by autograd
-        soft = _dense_form_kl(student_logits, targets) / rows
-    else:  # top-k, sparse form: the lean kernel
-        assert targets.tail is not None
-        cross = sparse_cross_entropy(
-            student_logits, targets.ids, targets.weights, targets.tail, temperature=temperature,
-        )  # fmt: skip
-        soft = (cross + targets.neg_entropy).mean()
+        loss = _dense_form_kl(student_logits, targets, (1.0 - alpha) * temperature**2 / rows)
+        if alpha > 0.0:
+            loss = loss + alpha * _hard_loss(student_logits, hard_targets)
+        return loss
+    assert targets.tail is not None  # top-k, sparse form: the lean kernel
+    cross = sparse_cross_entropy(
+        student_logits, targets.ids, targets.weights, targets.tail, temperature=temperature
+    )
+    soft = (cross + targets.neg_entropy).mean()
     return _combine(soft, student_logits, hard_targets, temperature, alpha)
 
 
-def _dense_form_kl(student_logits: Tensor, targets: TeacherTargets) -> Tensor:
-    """``sum_b KL_b`` from ``(B, C)`` targets (module docstring), in float32 (float64 logits:
-    float64). Dot products over the flattened batch, not products and sums: fewer ops, forward
-    and backward."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    z = student_logits.to(dtype)
+def _check_batch(shape: torch.Size, rows: int, num_classes: int) -> None:
+    """Raise the ValueError for student logits of `shape` against targets of `rows` x `num_classes`."""
+    if len(shape) != 2 or shape[0] != rows:
+        raise ValueError(
+            f"student_logits has shape {tuple(shape)}, the targets are for a batch of {rows} rows"
+        )
+    raise ValueError(f"the targets are over {num_classes} classes, the student has {shape[1]}")
+
+
+def _dense_form_kl(student_logits: Tensor, targets: TeacherTargets, scale: float) -> Tensor:
+    """``scale * sum_b KL_b`` from ``(B, C)`` targets (module docstring), in float32 (float64
+    logits: float64). Dot products over the flattened batch, not products and sums: fewer ops,
+    forward and backward."""
+    z = student_logits if student_logits.dtype in _COMPUTE_DTYPES else student_logits.float()
+    dtype = z.dtype
     if targets.temperature != 1.0:
         z = z * (1.0 / targets.temperature)
     log_q = torch.log_softmax(z, dim=1)
-    cross = torch.vdot(targets.weights.to(dtype).reshape(-1), log_q.reshape(-1))
+    cross = torch.vdot(_as(targets.weights, dtype).reshape(-1), log_q.reshape(-1))
     tail, tail_classes = targets.tail, targets.tail_classes
     if tail_classes is not None:
         assert tail is not None
-        tail, tail_classes = tail.to(dtype), tail_classes.to(dtype)
-        q_tail = None
-        if log_q.device.type == "cpu":
-            q_tail = torch.linalg.vecdot(log_q.exp(), tail_classes)
+        tail, tail_classes = _as(tail, dtype), _as(tail_classes, dtype)
+        q_tail = torch.linalg.vecdot(log_q.exp(), tail_classes) if log_q.is_cpu else None
         if q_tail is not None and float(q_tail.detach().min()) >= TAIL_EXACT_BELOW:
             cross = cross + torch.vdot(tail, q_tail.log())
         else:  # log space; a row's tail is never empty
             log_q_tail = torch.logsumexp(log_q + torch.log(tail_classes), dim=1)
             cross = cross + torch.vdot(tail, torch.where(tail > 0, log_q_tail, 0.0))
-    return targets.neg_entropy.to(dtype).sum() - cross
+    # ``scale * (sum p log p - cross)`` as one add: autograd records one node where a
+    # subtraction, a division by B and a product by (1 - alpha) T^2 recorded three.
+    return torch.add(_as(targets.neg_entropy, dtype).sum() * scale, cross, alpha=-scale)
+
+
+# The dtypes the dense form computes in as they come; any other float is widened to float32.
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor` in `dtype`, without a call where it is in it already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

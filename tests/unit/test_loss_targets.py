@@ -10,6 +10,7 @@ space), against float64 gradients, and to second order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,6 +143,17 @@ def test_targets_of_another_batch_or_head_are_refused():
         kd_loss_targets(torch.zeros(4, 11), targets, None)
     with pytest.raises(ValueError, match="alpha"):
         kd_loss_targets(torch.zeros(4, 10), targets, None, alpha=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss_targets(torch.zeros(4, 10), targets, None, alpha=float("nan"))
+    with pytest.raises(ValueError, match=r"shape \(40,\), the targets are for a batch of 4 rows"):
+        kd_loss_targets(torch.zeros(40), targets, None)
+    with pytest.raises(ValueError, match=r"shape \(4, 10, 1\)"):
+        kd_loss_targets(torch.zeros(4, 10, 1), targets, None)
+    # Targets made by hand are checked too: their temperature was never validated.
+    for temperature in (0.0, -1.0, float("inf"), float("nan")):
+        made = dataclasses.replace(targets, temperature=temperature)
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            kd_loss_targets(torch.zeros(4, 10), made, None)
 
 
 def test_teacher_targets_of_another_shape_are_refused_with_what_differs():

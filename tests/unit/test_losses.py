@@ -296,6 +296,43 @@ def test_hard_loss_averages_over_labelled_samples_only():
     torch.testing.assert_close(hard_loss(student, targets), expected)
 
 
+@pytest.mark.parametrize(
+    ("logits_dtype", "labels_dtype"),
+    [
+        (torch.float32, torch.int64),
+        (torch.float16, torch.int64),
+        (torch.bfloat16, torch.int32),
+        (torch.float64, torch.int16),
+    ],
+)
+def test_hard_loss_takes_any_float_logits_and_integer_labels(logits_dtype, labels_dtype):
+    student, _ = _logits(8, 6, 5)
+    targets = torch.tensor([4, -100, 0, -1, 2, 3])
+    expected = hard_loss(student.to(logits_dtype).float(), targets)
+    loss = hard_loss(student.to(logits_dtype), targets.to(labels_dtype))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "message"),
+    [
+        (torch.zeros(6), torch.zeros(6, dtype=torch.int64), "must be 2-D"),
+        (torch.zeros(2, 3, 1), torch.zeros(2, dtype=torch.int64), "must be 2-D"),
+        (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), "floating"),
+        (torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), "at least one row"),
+        (torch.zeros(2, 0), torch.zeros(2, dtype=torch.int64), "at least one row"),
+        (torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64), r"shape \(2,\)"),
+        (torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.int64), r"shape \(2,\)"),
+        (torch.zeros(2, 3), torch.zeros(2), "integer tensor"),
+        (torch.zeros(2, 3), torch.zeros(2, dtype=torch.bool), "integer tensor"),
+    ],
+)
+def test_hard_loss_refuses_what_does_not_fit(logits, targets, message):
+    with pytest.raises(ValueError, match=message):
+        hard_loss(logits, targets)
+
+
 @pytest.mark.parametrize("targets", [None, torch.full((3,), -1)])
 def test_hard_loss_without_labels_is_a_differentiable_zero(targets):
     student = torch.randn(3, 4, requires_grad=True)
