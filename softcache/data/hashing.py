@@ -45,7 +45,7 @@ def hash_rows(inputs: torch.Tensor) -> np.ndarray:
     except RuntimeError:  # a size-1 dimension with a stride other than 1 (contiguous all the same)
         raw = rows.clone(memory_format=torch.contiguous_format).view(torch.uint8).numpy()
     # One hasher seeded with the header, copied per row, and rows passed as buffers, not
-    # copied to bytes: a quarter less time on small rows, a sixth on 12 KiB ones.
+    # copied to bytes: 64 rows of 256 B in 46 against 77 µs, of 12 KiB a tenth to a fifth less.
     seeded = hashlib.blake2b(header, digest_size=8)
     digests = bytearray()
     for row in raw:
@@ -141,9 +141,10 @@ def _stack_uniform(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | 
     The usual batch is `(input, label)` tuples whose inputs are all tensors (or all arrays) and
     whose labels are all of one kind: Python ints, numpy integers of one type, 0-d integer
     tensors, or None. Its labels are converted in one call, not an ``int()`` and a check per row
-    (64 rows: about 40 against 100 µs with int labels, 45 against 210 µs with tensor labels); the
-    result is the item-by-item one, bit for bit. Anything else, including every batch the
-    item-by-item path refuses, returns None, so that path raises its errors as before.
+    (64 rows of 3x32x32: 60-80 against 100 µs with int labels, 75 against 210 µs with 0-d
+    tensor labels); the result is the item-by-item one, bit for bit. Anything else, including
+    every batch the item-by-item path refuses, returns None, so that path raises its errors as
+    before.
     """
     if not all(type(item) is tuple and len(item) == 2 for item in items):
         return None
