@@ -23,10 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from softcache.data.labels import NO_LABEL
-
-# Label dtypes whose every value converts to int64 as `int(label)` would.
-_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+from softcache.data.labels import LABEL_DTYPES, with_no_label
 
 
 @dataclass(frozen=True)
@@ -60,8 +57,7 @@ class _BatchFetched(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> Stacked:
         inputs, labels = self.dataset.tensors
         rows = torch.as_tensor(indices, dtype=torch.int64)
-        picked = labels[rows].to(torch.int64)
-        return Stacked(inputs[rows].contiguous(), torch.where(picked < 0, NO_LABEL, picked))
+        return Stacked(inputs[rows].contiguous(), with_no_label(labels[rows]))
 
 
 def batch_fetching(dataset: Any) -> Any:
@@ -82,7 +78,7 @@ def batch_fetching(dataset: Any) -> Any:
     inputs, labels = dataset.tensors
     if inputs.device.type != "cpu" or labels.device.type != "cpu":
         return dataset
-    if labels.ndim != 1 or labels.dtype not in _LABEL_DTYPES:
+    if labels.ndim != 1 or labels.dtype not in LABEL_DTYPES:
         return dataset
     return _BatchFetched(dataset)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from softcache.data.fetch import Stacked
-from softcache.data.labels import NO_LABEL
+from softcache.data.labels import LABEL_DTYPES, NO_LABEL, with_no_label
 from softcache.errors import DatasetFormatError
 
 MISSING_LABEL = NO_LABEL  # what collation gives for a None (or negative) label
@@ -165,11 +165,11 @@ def _stack_uniform(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | 
             return None
     except (RuntimeError, TypeError, ValueError):  # the item-by-item path says what is wrong
         return None
-    return inputs, torch.where(labels < 0, MISSING_LABEL, labels)
+    return inputs, with_no_label(labels)
 
 
 def _labels_uniform(ys: list[Any]) -> torch.Tensor | None:
-    """``(B,)`` int64 labels from labels all of one kind (`_stack_uniform`), else None."""
+    """``(B,)`` integer labels from labels all of one kind (`_stack_uniform`), else None."""
     kinds = set(map(type, ys))
     if len(kinds) != 1:
         return None
@@ -185,15 +185,14 @@ def _labels_uniform(ys: list[Any]) -> torch.Tensor | None:
             stacked = torch.stack(ys)  # promotes mixed integer dtypes, as int() would read them
         except RuntimeError:  # shapes differ: some label is not 0-d
             return None
-        if stacked.ndim != 1 or stacked.device.type != "cpu" or stacked.dtype not in _TENSOR_LABELS:
+        if stacked.ndim != 1 or stacked.device.type != "cpu" or stacked.dtype not in LABEL_DTYPES:
             return None
-        return stacked.to(torch.int64)
+        return stacked
     return None
 
 
 # Label types whose values all convert to int64 exactly, as `int(label)` reads them.
 _NUMPY_LABELS = frozenset({np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32})
-_TENSOR_LABELS = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
 def collate_pairs(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, None]:

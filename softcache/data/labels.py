@@ -9,4 +9,15 @@ target as "no label".
 
 from __future__ import annotations
 
+import torch
+
 NO_LABEL = -100
+
+# Integer label dtypes whose every value converts to int64 as `int(label)` reads it.
+LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def with_no_label(labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` int64 labels from integer `labels`, `NO_LABEL` where a label is negative."""
+    labels = labels.to(torch.int64)
+    return torch.where(labels < 0, NO_LABEL, labels)

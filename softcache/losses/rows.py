@@ -291,10 +291,16 @@ def _combine(
     temperature: float,
     alpha: float,
 ) -> Tensor:
-    loss = (1.0 - alpha) * temperature**2 * soft
+    return _plus_hard((1.0 - alpha) * temperature**2 * soft, student_logits, targets, alpha)
+
+
+def _plus_hard(
+    soft: Tensor, student_logits: Tensor, targets: Tensor | None, alpha: float
+) -> Tensor:
+    """`soft` (the scaled soft term) plus ``alpha`` times the hard-label loss, if ``alpha > 0``."""
     if alpha > 0.0:
-        loss = loss + alpha * _hard_loss(student_logits, targets)
-    return loss
+        return soft + alpha * _hard_loss(student_logits, targets)
+    return soft
 
 
 def _check_scalars(temperature: float, alpha: float) -> None:

@@ -48,7 +48,7 @@ from softcache.losses.rows import (
     _check_scalars,
     _check_topk,
     _combine,
-    _hard_loss,
+    _plus_hard,
     _tail_mass,
 )
 from softcache.losses.sparse import sparse_cross_entropy
@@ -198,10 +198,8 @@ def kd_loss_targets(
     if len(shape) != 2 or shape[0] != rows or shape[1] != targets.num_classes:
         _check_batch(shape, rows, targets.num_classes)
     if targets.ids is None:  # (B, C) targets: the KL itself, differentiated by autograd
-        loss = _dense_form_kl(student_logits, targets, (1.0 - alpha) * temperature**2 / rows)
-        if alpha > 0.0:
-            loss = loss + alpha * _hard_loss(student_logits, hard_targets)
-        return loss
+        soft = _dense_form_kl(student_logits, targets, (1.0 - alpha) * temperature**2 / rows)
+        return _plus_hard(soft, student_logits, hard_targets, alpha)
     assert targets.tail is not None  # top-k, sparse form: the lean kernel
     cross = sparse_cross_entropy(
         student_logits, targets.ids, targets.weights, targets.tail, temperature=temperature
