@@ -14,14 +14,23 @@ process that builds the same layout from the same config and runs `layout.batche
 `BatchSource` can run so: `AlignedBatches(..., batch_process=True)` runs its own epochs): input
 collation, the alignment check's hashing, the store reads, the gather and the teacher targets all
 leave the training process. Each batch crosses in shared memory: the child writes every tensor and
-array of the batch into one of `depth + 1` slots (shared uint8 tensors, grown when a batch does not
+array of the batch into one of `depth + 2` slots (shared uint8 tensors, grown when a batch does not
 fit) and sends a small pickle whose tensors are references into the slot; the parent rebuilds the
-batch as views of the slot (one `as_strided` per tensor). A batch's views stay valid until the next
-batch is asked for: the parent then counts it done in a shared counter, which the child reads before
-it reuses the slot (batch n lives in slot n % slots), so the hand-off sends no message back and
-wakes nobody. It costs the training thread 77-85 us per ready batch after an 8.5 ms CPU step,
-against 66-77 us for the batch thread's queue (a message and a wake-up per freed slot made it
-214-235 us).
+batch as views of the slot (one `as_strided` per tensor). The parent counts a batch done, in a
+shared counter the child reads before it reuses the slot (batch n lives in slot n % slots), once
+nothing holds a view of its slot any more: the slot's storage is back to the parent's own
+references and its byte array to its own (one C call each, when the next batch is asked for). So
+the hand-off sends no message back and wakes nobody, and a batch stays valid for as long as its
+consumer holds it, as a DataLoader's would: a loop that keeps the batch it just used while it asks
+for the next one (the loop variable does, until it is rebound), a wrapper that fetches one batch
+ahead (accelerate's loaders do), or a list of a whole epoch. Batches are counted done in order; the
+extra slot covers the batch the loop variable holds. Where every slot is held, the parent gives up
+the oldest one to its holder and tells the child to make that slot anew (its memory is freed when
+the holder lets it go), so holding batches costs memory, never a stall. It costs the training
+thread 77-85 us per ready batch after an 8.5 ms CPU step, against 66-77 us for the batch thread's
+queue (a message and a wake-up per freed slot made it 214-235 us); counting the held batches adds
+15-19 us (after the fast student's 4 ms step of `benchmarks/train.py`: cold caches, as every
+call there).
 On CUDA the slots are page-locked in the parent (`cudaHostRegister`), so copies to the device can
 be asynchronous as with a pinned DataLoader.
 
@@ -51,7 +60,6 @@ mapped by the child (held once), anything else in it copied.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import multiprocessing
@@ -59,6 +67,7 @@ import os
 import pickle
 import select
 import signal
+import sys
 import threading
 import traceback
 import warnings
@@ -89,6 +98,10 @@ _PRELOAD = (
 )
 # Seconds between checks that the child is alive while waiting for it.
 _POLL = 1.0
+# A storage's count of tensors (and other owners) that refer to it: how the parent sees that
+# nothing holds a view of a slot any more. Private to torch; without it, a batch is counted done
+# when the next one is asked for (a consumer that holds it longer must copy it).
+_storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 # Seconds the child sleeps (on its command pipe) between checks for a free slot: it is ahead of
 # the loop then, by `depth` batches, and refills every freed slot when it wakes: only steps under
 # ~0.1 ms (a quarter of this, at the default depth of 4) could drain its lead.
@@ -148,25 +161,28 @@ class BatchProcess:
         self, source: Callable[[], BatchSource], device: torch.device, *, depth: int = 4
     ) -> None:
         self.device = device
-        self._slots: dict[int, torch.Tensor] = {}
-        self._arrays: dict[int, np.ndarray] = {}
-        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._registered: dict[int, int] = {}  # slot -> page-locked address (CUDA)
+        # depth ahead, the batch in use, and the one before it, which the loop variable still
+        # holds when the next is asked for.
+        self._count = depth + 2
+        self._slots: dict[int, _ParentSlot] = {}
+        # Slots given up to a consumer that held them (`_give_up`), freed once it lets go.
+        self._given_up: list[_ParentSlot] = []
         self._ready = False
         # The epoch command sent ahead (`batches(after=...)`), which the child runs next.
         self._queued: tuple[Any, ...] | None = None
         if "forkserver" not in multiprocessing.get_all_start_methods():
             raise BatchProcessError("this platform has no fork server")
-        args = _pickled((source, depth + 1, dict(os.environ), _start_method()))
+        args = _pickled((source, self._count, dict(os.environ), _start_method()))
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(_PRELOAD))
         commands, self._commands = context.Pipe(duplex=False)
         self._results, results = context.Pipe(duplex=False)
-        # Batches received, and the count of those the loop is done with, shared with the
-        # child: it reuses a slot once its batch is done, without a message (and a wake-up) per
-        # batch. Batch n lives in slot n % slots.
+        # Batches received, and the count of those nothing holds any more (in order), shared
+        # with the child: it reuses a slot once its batch is done, without a message (and a
+        # wake-up) per batch. Batch n lives in slot n % slots.
         self._received = 0
         self._consumed = context.RawValue("q", 0)
+        self._done = 0  # its value, read here without ctypes
         self._poller = select.poll()
         self._poller.register(self._results.fileno(), select.POLLIN)
         self._process = context.Process(
@@ -205,7 +221,8 @@ class BatchProcess:
     ) -> Generator[Any, None, None]:
         """The epoch's batches, as `layout.batches(plan, steps, ...)` makes them.
 
-        Each batch's tensors are views of shared memory, valid until the next batch is asked for.
+        Each batch's tensors and arrays are views of shared memory, valid as long as anything
+        holds them (or a view of them); holding many costs a slot's memory each, not a stall.
         Closing the iterator early stops the child's epoch (its stream's threads stop).
 
         Args:
@@ -234,6 +251,9 @@ class BatchProcess:
         finished = False
         try:
             while True:
+                if self._received - self._done >= self._count:
+                    # Every slot holds a batch still in use: the child cannot make the next.
+                    self._give_up(self._done)
                 message = self._receive()
                 kind = message[0]
                 if kind == "slot":
@@ -243,8 +263,9 @@ class BatchProcess:
                     self._received += 1
                     yield batch
                     del batch
-                    # Asked for the next batch: the loop is done with this one.
-                    self._consumed.value = self._received
+                    # Asked for the next batch: count done those no longer held, but for this
+                    # one, which the caller's loop variable holds until this call returns.
+                    self._count_done(self._received - 1)
                 elif kind == "done":
                     finished = True
                     return
@@ -256,12 +277,16 @@ class BatchProcess:
                 self._stop_epoch()
 
     def close(self) -> None:
-        """Stop the child and release the slots (idempotent)."""
-        for slot in list(self._registered):
-            self._unregister(slot)
+        """Stop the child and release the slots (idempotent). Batches still held keep their
+        memory (not page-locked any more) until they go."""
+        slots = [*self._slots.values(), *self._given_up]
+        if any(held.registered is not None for held in slots):
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()  # no copy still reads from memory about to be unlocked
+        for held in slots:
+            held.unregister()
         self._slots.clear()
-        self._arrays.clear()
-        self._typed.clear()
+        self._given_up.clear()
         self._finalizer()
         self._results.close()
 
@@ -304,44 +329,124 @@ class BatchProcess:
                     self._replace_slot(message[1], message[2])
                 elif message[0] == "batch":
                     self._received += 1  # made before the stop: dropped
-            self._consumed.value = self._received
+            self._count_done(self._received)
         except BatchProcessError:
             pass  # a dead child has no epoch to stop; the next call says it died
 
+    def _count_done(self, upto: int) -> None:
+        """Advance the shared count over the batches before `upto`, in order, whose slots
+        nothing holds any more; free the given-up slots whose holders let them go."""
+        done = self._done
+        while done < upto and self._slots[done % self._count].free():
+            done += 1
+        if done != self._done:
+            self._done = self._consumed.value = done
+        if self._given_up:
+            for held in [held for held in self._given_up if held.free()]:
+                held.unregister()
+                self._given_up.remove(held)
+
+    def _give_up(self, batch: int) -> None:
+        """Leave batch `batch`'s slot to whatever holds it, and have the child make the slot
+        anew: the message goes before the count moves, so the child sees it first. A slot only
+        its copies to the GPU still read from is waited for instead."""
+        slot = batch % self._count
+        if not self._slots[slot].held():
+            self._slots[slot].wait()
+        else:
+            self._send(("renew", slot))
+            self._given_up.append(self._slots.pop(slot))
+            self._done = self._consumed.value = batch + 1
+        self._count_done(self._received)
+
     def _replace_slot(self, slot: int, tensor: torch.Tensor) -> None:
-        self._unregister(slot)
-        self._slots[slot] = tensor
-        self._arrays[slot] = tensor.numpy()
-        for key in [key for key in self._typed if key[0] == slot]:
-            del self._typed[key]
-        if self.device.type == "cuda":
-            self._register(slot)
+        old = self._slots.get(slot)
+        if old is not None:  # grown: its batch is done with
+            old.unregister()
+        self._slots[slot] = _ParentSlot(tensor, cuda=self.device.type == "cuda")
 
-    def _register(self, slot: int) -> None:
-        """Page-lock a slot for asynchronous copies to the GPU (best effort: pageable if not)."""
-        tensor = self._slots[slot]
+    def _unpack(self, slot: int, payload: bytes) -> Any:
+        held = self._slots[slot]
+        held.fence = None  # a new batch: its copies are not enqueued yet
+        return _SlotUnpickler(io.BytesIO(payload), held.typed, held.array).load()
+
+
+class _ParentSlot:
+    """The parent's side of one slot: the shared tensor, its views by dtype, and whether its
+    batch is done with.
+
+    Held means some tensor refers to the slot's storage, or some array to its byte array,
+    besides the parent's own: counts kept from when the parent made each of its own. On CUDA a
+    batch no longer held may still be read by the asynchronous copies made of it: the slot is
+    free once an event recorded on the current stream after that has passed (the consumer's
+    copies were enqueued before it let the batch go), as torch's pinned-memory allocator does.
+    """
+
+    def __init__(self, tensor: torch.Tensor, *, cuda: bool) -> None:
+        self.tensor = tensor
+        self.storage = tensor.untyped_storage()
+        self._cdata = self.storage._cdata  # what torch's count takes (valid while it lives)
+        self.array = tensor.numpy()
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
+        self._own_tensors = self._tensor_refs()
+        self._own_arrays = sys.getrefcount(self.array)
+        self.cuda = cuda and torch.cuda.is_available()  # else no copy to a GPU reads it
+        self.fence: Any = None  # torch.cuda.Event recorded once the batch was let go (CUDA)
+        self.registered: int | None = None  # page-locked address (CUDA)
+        if self.cuda:
+            self._register()
+
+    def free(self) -> bool:
+        """Whether the slot's batch is done with: not held, and (CUDA) its copies are done."""
+        if self.held():
+            return False
+        if not self.cuda:
+            return True
+        if self.fence is None:
+            self.fence = torch.cuda.Event()
+            self.fence.record()
+        return bool(self.fence.query())
+
+    def wait(self) -> None:
+        """Wait until a slot no longer held is free (CUDA: its copies are done)."""
+        if self.cuda and not self.free():
+            self.fence.synchronize()
+
+    def held(self) -> bool:
+        """Whether a view of the slot is held outside the parent (False without torch's count:
+        then a batch is done when the next is asked for)."""
+        count = _storage_use_count
+        return count is not None and (
+            count(self._cdata) > self._own_tensors or sys.getrefcount(self.array) > self._own_arrays
+        )
+
+    def typed(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole slot as a 1-D tensor of `dtype` (made once per dtype)."""
+        view = self._typed.get(dtype)
+        if view is None:
+            # Counted as the parent's own; the batch being unpacked may hold views already.
+            before = self._tensor_refs()
+            view = self._typed[dtype] = self.tensor.view(dtype)
+            self._own_tensors += self._tensor_refs() - before
+        return view
+
+    def _tensor_refs(self) -> int:
+        return 0 if _storage_use_count is None else _storage_use_count(self._cdata)
+
+    def _register(self) -> None:
+        """Page-lock the slot for asynchronous copies to the GPU (best effort: pageable if not)."""
         with contextlib.suppress(Exception):
-            error = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+            address = self.tensor.data_ptr()
+            error = torch.cuda.cudart().cudaHostRegister(address, self.tensor.numel(), 0)
             if int(error) == 0:  # cudaSuccess
-                self._registered[slot] = tensor.data_ptr()
+                self.registered = address
 
-    def _unregister(self, slot: int) -> None:
-        address = self._registered.pop(slot, None)
+    def unregister(self) -> None:
+        """Undo `_register` (idempotent)."""
+        address, self.registered = self.registered, None
         if address is not None:
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(address)
-
-    def _unpack(self, slot: int, payload: bytes) -> Any:
-        typed = functools.partial(self._typed_view, slot)
-        return _SlotUnpickler(io.BytesIO(payload), typed, self._arrays[slot]).load()
-
-    def _typed_view(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
-        """The whole slot as a 1-D tensor of `dtype` (made once per slot and dtype)."""
-        key = (slot, dtype)
-        view = self._typed.get(key)
-        if view is None:
-            view = self._typed[key] = self._slots[slot].view(dtype)
-        return view
 
 
 def _child_error(exc: BaseException | None, text: str) -> BaseException:
@@ -432,7 +537,9 @@ def _serve(
         kind = message[0]
         if kind == "close":
             return
-        if kind == "stop":
+        if kind == "renew":
+            slots.renew(message[1])
+        elif kind == "stop":
             results.send(("stopped",))
         elif kind == "epoch":
             try:
@@ -466,7 +573,7 @@ def _epoch(
             # Wait for the next batch's slot to be done with, acting on any command meanwhile
             # (the wait is the command pipe's poll: a stop ends it at once).
             while not slots.writable() or commands.poll():
-                if commands.poll(_SLOT_WAIT) and _command(commands, pending):
+                if commands.poll(_SLOT_WAIT) and _command(commands, slots, pending):
                     results.send(("stopped",))
                     return
             slot = slots.sent % slots.count
@@ -478,14 +585,20 @@ def _epoch(
         source.close()  # the stream's reader threads stop
 
 
-def _command(commands: connection.Connection, pending: list[tuple[Any, ...]]) -> bool:
-    """Take one command during an epoch; True if it says to stop. An epoch command is queued
-    in `pending`; a stop or a close drops what is queued (a close stays, to be acted on)."""
+def _command(
+    commands: connection.Connection, slots: _ChildSlots, pending: list[tuple[Any, ...]]
+) -> bool:
+    """Take one command during an epoch; True if it says to stop. A slot given up is renewed at
+    once; an epoch command is queued in `pending`; a stop or a close drops what is queued (a
+    close stays, to be acted on)."""
     try:
         message = commands.recv()
     except EOFError as exc:
         raise _ParentGone from exc
     kind = message[0]
+    if kind == "renew":
+        slots.renew(message[1])
+        return False
     if kind == "epoch":
         pending.append(message)
         return False
@@ -520,6 +633,11 @@ class _ChildSlots:
     def writable(self) -> bool:
         """Whether the next batch's slot is free: its previous batch is done with."""
         return self.sent - self.consumed.value < self.count
+
+    def renew(self, slot: int) -> None:
+        """Forget `slot`'s memory, which the parent left to a batch still held there: the next
+        batch in the slot gets memory of its own (and the parent a "slot" message)."""
+        self.tensors.pop(slot, None)
 
     def pack(self, slot: int, batch: Any) -> bytes:
         """Pickle `batch` with its tensors and arrays written into `slot` (grown to fit)."""

@@ -24,7 +24,9 @@ By default that work runs in the process that iterates `epoch`: the inputs' coll
 on its thread, the soft labels' reads and assembly on threads of the stream's, all under the
 training thread's GIL. `AlignedBatches(dataset, store, batch_process=True)` makes the same batches,
 bit for bit, in a child process (`softcache.trainer.batch_process`, as `softcache train` does), and
-hands each over in shared memory: a batch is then valid until the next one is asked for. With
+hands each over in shared memory, where a batch stays for as long as anything holds it (a wrapper
+that fetches one batch ahead, as accelerate's do, or a list of them: each held batch keeps its own
+memory, and the child makes new). With
 `temperature=T` the teacher's side of the loss is made there too (`SoftLabels.targets`, which
 `distillation_loss` at T takes). Measured on a fast CPU student (`python -m benchmarks.run --only
 own-loop`, 2 cores; two runs), the loop's offline epoch over a hard-label loop's went from
@@ -286,8 +288,8 @@ class AlignedBatches(_BatchProcessOwner):
             as `softcache train` does): input collation, the hash check, the store's reads and
             the soft labels' assembly all leave this process and its GIL, and each batch
             arrives in shared memory (page-locked with `pin_memory` on a CUDA machine). A
-            batch's tensors are then views of that memory, **valid until the next batch is
-            asked for**: copy what you keep longer (`.clone()`, or `.to(device)`). The
+            batch's tensors are then views of that memory, which the child reuses only once
+            nothing holds them (holding many batches costs their memory, not a stall). The
             dataset and the store cross pickled (a dataset's torch tensors move to shared
             memory), so neither may be defined in the script being run (`__main__`). Call
             `close()` (or use a `with` block) to stop the child; it also stops when this object
@@ -545,7 +547,7 @@ class AlignedTokenBatches(_BatchProcessOwner):
         pad_id: the id padding takes in ``input_ids``.
         batch_process: make the batches in a child process, as `AlignedBatches` does (see
             there): the collation, the hash checks and the targets' decoding leave this
-            process, and each batch's tensors are valid until the next batch is asked for.
+            process, and each batch arrives in shared memory, reused only once nothing holds it.
             Call `close()` (or use a `with` block) to stop the child. Not with `client`.
     """
 

@@ -23,7 +23,7 @@ import softcache
 from softcache.config import TrainConfig
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
-from softcache.trainer import distill, train
+from softcache.trainer import batch_process, distill, train
 from softcache.trainer.batch_process import BatchProcess, BatchProcessError, NextEpoch
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import AlignedBatches, AlignedTokenBatches
@@ -34,7 +34,7 @@ from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import equal_steps, plan_from_state
 from tests.conftest import spec
 from tests.helpers import build_row_stores, build_token_store, specs, token_specs
-from tests.helpers.batch_sources import MarkedEpochs, marked
+from tests.helpers.batch_sources import MarkedEpochs, NumberedBatches, marked, numbered
 
 
 def mp_default() -> str:
@@ -84,7 +84,7 @@ def _plans(layout: Any, config: TrainConfig) -> list[EpochPlan]:
 
 def _epochs(make: Any, layout: Any, config: TrainConfig, *, ahead: bool = False) -> list[list[Any]]:
     """Two epochs of batches (the first reading the second's ahead), copied out of their
-    memory as they arrive: a batch process's views are valid until the next batch. `ahead`:
+    memory as they arrive, so each is compared as it came. `ahead`:
     the second epoch is queued in the batch process with the first (`after`), as the
     training loop does."""
     plans = _plans(layout, config)
@@ -263,6 +263,128 @@ def test_an_epoch_left_early_drops_the_epoch_queued_after_it(tmp_path: Path, in_
         process.close()
 
 
+# ---- batches held past the next one ------------------------------------------------------------
+
+
+@pytest.fixture
+def given_up(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batches whose slots the parent left to their holders (and had the child renew)."""
+    batches: list[int] = []
+    original = BatchProcess._give_up
+
+    def counted(self: BatchProcess, batch: int) -> None:
+        batches.append(batch)
+        original(self, batch)
+
+    monkeypatch.setattr(BatchProcess, "_give_up", counted)
+    return batches
+
+
+def _numbered(process: BatchProcess, epoch: int, steps: int = 12) -> Any:
+    return process.batches(_marked_plan(epoch), steps, hash_stride=0, then=None)
+
+
+def _is(batch: dict[str, Any], epoch: int, index: int) -> None:
+    want = numbered(epoch, index)
+    assert torch.equal(batch["tensor"], want["tensor"]), (epoch, index)
+    assert np.array_equal(batch["array"], want["array"]), (epoch, index)
+
+
+def _one_ahead(batches: Any) -> Any:
+    """What accelerate's loader wrappers do: fetch the next batch before yielding this one."""
+    iterator = iter(batches)
+    current = next(iterator, None)
+    for following in iterator:
+        yield current
+        current = following
+    if current is not None:
+        yield current
+
+
+def test_a_loop_that_lets_each_batch_go_keeps_to_its_slots(
+    in_root: Path, given_up: list[int]
+) -> None:
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=2)
+    try:
+        for epoch in range(3):
+            for index, batch in enumerate(_numbered(process, epoch)):
+                _is(batch, epoch, index)
+        assert given_up == [] and len(process._slots) == 4  # depth + 2, never renewed
+    finally:
+        process.close()
+
+
+def test_a_consumer_one_batch_ahead_reads_each_batch_as_it_was_made(
+    in_root: Path, given_up: list[int]
+) -> None:
+    """Each batch is checked after the next one was fetched, as under accelerate's wrappers
+    (with views valid only until the next request, the child overwrote it meanwhile)."""
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=2)
+    try:
+        for epoch in range(2):
+            got = 0
+            for index, batch in enumerate(_one_ahead(_numbered(process, epoch))):
+                time.sleep(0.01)  # time for the child to fill every slot it may
+                _is(batch, epoch, index)
+                got += 1
+            assert got == 12
+        assert given_up == []  # one slot more in use: the child's lead is one less
+    finally:
+        process.close()
+
+
+def test_an_epoch_held_whole_reads_as_it_was_made_and_its_memory_goes_with_it(
+    in_root: Path, given_up: list[int]
+) -> None:
+    """12 batches held against 4 slots: each held slot is left to its batch and made anew in
+    the child, without a stall; once the batches go, so does their memory."""
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=2)
+    try:
+        held = list(_numbered(process, 0))
+        for index, batch in enumerate(held):
+            _is(batch, 0, index)
+        assert len(given_up) >= 12 - 4
+        assert len(process._given_up) == len(given_up)  # all still held
+        del held, batch
+        for index, batch in enumerate(_numbered(process, 1)):
+            _is(batch, 1, index)
+        assert process._given_up == []  # freed once nothing held them
+    finally:
+        process.close()
+
+
+@pytest.mark.parametrize("keep", ["tensor", "array"])
+def test_views_of_a_batch_keep_its_slot_without_the_batch(
+    in_root: Path, given_up: list[int], keep: str
+) -> None:
+    """Only a slice of each batch is kept (the batch itself goes): a tensor's view holds the
+    slot's storage, an array's its byte array."""
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=2)
+    try:
+        kept = [batch[keep][3:9:2] for batch in _numbered(process, 0)]
+        assert len(given_up) >= 12 - 4
+        for index, part in enumerate(kept):
+            assert (part == 1000 * 0 + index).all() and len(part) == 3, index
+    finally:
+        process.close()
+
+
+def test_without_torchs_storage_count_a_batch_is_done_at_the_next_request(
+    in_root: Path, monkeypatch: pytest.MonkeyPatch, given_up: list[int]
+) -> None:
+    """The fallback where torch no longer has the (private) count: a batch is counted done
+    when the one after it is asked for (its loop variable has moved on)."""
+    monkeypatch.setattr(batch_process, "_storage_use_count", None)
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=2)
+    try:
+        for index, batch in enumerate(_numbered(process, 0)):
+            _is(batch, 0, index)
+            assert process._consumed.value == max(index - 1, 0)  # the ones before the last
+        assert given_up == []
+    finally:
+        process.close()
+
+
 def test_a_dataset_that_differs_is_refused_by_name_from_the_child(
     stores: dict[str, Path], tmp_path: Path, in_root: Path
 ) -> None:
@@ -428,6 +550,20 @@ def test_aligned_batches_in_a_batch_process_are_the_inline_ones(
     _assert_same(made, want, kind)
     _assert_same(made_unchecked, want, kind)
     _assert_same(looped, [[_copied(b) for b in inline.epoch(p)] for p in plans], kind)
+
+
+def test_aligned_batches_held_a_whole_epoch_are_the_inline_ones(
+    stores: dict[str, Path], in_root: Path
+) -> None:
+    """No copies: the batches of a top-k store's epoch, kept in a list, read as the inline
+    ones (more batches than slots)."""
+    store = LogitStore.open(stores["topk-bf16"])
+    options = {"values": "stored", "temperature": 2.0}
+    plans = _store_plans(store, batch_size=8)
+    with AlignedBatches(specs.dataset(), store, batch_process=True, **options) as aligned:
+        held = [list(aligned.epoch(plan)) for plan in plans]
+        assert len(held[0]) > 6  # the default depth's slots
+        _assert_same(held, _api_epochs(AlignedBatches(specs.dataset(), store, **options), plans))
 
 
 def test_aligned_batches_refuse_a_misaligned_dataset_from_the_child(
