@@ -4,7 +4,10 @@ Every mode runs through `softcache.trainer.train` with the same student, data or
 from the store's shard layout in every mode), optimiser and batch size; only the loss's source
 differs (online KD, the teacher in the loop, is measured by `benchmarks.speedup`). A run's epoch
 time is the median of its epochs after the first (the first pays imports, allocator growth and the
-first blocks' read), so these cases need no warm-up round.
+first blocks' read), so these cases need no warm-up round. The same runs also give each mode's
+median step (`step_seconds_median`: each step from the end of the one before, its wait included;
+the median of a run's later epochs): an epoch's total takes in every stall the machine's other work
+causes, which spread the epoch ratios 30 % from round to round here, and the median step does not.
 
 Runs make their batches in a batch process (the default, `softcache.trainer.batch_process`); the
 `*-thread` cases are the same runs with `loader="thread"` (batches made on a thread of the training
@@ -148,6 +151,8 @@ class TrainBench:
             "topk": fresh_store(build, "topk", workdir / "train-topk.zarr"),
         }
         self.wait: dict[str, list[float]] = {}
+        # Per run (one a round and case): the median of its later epochs' median step periods.
+        self.step_periods: dict[str, list[float]] = {}
         self.num_samples = LogitStore.open(self.stores["dense"]).meta.num_samples
         self._count = itertools.count()
         self._layouts: dict[tuple[str, str], RowLayout] = {}
@@ -170,6 +175,7 @@ class TrainBench:
         name = mode if store == "dense" else f"{mode}-{store}"
         name += "-thread" if loader == "thread" else ""
         self.wait.setdefault(name, []).extend(metrics["data_wait_fraction"][1:])
+        self.step_periods.setdefault(name, []).append(median(metrics["step_seconds_median"][1:]))
         return median(metrics["epoch_seconds"][1:])
 
     def _layout(self, mode: str, store: str) -> RowLayout:
@@ -267,6 +273,18 @@ class TrainBench:
                 note=note,
             ),
         ]
+        for over, what in (("offline", "dense"), ("offline-topk", "top-5")):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}median step: offline KD / hard, {what}",
+                    self.step_periods,
+                    over,
+                    "hard",
+                    goal=None,
+                    note="the same runs: each step from the end of the one before, wait "
+                    "included, median per epoch; what the epochs' totals blur on a busy machine",
+                )
+            )
         for over, what in (("offline-thread", "dense"), ("offline-topk-thread", "top-5")):
             figures.append(
                 ratio_figure(

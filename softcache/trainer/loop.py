@@ -29,6 +29,7 @@ with another number of processes is refused.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,10 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         A `TrainResult`. Row runs record per epoch `train_loss`, `eval_accuracy`,
         `teacher_agreement`, `samples_per_second`; token runs `train_loss`, `eval_perplexity`,
         `eval_bits_per_token`, `eval_accuracy`, `teacher_agreement`, `eval_kl_to_teacher`,
-        `tokens_per_second` (None where not measurable).
+        `tokens_per_second` (None where not measurable). Both also record per epoch
+        `epoch_seconds`, `data_wait_fraction` (the share of the epoch the step waited for its
+        batch) and `step_seconds_median` (the median time from one step's end to the next's,
+        wait included: robust to what else a busy machine runs, where an epoch's total is not).
 
     Raises:
         SoftcacheError: bad specs, a store that is incomplete or does not match the dataset, an
@@ -203,6 +207,7 @@ def _train(
         then = _following(plan, config.epochs)
         t_epoch = time.perf_counter()
         t_ready = t_epoch
+        periods: list[float] = []  # each step's, from the end of the one before
         model.train()
         stride = epoch_hash_stride(config, first_epoch=epoch == first_epoch)
         # Inputs and soft labels are made in the batch process, or on a background thread
@@ -246,14 +251,16 @@ def _train(
                     ckpt.save_checkpoint(
                         output, student, optimizer, schedule, scaler, at, step, metrics, so_far
                     )
-            t_ready = time.perf_counter()
+            now = time.perf_counter()
+            periods.append(now - t_ready)
+            t_ready = now
         bar.close()
         stats.seconds += time.perf_counter() - t_epoch
         epoch_stats = _global_stats(stats, ranks, device)
         # Rank 0 evaluates and writes while the others go on to the next epoch's first
         # all-reduce, where they wait for it (within the process group's timeout).
         results = evaluate(student) if evaluate else dict.fromkeys(layout.eval_keys)
-        _record_epoch(metrics, epoch_stats, results, layout.unit)
+        _record_epoch(metrics, epoch_stats, results, layout.unit, periods)
         metrics["steps"] = step
         plan.set_epoch(epoch + 1)
         if ranks.main:
@@ -330,6 +337,7 @@ def _new_metrics(config: TrainConfig, layout: TrainLayout, ranks: ddp.Ranks) -> 
         "epoch_seconds": [],
         f"{layout.unit}_per_second": [],
         "data_wait_fraction": [],
+        "step_seconds_median": [],
         "first_step_loss": None,
         "steps": 0,
         **layout.metrics(),
@@ -338,7 +346,11 @@ def _new_metrics(config: TrainConfig, layout: TrainLayout, ranks: ddp.Ranks) -> 
 
 
 def _record_epoch(
-    metrics: dict[str, Any], stats: ckpt.EpochStats, results: dict[str, Any], unit: str
+    metrics: dict[str, Any],
+    stats: ckpt.EpochStats,
+    results: dict[str, Any],
+    unit: str,
+    periods: list[float],
 ) -> None:
     metrics["epoch"].append(len(metrics["epoch"]) + 1)
     metrics["train_loss"].append(stats.loss_sum / max(stats.count, 1))
@@ -347,6 +359,10 @@ def _record_epoch(
     metrics["epoch_seconds"].append(stats.seconds)
     metrics[f"{unit}_per_second"].append(stats.count / stats.seconds if stats.seconds else None)
     metrics["data_wait_fraction"].append(stats.wait / stats.seconds if stats.seconds else None)
+    # This rank's steps of this process (a resumed epoch: those after the resume). A checkpoint
+    # of an earlier version has no such list: it starts at the resumed epoch.
+    step = statistics.median(periods) if periods else None
+    metrics.setdefault("step_seconds_median", []).append(step)
 
 
 def _global_stats(

@@ -102,12 +102,16 @@ def test_metrics_json_holds_every_documented_field(digits_stores, tmp_path):
         "epoch_seconds",
         "samples_per_second",
         "data_wait_fraction",
+        "step_seconds_median",
     ):
         assert key in metrics
     assert metrics["mode"] == "offline"
     assert len(metrics["train_loss"]) == 2
     assert 0.5 < metrics["eval_accuracy"][-1] <= 1.0
     assert 0.0 <= metrics["data_wait_fraction"][-1] <= 1.0
+    # A step's period (from the end of the step before) is a part of its epoch.
+    for step, seconds in zip(metrics["step_seconds_median"], metrics["epoch_seconds"], strict=True):
+        assert 0.0 < step < seconds
     assert metrics == result.metrics
 
 
