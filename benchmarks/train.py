@@ -6,8 +6,9 @@ differs (online KD, the teacher in the loop, is measured by `benchmarks.speedup`
 time is the median of its epochs after the first (the first pays imports, allocator growth and the
 first blocks' read), so these cases need no warm-up round. The same runs also give each mode's
 median step (`step_seconds_median`: each step from the end of the one before, its wait included;
-the median of a run's later epochs): an epoch's total takes in every stall the machine's other work
-causes, which spread the epoch ratios 30 % from round to round here, and the median step does not.
+the median of a run's later epochs), which leaves out the epochs' starts and the stalls the
+machine's other work causes. On this machine it spreads from round to round as the epoch ratios
+do (the whole run's pace moves, not single steps): it says what a step costs, not more surely.
 
 Runs make their batches in a batch process (the default, `softcache.trainer.batch_process`); the
 `*-thread` cases are the same runs with `loader="thread"` (batches made on a thread of the training
@@ -282,7 +283,7 @@ class TrainBench:
                     "hard",
                     goal=None,
                     note="the same runs: each step from the end of the one before, wait "
-                    "included, median per epoch; what the epochs' totals blur on a busy machine",
+                    "included; median of the later epochs' medians",
                 )
             )
         for over, what in (("offline-thread", "dense"), ("offline-topk-thread", "top-5")):

@@ -102,6 +102,9 @@ _POLL = 1.0
 # nothing holds a view of a slot any more. Private to torch; without it, a batch is counted done
 # when the next one is asked for (a consumer that holds it longer must copy it).
 _storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+# Batches held past their turn (each with a slot of its own) from which on the parent warns, once:
+# memory that grows with every batch is more often a leak than a plan.
+_HELD_WARNING = 64
 # Seconds the child sleeps (on its command pipe) between checks for a free slot: it is ahead of
 # the loop then, by `depth` batches, and refills every freed slot when it wakes: only steps under
 # ~0.1 ms (a quarter of this, at the default depth of 4) could drain its lead.
@@ -357,6 +360,16 @@ class BatchProcess:
             self._send(("renew", slot))
             self._given_up.append(self._slots.pop(slot))
             self._done = self._consumed.value = batch + 1
+            if len(self._given_up) == _HELD_WARNING:
+                mib = sum(held.tensor.numel() for held in self._given_up) / 2**20
+                warnings.warn(
+                    f"{_HELD_WARNING} batches from the batch process are still held, each in "
+                    f"shared memory of its own ({mib:.0f} MiB in all); if that is not meant, "
+                    "look for what keeps them (a list, a logged tensor, an autograd graph) or "
+                    "copy what you keep (.clone())",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         self._count_done(self._received)
 
     def _replace_slot(self, slot: int, tensor: torch.Tensor) -> None:
@@ -414,7 +427,7 @@ class _ParentSlot:
 
     def held(self) -> bool:
         """Whether a view of the slot is held outside the parent (False without torch's count:
-        then a batch is done when the next is asked for)."""
+        then a batch is done when the one after it is asked for)."""
         count = _storage_use_count
         return count is not None and (
             count(self._cdata) > self._own_tensors or sys.getrefcount(self.array) > self._own_arrays

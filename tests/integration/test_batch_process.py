@@ -353,6 +353,39 @@ def test_an_epoch_held_whole_reads_as_it_was_made_and_its_memory_goes_with_it(
         process.close()
 
 
+def test_holding_batches_by_the_score_is_warned_of(in_root: Path) -> None:
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=2)
+    try:
+        with pytest.warns(RuntimeWarning, match="64 batches from the batch process are still held"):
+            held = list(_numbered(process, 0, steps=72))
+        for index, batch in enumerate(held):
+            _is(batch, 0, index)
+    finally:
+        process.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_batch_let_go_while_its_copy_to_the_gpu_waits_is_not_overwritten(in_root: Path) -> None:
+    """Each batch is copied to the GPU asynchronously behind a long kernel and let go at once:
+    its slot is free only once the copy has read it (the event), not when the batch goes."""
+    process = BatchProcess(NumberedBatches(rows=1 << 16), torch.device("cuda"), depth=2)
+    try:
+        busy = torch.rand(8192, 8192, device="cuda")
+        copies = []
+        for index, batch in enumerate(_numbered(process, 0, steps=24)):
+            if index % 6 == 0:
+                for _ in range(4):  # tens of milliseconds queued ahead of the next copies
+                    busy = busy @ busy
+            copies.append(batch["tensor"].to("cuda", non_blocking=True))
+            del batch
+        torch.cuda.synchronize()
+        for index, copy in enumerate(copies):
+            assert bool((copy == index).all()), index
+    finally:
+        process.close()
+
+
 @pytest.mark.parametrize("keep", ["tensor", "array"])
 def test_views_of_a_batch_keep_its_slot_without_the_batch(
     in_root: Path, given_up: list[int], keep: str
@@ -559,7 +592,7 @@ def test_aligned_batches_held_a_whole_epoch_are_the_inline_ones(
     ones (more batches than slots)."""
     store = LogitStore.open(stores["topk-bf16"])
     options = {"values": "stored", "temperature": 2.0}
-    plans = _store_plans(store, batch_size=8)
+    plans = _store_plans(store, batch_size=12)  # 2 x 25 batches: under the warning's 64
     with AlignedBatches(specs.dataset(), store, batch_process=True, **options) as aligned:
         held = [list(aligned.epoch(plan)) for plan in plans]
         assert len(held[0]) > 6  # the default depth's slots
