@@ -100,7 +100,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         `tokens_per_second` (None where not measurable). Both also record per epoch
         `epoch_seconds`, `data_wait_fraction` (the share of the epoch the step waited for its
         batch) and `step_seconds_median` (the median time from one step's end to the next's,
-        wait included: robust to what else a busy machine runs, where an epoch's total is not).
+        wait included: what a step costs, without the epoch's start or its single stalls).
 
     Raises:
         SoftcacheError: bad specs, a store that is incomplete or does not match the dataset, an
