@@ -226,6 +226,9 @@ class BatchProcess:
 
         Each batch's tensors and arrays are views of shared memory, valid as long as anything
         holds them (or a view of them); holding many costs a slot's memory each, not a stall.
+        What holds no tensor is not seen: a raw `data_ptr()` handed to code that reads later,
+        or (CUDA) an asynchronous copy on a stream other than the current one once the batch
+        is let go; synchronise such a copy, or `.clone()` first.
         Closing the iterator early stops the child's epoch (its stream's threads stop).
 
         Args:
