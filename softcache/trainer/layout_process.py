@@ -31,8 +31,8 @@ def layout_process(
     Args:
         config: the run's configuration (the student, teacher and evaluation stay here).
         ranks: this process's DDP rank and world size.
-        device: where the student runs (the child makes the batches for it: stored dtypes for
-            CUDA, teacher targets for a CPU student) without touching the device.
+        device: where the student runs (the child makes the batches for it, teacher targets
+            included, without touching the device).
         depth: batches the child makes ahead of the one in use.
 
     Raises:

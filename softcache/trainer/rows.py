@@ -1,7 +1,8 @@
 """The row layout of the trainer: a student over per-sample inputs, from a dense or top-k store.
 
-A batch is `(inputs, labels, soft labels or None, dataset indices)`; for a CPU student the soft
-labels arrive as the teacher's side of the loss, prepared on the batch thread. Offline runs read it through
+A batch is `(inputs, labels, soft labels or None, dataset indices)`; the soft labels arrive as the
+teacher's side of the loss, prepared with the batch (in the batch process, or on the batch thread),
+but for a GPU student's large dense rows (see `HOST_TARGETS_ELEMENTS`). Offline runs read it through
 `AlignedBatches` (inputs and the store's soft labels in the plan's order, hash-checked, views
 replayed); hard and online runs through a DataLoader over the same plan, so every mode sees the same
 data order. With `augment`, hard, online and view-less offline runs draw a new view of every sample
@@ -40,6 +41,16 @@ from softcache.trainer.stream import PlanSampler, SoftLabels
 
 RowBatch = tuple[torch.Tensor, torch.Tensor, Any, np.ndarray]
 
+# A GPU student's teacher targets are made with the batch, on the host, unless they are dense rows
+# of more elements than this per batch: then the stored dtype crosses (half the bytes of float32
+# targets) and the targets are made on the device. Made on the device, they cost the training
+# thread every step about 20 aten calls for top-k (7 dense) and their Python, where made on the
+# host they cost 4 copies (2 dense). On the host (one core of this machine), dense targets take
+# 0.25 ms at 64 x 512 (2**15 elements) and 170 ms at 256 x 32,768, which a GPU step would wait
+# for; top-k targets 0.13 ms at 64 x 100 (k = 5) and 0.19 ms at 256 x 32,768 (k = 32), small at
+# any head width (their sparse form is (B, k)).
+HOST_TARGETS_ELEMENTS = 1 << 15
+
 
 class RowLayout:
     """Rows: one store row per sample (or per view of a sample). See the module docstring."""
@@ -63,6 +74,7 @@ class RowLayout:
         self.cuda = device.type == "cuda"
         # Pinned batches copy to a GPU asynchronously (default: on CUDA).
         self.pin_memory = self.cuda if pin_memory is None else pin_memory
+        self._pin_targets = self.pin_memory and torch.cuda.is_available()
         self.dataset = dataset_from(config.dataset, "dataset")
         self.num_samples = len(self.dataset)
         self.store = (
@@ -113,13 +125,20 @@ class RowLayout:
             yield inputs, labels, self._prepared(soft), indices
 
     def _prepared(self, soft: SoftLabels | None) -> SoftLabels | losses.TeacherTargets | None:
-        """For a CPU student, the teacher's side of the loss, made here on the batch thread
-        (`losses.kd_loss_targets`): the step then runs only the student's side. A GPU student
-        gets the stored dtypes, widened and prepared on the device after a copy of half the bytes.
+        """The teacher's side of the loss, made here with the batch (`losses.kd_loss_targets`):
+        the step then runs only the student's side, and a GPU student's copies it. A GPU
+        student's dense rows of more than `HOST_TARGETS_ELEMENTS` a batch stay in the stored
+        dtype, widened and prepared on the device after a copy of half the bytes.
         """
-        if soft is None or self.cuda:
+        if soft is None:
+            return None
+        if self.cuda and soft.logits is not None and soft.logits.numel() > HOST_TARGETS_ELEMENTS:
             return soft
-        return self._targets(soft)
+        targets = self._targets(soft)
+        if self._pin_targets and isinstance(targets, losses.TeacherTargets):
+            # The batch thread's (the batch process pins its slots in the parent instead).
+            targets = targets.pin_memory()
+        return targets
 
     def _targets(self, soft: SoftLabels) -> SoftLabels | losses.TeacherTargets:
         """The batch's teacher targets, or its soft labels for the renormalised top-k fallback
@@ -172,8 +191,10 @@ class RowLayout:
                 alpha=config.alpha,
             )
             return loss, len(labels)
-        if not isinstance(soft, losses.TeacherTargets):  # a GPU student's, or the fallback
+        if not isinstance(soft, losses.TeacherTargets):  # large dense rows, or the fallback
             soft = self._targets(soft.to(device, non_blocking=self.cuda))
+        elif self.cuda:  # made on the host, with the batch
+            soft = soft.to(device, non_blocking=True)
         if isinstance(soft, losses.TeacherTargets):
             return losses.kd_loss_targets(logits, soft, labels, alpha=config.alpha), len(labels)
         loss = renormalised_topk_loss(

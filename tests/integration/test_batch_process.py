@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import softcache
+from softcache import losses
 from softcache.config import TrainConfig
 from softcache.errors import ConfigError, DatasetMismatchError
 from softcache.store import LogitStore
-from softcache.trainer import batch_process, distill, train
+from softcache.trainer import batch_process, distill, rows, train
 from softcache.trainer.batch_process import BatchProcess, BatchProcessError, NextEpoch
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import AlignedBatches, AlignedTokenBatches
@@ -31,7 +32,7 @@ from softcache.trainer.layout_process import layout_process
 from softcache.trainer.layouts import open_layout
 from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.stream import equal_steps, plan_from_state
+from softcache.trainer.stream import SoftLabels, equal_steps, plan_from_state
 from tests.conftest import spec
 from tests.helpers import build_row_stores, build_token_store, specs, token_specs
 from tests.helpers.batch_sources import MarkedEpochs, NumberedBatches, marked, numbered
@@ -148,7 +149,7 @@ def _assert_same(a: Any, b: Any, where: str = "batch") -> None:
 def test_the_batch_process_makes_the_batches_the_thread_makes(
     stores: dict[str, Path], kind: str, device: str, tmp_path: Path, in_root: Path
 ) -> None:
-    # "cuda": the batches a CUDA student gets (stored dtypes), made without touching a GPU.
+    # "cuda": the batches a CUDA student gets, made without touching a GPU.
     stride = {} if kind == "tokens" else {"hash_stride": 3}  # rows: a sampled later check
     config = _config(stores, kind, tmp_path, hash_check="first-epoch", **stride)
     where = torch.device(device)
@@ -163,6 +164,43 @@ def test_the_batch_process_makes_the_batches_the_thread_makes(
     for epoch, (got, expected) in enumerate(zip(made, want, strict=True)):
         for i, (a, b) in enumerate(zip(got, expected, strict=True)):
             _assert_same(a, b, f"{kind} epoch {epoch} batch {i}")
+
+
+def _first_batch(layout: Any, config: TrainConfig) -> Any:
+    plan = _plans(layout, config)[0]
+    batches = layout.batches(plan, equal_steps(plan), hash_stride=0, then=None)
+    try:
+        return next(batches)
+    finally:
+        batches.close()
+
+
+@pytest.mark.parametrize("kind", list(ROWS))
+def test_a_gpu_students_teacher_targets_are_made_with_the_batch_but_for_large_dense_rows(
+    stores: dict[str, Path],
+    kind: str,
+    tmp_path: Path,
+    in_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU student's step copies the targets made with the batch, the same a CPU student's
+    step takes (made from the stored dtype, widened exactly); dense rows of more elements a
+    batch than `HOST_TARGETS_ELEMENTS` cross in the stored dtype, made into targets on the
+    device. Top-k targets are made with the batch at any width."""
+    config = _config(stores, kind, tmp_path)
+    gpu = open_layout(config, Ranks(), torch.device("cuda"), None, pin_memory=False)
+    cpu = open_layout(config, Ranks(), torch.device("cpu"), None)
+    made = _first_batch(gpu, config)[2]
+    assert isinstance(made, losses.TeacherTargets)
+    _assert_same(made, _first_batch(cpu, config)[2], kind)
+    monkeypatch.setattr(rows, "HOST_TARGETS_ELEMENTS", 8)
+    made = _first_batch(gpu, config)[2]
+    if kind.startswith("topk"):
+        assert isinstance(made, losses.TeacherTargets)
+    else:
+        assert isinstance(made, SoftLabels)
+        assert made.logits is not None
+        assert made.logits.dtype == getattr(torch, gpu.store.meta.value_dtype)
 
 
 def test_an_epoch_stopped_early_leaves_the_next_one_whole(

@@ -336,3 +336,25 @@ def test_train_reads_through_a_dask_scheduler_address(digits_stores, tmp_path):
     assert via_cluster.metrics["train_loss"] == local.metrics["train_loss"]
     for pa, pb in zip(via_cluster.student.parameters(), local.student.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loader", ["process", "thread"])
+@pytest.mark.parametrize("store", ["dense", "top5"])
+def test_a_gpu_student_trains_as_a_cpu_student(digits_stores, tmp_path, loader, store):
+    """The teacher targets a GPU student's step copies (made with the batch, in the batch
+    process or on the batch thread) give the loss a CPU student's step computes."""
+    runs = {
+        device: train(
+            _config(
+                digits_stores, tmp_path / device, epochs=1, device=device, loader=loader,
+                store=digits_stores[store],
+            ),
+            progress=False,
+        ).metrics
+        for device in ("cpu", "cuda")
+    }  # fmt: skip
+    cpu, gpu = runs["cpu"]["first_step_loss"], runs["cuda"]["first_step_loss"]
+    assert gpu == pytest.approx(cpu, rel=1e-4)
+    assert 0.5 < runs["cuda"]["eval_accuracy"][-1] <= 1.0
