@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -438,6 +439,46 @@ def test_views_of_a_batch_keep_its_slot_without_the_batch(
             assert (part == 1000 * 0 + index).all() and len(part) == 3, index
     finally:
         process.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_consumer_that_holds_and_drops_batches_at_random_reads_each_as_made(
+    in_root: Path, seed: int
+) -> None:
+    """Epochs of random lengths, some left early; batches (or slices of them) held at random
+    and dropped at random, across epochs; every held batch checked after every step."""
+    rng = random.Random(seed)
+    process = BatchProcess(NumberedBatches(), torch.device("cpu"), depth=rng.choice([0, 1, 2]))
+    held: list[tuple[int, int, dict[str, Any]]] = []
+
+    def check_held() -> None:
+        for epoch, index, batch in held:
+            value = 1000 * epoch + index
+            assert (batch["tensor"] == value).all() and (batch["array"] == value).all()
+
+    try:
+        for epoch in range(24):
+            steps = rng.randint(1, 24)
+            leave_at = rng.randrange(steps) if rng.random() < 0.3 else None
+            batches = _numbered(process, epoch, steps)
+            for index, batch in enumerate(batches):
+                _is(batch, epoch, index)
+                draw = rng.random()
+                if draw < 0.2:
+                    held.append((epoch, index, batch))
+                elif draw < 0.3:
+                    held.append((epoch, index, {k: v[1:] for k, v in batch.items()}))
+                if held and rng.random() < 0.3:
+                    held.pop(rng.randrange(len(held)))
+                check_held()
+                if index == leave_at:
+                    batches.close()
+                    break
+            if rng.random() < 0.5:
+                held.clear()
+    finally:
+        process.close()
+    check_held()  # memory the child no longer has stays the holders'
 
 
 def test_without_torchs_storage_count_a_batch_is_done_at_the_next_request(
