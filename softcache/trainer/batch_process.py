@@ -32,7 +32,8 @@ queue (a message and a wake-up per freed slot made it 214-235 us); counting the 
 15-19 us (after the fast student's 4 ms step of `benchmarks/train.py`: cold caches, as every
 call there).
 On CUDA the slots are page-locked in the parent (`cudaHostRegister`), so copies to the device can
-be asynchronous as with a pinned DataLoader.
+be asynchronous as with a pinned DataLoader; a batch let go frees its slot only once an event
+recorded on the current stream after that has passed, since its copies may not have read it yet.
 
 The child starts an epoch when it is asked for, unless it was told of it with the epoch before
 (`batches(after=NextEpoch(...))`, which the training loop does): then it starts it as soon as the
