@@ -280,10 +280,13 @@ class AlignedBatches(_BatchProcessOwner):
             caller that runs it off the training thread already (`softcache.trainer.ahead.Ahead`).
         temperature: the distillation temperature T, if the teacher's side of the loss is to be
             made with the batches (`SoftLabels.targets`, float32; `distillation_loss` at T uses
-            it): off the training thread with `batch_process`. For a GPU student with
-            `values="stored"` it is twice the bytes of dense fp16 labels to copy; leave it None
-            there to make them on the device. A top-k store without a normaliser at T gets none
-            (its loss renormalises, as `distillation_loss` logs).
+            it): off the training thread with `batch_process`. A GPU student's step then
+            copies the targets rather than making them (top-k: 4 copies against about 20 calls,
+            dense: 2 against 7), as `softcache train` does; for dense rows of a large head
+            (over `softcache.trainer.rows.HOST_TARGETS_ELEMENTS` a batch) the float32 targets
+            are twice the stored bytes and slow to make on the host: leave it None there and
+            make them on the device. A top-k store without a normaliser at T gets none (its
+            loss renormalises, as `distillation_loss` logs).
         batch_process: make the batches in a child process (`softcache.trainer.batch_process`,
             as `softcache train` does): input collation, the hash check, the store's reads and
             the soft labels' assembly all leave this process and its GIL, and each batch
