@@ -101,10 +101,10 @@ _PRELOAD = (
 _POLL = 1.0
 # A storage's count of tensors (and other owners) that refer to it: how the parent sees that
 # nothing holds a view of a slot any more. Private to torch; without it, a batch is counted done
-# when the next one is asked for (a consumer that holds it longer must copy it).
+# when the one after it is asked for (a consumer that holds it longer must copy it).
 _storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
-# Batches held past their turn (each with a slot of its own) from which on the parent warns, once:
-# memory that grows with every batch is more often a leak than a plan.
+# Batches held past their turn (each with a slot of its own) at which the parent warns, each time
+# their number climbs to it: memory that grows with every batch is more often a leak than a plan.
 _HELD_WARNING = 64
 # Seconds the child sleeps (on its command pipe) between checks for a free slot: it is ahead of
 # the loop then, by `depth` batches, and refills every freed slot when it wakes: only steps under
