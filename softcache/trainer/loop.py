@@ -198,6 +198,7 @@ def _train(
         rows = ddp.RowCount(plan, steps)
         start_cursor = plan.cursor
         stats, partial = partial, ckpt.EpochStats()
+        loss_sum = LossSum(stats, device, lazy=cuda)
         bar = Progress(
             rows.total,
             f"epoch {epoch + 1}/{config.epochs}",
@@ -230,10 +231,10 @@ def _train(
             scaler.update()
             schedule.step()
             step += 1
-            loss_value = float(loss.detach())  # syncs the device: the step is done here
             if metrics["first_step_loss"] is None:
-                metrics["first_step_loss"] = ddp.global_mean(loss_value, count, ranks, device)
-            stats.loss_sum += loss_value * count
+                first = float(loss.detach())
+                metrics["first_step_loss"] = ddp.global_mean(first, count, ranks, device)
+            loss_sum.add(loss, count)  # on a GPU, without waiting for the step's kernels
             stats.count += count
             cursor = start_cursor + i + 1
             bar.update(rows.at(cursor - 1))
@@ -242,6 +243,7 @@ def _train(
                 break
             every = config.checkpoint_steps
             if every and cursor % every == 0 and cursor < steps:
+                loss_sum.read(sync=True)
                 stats.seconds += time.perf_counter() - t_epoch
                 t_epoch = time.perf_counter()
                 so_far = _global_stats(stats, ranks, device)  # a collective: on every rank
@@ -255,6 +257,7 @@ def _train(
             periods.append(now - t_ready)
             t_ready = now
         bar.close()
+        loss_sum.read(sync=True)  # the epoch's steps are done on the device too
         stats.seconds += time.perf_counter() - t_epoch
         epoch_stats = _global_stats(stats, ranks, device)
         # Rank 0 evaluates and writes while the others go on to the next epoch's first
@@ -363,6 +366,44 @@ def _record_epoch(
     # of an earlier version has no such list: it starts at the resumed epoch.
     step = statistics.median(periods) if periods else None
     metrics.setdefault("step_seconds_median", []).append(step)
+
+
+class LossSum:
+    """An epoch's loss sum (each step's mean loss times its count) into `stats.loss_sum`.
+
+    On the CPU each step's loss is read as it comes. On a GPU (`lazy`) the sum is kept on the
+    device and read into `stats` only by `read`: reading a loss waits for its step's kernels, so
+    a read every step kept the next step's Python (its batch's hand-off, its launches) from
+    running beside the step before. A batch process's slot is not reused before the copies made
+    from it are done (see `softcache.trainer.batch_process`), so the loop may run ahead.
+
+    Args:
+        stats: the epoch's running sums (its `loss_sum` carries over a mid-epoch resume).
+        device: the student's device.
+        lazy: keep the sum on the device until read.
+    """
+
+    def __init__(self, stats: ckpt.EpochStats, device: torch.device, *, lazy: bool) -> None:
+        self.stats = stats
+        self.device = device
+        self._sum = (
+            torch.tensor(stats.loss_sum, dtype=torch.float64, device=device) if lazy else None
+        )
+
+    def add(self, loss: torch.Tensor, count: int) -> None:
+        """Add a step's mean `loss` (a scalar tensor) over `count` samples or tokens."""
+        if self._sum is None:
+            self.stats.loss_sum += float(loss.detach()) * count
+        else:
+            self._sum.add_(loss.detach().to(torch.float64), alpha=count)
+
+    def read(self, *, sync: bool = False) -> None:
+        """Bring the sum into `stats.loss_sum`; `sync`: then wait for all the device's work
+        (an epoch's or a checkpoint's time ends with its steps done, not just launched)."""
+        if self._sum is not None:
+            self.stats.loss_sum = float(self._sum)
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def _global_stats(
