@@ -357,4 +357,6 @@ def test_a_gpu_student_trains_as_a_cpu_student(digits_stores, tmp_path, loader, 
     }  # fmt: skip
     cpu, gpu = runs["cpu"]["first_step_loss"], runs["cuda"]["first_step_loss"]
     assert gpu == pytest.approx(cpu, rel=1e-4)
+    # The epoch's loss, summed on the device (`LossSum`): the same steps, their kernels aside.
+    assert runs["cuda"]["train_loss"][0] == pytest.approx(runs["cpu"]["train_loss"][0], rel=0.05)
     assert 0.5 < runs["cuda"]["eval_accuracy"][-1] <= 1.0
