@@ -13,6 +13,8 @@ do (the whole run's pace moves, not single steps): it says what a step costs, no
 Runs make their batches in a batch process (the default, `softcache.trainer.batch_process`); the
 `*-thread` cases are the same runs with `loader="thread"` (batches made on a thread of the training
 process, which shares its GIL with the step), side by side in the same rounds.
+The `*-cores` cases are the same runs at one torch thread per usable core (torch's own default),
+where the trainer leaves a core to the batch process (`softcache.runtime.threads`).
 
 Timed in the same rounds, to say where an offline epoch's extra time goes:
 
@@ -52,6 +54,7 @@ from benchmarks.harness import Figure, interleave, median, ratio_figure, timed
 from softcache.config import TrainConfig
 from softcache.data.hashing import collate_pairs, hash_rows
 from softcache.runtime.specs import instantiate
+from softcache.runtime.threads import usable_cores
 from softcache.store import LogitStore
 from softcache.trainer import train
 from softcache.trainer.ddp import Ranks
@@ -105,6 +108,7 @@ def run_training(
     teacher: str | None = None,
     epochs: int | None = None,
     loader: str = "process",
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Train the workload's student once with `softcache.trainer.train`; return its metrics.
 
@@ -116,6 +120,7 @@ def run_training(
         teacher: the teacher in the loop (`online` only; default: the workload's).
         epochs: epochs to run (default: the workload's).
         loader: where batches are made: `process` (the default) or `thread`.
+        threads: the student's CPU threads (0: the trainer's choice, `TrainConfig.threads`).
 
     Returns:
         `TrainResult.metrics`: per-epoch lists such as `epoch_seconds` and `data_wait_fraction`.
@@ -131,6 +136,7 @@ def run_training(
         device=workload.device,
         output=str(output),
         loader=loader,
+        threads=threads,
     )
     result = train(config, progress=False)
     shutil.rmtree(result.output)
@@ -170,11 +176,14 @@ class TrainBench:
             seed=0,
         )
 
-    def _train(self, mode: str, store: str, loader: str = "process") -> float:
+    def _train(self, mode: str, store: str, loader: str = "process", threads: int = 0) -> float:
         output = self.workdir / "runs" / f"{mode}-{next(self._count)}"
-        metrics = run_training(self.workload, self.stores[store], mode, output, loader=loader)
+        metrics = run_training(
+            self.workload, self.stores[store], mode, output, loader=loader, threads=threads
+        )
         name = mode if store == "dense" else f"{mode}-{store}"
         name += "-thread" if loader == "thread" else ""
+        name += "-cores" if threads else ""
         self.wait.setdefault(name, []).extend(metrics["data_wait_fraction"][1:])
         self.step_periods.setdefault(name, []).append(median(metrics["step_seconds_median"][1:]))
         return median(metrics["epoch_seconds"][1:])
@@ -239,6 +248,10 @@ class TrainBench:
             "offline-topk": lambda: self._train("offline", "topk"),
             # The same runs with batches made on a thread of the training process: the GIL
             # shared with the step (see `softcache.trainer.batch_process`).
+            # The same runs at torch's default of one thread per core, where the trainer
+            # leaves a core to the batch process (`softcache.runtime.threads`).
+            "hard-cores": lambda: self._train("hard", "dense", threads=usable_cores()),
+            "offline-topk-cores": lambda: self._train("offline", "topk", threads=usable_cores()),
             "hard-thread": lambda: self._train("hard", "dense", "thread"),
             "offline-thread": lambda: self._train("offline", "dense", "thread"),
             "offline-topk-thread": lambda: self._train("offline", "topk", "thread"),
@@ -295,6 +308,28 @@ class TrainBench:
                     "hard-thread",
                     goal=None,
                     note="--loader thread, both runs (the default: a batch process)",
+                )
+            )
+        figures.append(
+            ratio_figure(
+                f"{prefix}one thread per core: offline KD / hard epoch, top-5",
+                samples,
+                "offline-topk-cores",
+                "hard-cores",
+                goal=None,
+                note=f"--threads {usable_cores()}, both runs (the default: a core left to the "
+                "batch process)",
+            )
+        )
+        for case, over in (("hard", "hard-cores"), ("offline-topk", "offline-topk-cores")):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}{case} epoch, the trainer's threads / one per core",
+                    samples,
+                    case,
+                    over,
+                    goal=None,
+                    note="what leaving a core to the batch process saves",
                 )
             )
         figures.append(

@@ -409,6 +409,11 @@ class TrainConfig(_Config):
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
     amp: bool = setting(False, flag="pair", help="Autocast on CUDA (fp16, with loss scaling).")
     num_workers: int = setting(0, help="DataLoader workers for inputs.")
+    threads: int = setting(
+        0,
+        help="CPU threads for a CPU student's ops (0: the usable cores less one for the batch "
+        "maker and one per --num-workers worker, unless OMP_NUM_THREADS is set).",
+    )
     loader: str = setting(
         "process",
         choices=LOADERS,
@@ -522,8 +527,12 @@ class TrainConfig(_Config):
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.num_workers < 0 or self.checkpoint_steps < 0 or self.weight_decay < 0:
-            raise ConfigError("num_workers, checkpoint_steps and weight_decay must be >= 0")
+        if min(self.num_workers, self.threads, self.checkpoint_steps, self.weight_decay) < 0:
+            raise ConfigError(
+                "num_workers, threads, checkpoint_steps and weight_decay must be >= 0, got "
+                f"{self.num_workers}, {self.threads}, {self.checkpoint_steps} and "
+                f"{self.weight_decay}"
+            )
         if self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.resume and self.overwrite:

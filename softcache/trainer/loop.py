@@ -29,6 +29,7 @@ with another number of processes is refused.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from softcache.runtime.cluster import connect
 from softcache.runtime.devices import autocast
 from softcache.runtime.progress import Progress
 from softcache.runtime.specs import module_from
+from softcache.runtime.threads import intra_op_threads, student_threads
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
 from softcache.trainer.ahead import Ahead
@@ -88,6 +90,10 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
     Under `torchrun` (RANK, WORLD_SIZE and LOCAL_RANK set, WORLD_SIZE > 1) every process runs this
     as one DDP rank; see the module docstring. Without them it trains in this one process.
 
+    A CPU student's ops run on `config.threads` intra-op threads: by default the usable cores
+    less one per batch maker (`softcache.runtime.threads.student_threads`). torch's count is
+    restored on return.
+
     Args:
         config: the training configuration (`config.lm` picks the token layout).
         progress: show a progress bar on stderr (rank 0 only).
@@ -109,6 +115,14 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
     """
     with contextlib.ExitStack() as stack:
         ranks, device = ddp.join(config, stack)
+        # The batch maker (a child process or a thread) and each DataLoader worker take a core.
+        threads = student_threads(
+            config.threads,
+            cpu_student=device.type == "cpu",
+            batch_makers=1 + config.num_workers,
+            local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
+        stack.enter_context(intra_op_threads(threads))
         if client is None and config.dask_scheduler:
             client = connect(config.dask_scheduler)
             stack.callback(client.close)  # a client we opened, we close
@@ -177,6 +191,7 @@ def _train(
         plan.load_state_dict({**state.plan, "rank": ranks.rank})
         torch.set_rng_state(state.torch_rng)
         metrics, step = state.metrics, state.step
+        metrics["threads"] = torch.get_num_threads()  # this run's, which may differ
         if ranks.main:  # the saved sums are global: counted once, on rank 0
             partial = state.partial
     model: nn.Module = student
@@ -341,6 +356,7 @@ def _new_metrics(config: TrainConfig, layout: TrainLayout, ranks: ddp.Ranks) -> 
         f"{layout.unit}_per_second": [],
         "data_wait_fraction": [],
         "step_seconds_median": [],
+        "threads": torch.get_num_threads(),
         "first_step_loss": None,
         "steps": 0,
         **layout.metrics(),

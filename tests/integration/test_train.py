@@ -115,6 +115,25 @@ def test_metrics_json_holds_every_documented_field(digits_stores, tmp_path):
     assert metrics == result.metrics
 
 
+def test_a_cpu_student_trains_beside_its_batch_maker_and_torch_keeps_its_threads(
+    digits_stores, tmp_path, monkeypatch
+):
+    """The run takes a core less than the machine's for the batch process (recorded in
+    metrics.json, as is an explicit --threads) and leaves torch's count as it found it."""
+    from softcache.runtime.threads import THREAD_ENV, usable_cores
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    auto = train(_config(digits_stores, tmp_path / "auto", epochs=1), progress=False)
+    assert auto.metrics["threads"] == max(1, min(before, usable_cores() - 1))
+    assert torch.get_num_threads() == before
+    explicit = train(_config(digits_stores, tmp_path / "one", epochs=1, threads=3), progress=False)
+    assert explicit.metrics["threads"] == 3
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["threads"] == 3
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize("mode", ["hard", "online", "offline"])
 def test_every_mode_learns_from_the_same_initialisation(digits_stores, tmp_path, mode):
     result = train(_config(digits_stores, tmp_path / mode, epochs=4, mode=mode), progress=False)
