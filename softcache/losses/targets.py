@@ -26,6 +26,11 @@ off the CPU (where the check would cost a device sync and the extra kernels cost
 tail's mass is taken in log space (``logsumexp`` over the tail), so a tail the student has no
 float32 mass in still gets its gradient, ``p_tail exp(log q_j - log q_tail)``.
 
+On the CPU, where each op a step replays in autograd costs tens of microseconds of dispatch on a
+cold cache, the top-k form's gradient ``(S q - P) / T`` (``S = sum P``) is made with its value,
+in one autograd node (`_GivenGradient`); a create_graph backward recomputes the loss in autograd's
+form, so second derivatives stay exact.
+
 Dense ``(B, C)`` top-k targets pay off for small batches of small heads, where a step is a few
 milliseconds of op overhead; above `DENSE_TOPK_ELEMENTS` per batch the top-k targets stay sparse
 and the loss runs the memory-lean kernel (`softcache.losses.sparse.sparse_cross_entropy`) instead.
@@ -222,6 +227,15 @@ def _dense_form_kl(student_logits: Tensor, targets: TeacherTargets, scale: float
     logits: float64). Dot products over the flattened batch, not products and sums: fewer ops,
     forward and backward."""
     z = student_logits if student_logits.dtype in _COMPUTE_DTYPES else student_logits.float()
+    if targets.tail_classes is not None and z.is_cpu and z.requires_grad:
+        kl = _tail_kl_with_its_gradient(z, targets, scale)
+        if kl is not None:
+            return kl
+    return _autograd_form_kl(z, targets, scale)
+
+
+def _autograd_form_kl(z: Tensor, targets: TeacherTargets, scale: float) -> Tensor:
+    """`_dense_form_kl` of float32 or float64 logits, differentiated by autograd."""
     dtype = z.dtype
     if targets.temperature != 1.0:
         z = z * (1.0 / targets.temperature)
@@ -240,6 +254,72 @@ def _dense_form_kl(student_logits: Tensor, targets: TeacherTargets, scale: float
     # ``scale * (sum p log p - cross)`` as one add: autograd records one node where a
     # subtraction, a division by B and a product by (1 - alpha) T^2 recorded three.
     return torch.add(_as(targets.neg_entropy, dtype).sum() * scale, cross, alpha=-scale)
+
+
+def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float) -> Tensor | None:
+    """`_autograd_form_kl` of top-k targets on the CPU, its gradient computed with its value;
+    None where some row's tail needs the log-space form (`TAIL_EXACT_BELOW`).
+
+    Autograd would replay a node for each of the value's dozen ops; this gradient is a few ops,
+    made while the forward's tensors are at hand. In the fast student's steps (64 x 100, top-5,
+    the benchmark's steps interleaved one by one) that took the top-k loss from +145 to +57 µs
+    over the hard loss's forward and backward (benchmarks/README.md, eleventh pass).
+    """
+    if not torch.is_grad_enabled():
+        return None
+    dtype = z.dtype
+    inverse_t = 1.0 / targets.temperature
+    assert targets.tail is not None and targets.tail_classes is not None
+    with torch.no_grad():
+        log_q = torch.log_softmax(z if targets.temperature == 1.0 else z * inverse_t, dim=1)
+        q = log_q.exp()
+        weights, tail = _as(targets.weights, dtype), _as(targets.tail, dtype)
+        in_tail = q * _as(targets.tail_classes, dtype)
+        q_tail = in_tail.sum(dim=1)
+        if float(q_tail.min()) < TAIL_EXACT_BELOW:
+            return None
+        cross = torch.vdot(weights.reshape(-1), log_q.reshape(-1)) + torch.vdot(tail, q_tail.log())
+        # d(sum p log p - cross)/dz = (S q - P) / T: P the targets with the tail's mass spread as
+        # the student's tail is (module docstring), S = sum P = sum W + p_tail (1 but for
+        # rounding, kept so the gradient is the value's to the last bit the ops allow).
+        spread = torch.addcmul(weights, in_tail, (tail / q_tail).unsqueeze(1))
+        total = weights.sum(dim=1).add_(tail)
+        grad = torch.addcmul(spread, q, total.unsqueeze(1), value=-1.0).mul_(-scale * inverse_t)
+        neg_entropy = _as(targets.neg_entropy, dtype).sum() * scale
+    return _GivenGradient.apply(z, neg_entropy, cross, grad, targets, scale)
+
+
+class _GivenGradient(torch.autograd.Function):
+    """``neg_entropy - scale * cross`` with its gradient in `z` made beforehand (`grad`).
+
+    A create_graph backward (a gradient penalty) recomputes the loss in autograd's form from
+    `z`, so second derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z: Tensor,
+        neg_entropy: Tensor,
+        cross: Tensor,
+        grad: Tensor,
+        targets: TeacherTargets,
+        scale: float,
+    ) -> Tensor:
+        ctx.save_for_backward(z, grad)
+        ctx.targets, ctx.scale = targets, scale
+        # As `_autograd_form_kl` adds it, so the two forms' values agree bit for bit.
+        return torch.add(neg_entropy, cross, alpha=-scale)
+
+    @staticmethod
+    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
+            with torch.enable_grad():
+                kl = _autograd_form_kl(z, ctx.targets, ctx.scale)
+            (grad,) = torch.autograd.grad(kl, z, upstream, create_graph=True)
+            return grad, None, None, None, None, None
+        return grad * upstream, None, None, None, None, None
 
 
 # The dtypes the dense form computes in as they come; any other float is widened to float32.

@@ -256,3 +256,35 @@ def test_second_derivatives_through_the_dense_form_are_right(kind):
     assert graphed.requires_grad
     torch.testing.assert_close(graphed.detach(), fast)
     assert torch.autograd.gradgradcheck(lambda s: kd_loss_targets(s, targets, None), (student,))
+
+
+def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must():
+    """On the CPU the top-k dense form's gradient is made with its value (one autograd node);
+    it is autograd's gradient, and autograd's form is taken for a faint tail, without grad and
+    for logits that need no gradient."""
+    gen = torch.Generator().manual_seed(11)
+    teacher = torch.randn(5, 20, generator=gen) * 2
+    values, indices = teacher.topk(4, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher / 2.0, 1), 20, 2.0)
+    student = (torch.randn(5, 20, generator=gen) * 3).requires_grad_()
+
+    loss = kd_loss_targets(student, targets, None, alpha=0.0)
+    assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
+    (grad,) = torch.autograd.grad(loss, student)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
+        plain = kd_loss_targets(student, targets, None, alpha=0.0)
+        assert type(plain.grad_fn).__name__ == "AddBackward0"
+        (plain_grad,) = torch.autograd.grad(plain, student)
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+    with torch.no_grad():
+        assert kd_loss_targets(student, targets, None).grad_fn is None
+    assert kd_loss_targets(student.detach(), targets, None).grad_fn is None
+    faint = student.detach().clone()
+    faint[0, indices[0]] += 200.0  # row 0's tail mass under TAIL_EXACT_BELOW
+    faint.requires_grad_()
+    fallback = kd_loss_targets(faint, targets, None)
+    assert type(fallback.grad_fn).__name__ != "_GivenGradientBackward"
+    assert torch.isfinite(torch.autograd.grad(fallback, faint)[0]).all()
