@@ -262,7 +262,7 @@ def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float)
 
     Autograd would replay a node for each of the value's dozen ops; this gradient is a few ops,
     made while the forward's tensors are at hand. In the fast student's steps (64 x 100, top-5,
-    the benchmark's steps interleaved one by one) that took the top-k loss from +145 to +57 µs
+    the benchmark's steps interleaved one by one) that took the top-k loss from +137 to +89 µs
     over the hard loss's forward and backward (benchmarks/README.md, eleventh pass).
     """
     if not torch.is_grad_enabled():

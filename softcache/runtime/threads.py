@@ -4,11 +4,13 @@ Torch gives a process's ops one intra-op thread per core. A trainer that makes i
 concurrently (the batch process, the batch thread, DataLoader workers) then asks for more
 threads than the machine has cores: whenever the batch maker runs, one of the student's threads
 is descheduled, and a parallel op (a matrix product, a convolution) waits at its end for the
-straggler. On this project's 2-core machine that made a small student's hard-label epoch 20 %
-slower at torch's default than at one thread, and its offline epochs more so, since their batch
+straggler. On this project's 2-core machine a small student's hard-label epochs took 1.2-1.3x
+as long at torch's default as at one thread, and its offline epochs 1.3-1.5x, since their batch
 maker has more to do (benchmarks/README.md, eleventh pass). So a CPU student gets the usable
 cores less one per batch maker, unless the user said otherwise: an explicit count, or an
 ``OMP_NUM_THREADS`` in the environment (torchrun sets it to 1 for several ranks per machine).
+A student whose long steps use every core well (the benchmark's CNN) can lose by it: it takes
+an explicit count.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows: no affinity masks
         return os.cpu_count() or 1
+
+
+def local_ranks() -> int:
+    """Training processes on this machine: torchrun's ``LOCAL_WORLD_SIZE`` (1 if unset or not a
+    positive number)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def student_threads(

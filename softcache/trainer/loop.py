@@ -29,7 +29,6 @@ with another number of processes is refused.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from softcache.runtime.cluster import connect
 from softcache.runtime.devices import autocast
 from softcache.runtime.progress import Progress
 from softcache.runtime.specs import module_from
-from softcache.runtime.threads import intra_op_threads, student_threads
+from softcache.runtime.threads import intra_op_threads, local_ranks, student_threads
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
 from softcache.trainer.ahead import Ahead
@@ -120,7 +119,7 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
             config.threads,
             cpu_student=device.type == "cpu",
             batch_makers=1 + config.num_workers,
-            local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            local_ranks=local_ranks(),
         )
         stack.enter_context(intra_op_threads(threads))
         if client is None and config.dask_scheduler:

@@ -81,3 +81,12 @@ def test_a_negative_thread_count_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"threads.*must be >= 0, got 0, -1"):
         TrainConfig(student="m:s", dataset="m:d", mode="hard", threads=-1)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 1), ("4", 4), ("0", 1), ("x", 1)])
+def test_local_ranks_reads_torchruns_count_or_takes_one(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+    assert threads.local_ranks() == expected
