@@ -306,17 +306,28 @@ class _GivenGradient(torch.autograd.Function):
         targets: TeacherTargets,
         scale: float,
     ) -> Tensor:
-        ctx.save_for_backward(z, grad)
-        ctx.targets, ctx.scale = targets, scale
+        # The targets as saved tensors, not as an attribute: a backward frees them, so a loss
+        # kept after it (a list of losses for logging) does not hold its batch's memory (the
+        # batch process's slot) as autograd's own form would not.
+        ctx.save_for_backward(
+            z, grad, targets.weights, targets.neg_entropy, targets.tail, targets.tail_classes
+        )
+        ctx.temperature, ctx.num_classes, ctx.scale = (
+            targets.temperature, targets.num_classes, scale,
+        )  # fmt: skip
         # As `_autograd_form_kl` adds it, so the two forms' values agree bit for bit.
         return torch.add(neg_entropy, cross, alpha=-scale)
 
     @staticmethod
     def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        z, grad = ctx.saved_tensors
+        z, grad, weights, neg_entropy, tail, tail_classes = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
+            targets = TeacherTargets(
+                weights, neg_entropy, ctx.temperature, tail=tail, tail_classes=tail_classes,
+                num_classes=ctx.num_classes,
+            )  # fmt: skip
             with torch.enable_grad():
-                kl = _autograd_form_kl(z, ctx.targets, ctx.scale)
+                kl = _autograd_form_kl(z, targets, ctx.scale)
             (grad,) = torch.autograd.grad(kl, z, upstream, create_graph=True)
             return grad, None, None, None, None, None
         return grad * upstream, None, None, None, None, None

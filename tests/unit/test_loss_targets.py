@@ -288,3 +288,24 @@ def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must():
     fallback = kd_loss_targets(faint, targets, None)
     assert type(fallback.grad_fn).__name__ != "_GivenGradientBackward"
     assert torch.isfinite(torch.autograd.grad(fallback, faint)[0]).all()
+
+
+def test_a_loss_kept_after_its_backward_does_not_hold_its_targets():
+    """A loss kept for logging must not keep its batch's targets (in `softcache train`, views of
+    the batch process's shared memory) alive once its backward has run."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(12)
+    teacher = torch.randn(4, 10, generator=gen)
+    values, indices = teacher.topk(3, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher, 1), 10, 1.0)
+    held = [weakref.ref(t) for t in (targets.weights, targets.tail_classes, targets.tail)]
+    student = torch.randn(4, 10, generator=gen, requires_grad=True)
+    loss = kd_loss_targets(student, targets, None)
+    assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
+    loss.backward()
+    del targets
+    gc.collect()
+    assert all(ref() is None for ref in held)
+    assert torch.isfinite(loss)
