@@ -46,6 +46,8 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.metadata import ArrayV3Metadata
 
+from softcache.runtime.threads import local_ranks, usable_cores
+
 # A shard index entry (offset, nbytes) of a chunk never written.
 _MISSING = 2**64 - 1
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -350,14 +352,7 @@ def default_threads() -> int:
                 f"{_THREADS_ENV}={chosen!r}: give a number of decoding threads >= 1, or unset it"
             )
         return int(chosen)
-    # The CPUs this process may run on, where the OS says.
-    affinity = getattr(os, "sched_getaffinity", None)
-    cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-    try:
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        ranks = 1
-    return max(1, cpus // max(ranks, 1))
+    return max(1, usable_cores() // local_ranks())
 
 
 # One pool of decoding threads per process and size, shared by every store it opens.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def test_torchs_count_is_left_alone_where_nothing_competes_or_the_user_chose(mac
 
 
 def test_usable_cores_is_this_process_s_share_of_the_machine():
-    assert 1 <= threads.usable_cores() <= (__import__("os").cpu_count() or 1)
+    assert 1 <= threads.usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_intra_op_threads_sets_the_count_and_restores_it_even_on_error():
