@@ -309,3 +309,26 @@ def test_a_loss_kept_after_its_backward_does_not_hold_its_targets():
     gc.collect()
     assert all(ref() is None for ref in held)
     assert torch.isfinite(loss)
+
+
+def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_upstreams():
+    """The top-k node hands its saved gradient out as is for a unit upstream: three backwards of
+    a kept graph into a leaf must still sum to three gradients (autograd must not accumulate
+    into the saved one), and a scaled upstream must scale it, as autograd's form does."""
+    gen = torch.Generator().manual_seed(13)
+    teacher = torch.randn(6, 30, generator=gen) * 2
+    values, indices = teacher.topk(5, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher / 3.0, 1), 30, 3.0)
+    student = (torch.randn(6, 30, generator=gen) * 2).requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
+        (expected,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
+
+    loss = kd_loss_targets(student, targets, None)
+    assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(student.grad, 3 * expected, rtol=1e-5, atol=1e-7)
+    student.grad = None
+    loss.backward(torch.tensor(-2.5))
+    torch.testing.assert_close(student.grad, -2.5 * expected, rtol=1e-5, atol=1e-7)
