@@ -28,8 +28,8 @@ float32 mass in still gets its gradient, ``p_tail exp(log q_j - log q_tail)``.
 
 On the CPU, where each op a step replays in autograd costs tens of microseconds of dispatch on a
 cold cache, the top-k form's gradient ``(S q - P) / T`` (``S = sum P``) is made with its value,
-in one autograd node (`_GivenGradient`); a create_graph backward recomputes the loss in autograd's
-form, so second derivatives stay exact.
+by log_softmax's own backward kernel, in one autograd node (`_GivenGradient`); a create_graph
+backward recomputes the loss in autograd's form, so second derivatives stay exact.
 
 Dense ``(B, C)`` top-k targets pay off for small batches of small heads, where a step is a few
 milliseconds of op overhead; above `DENSE_TOPK_ELEMENTS` per batch the top-k targets stay sparse
