@@ -299,7 +299,7 @@ class _GivenGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         z: Tensor,
         neg_entropy: Tensor,
@@ -321,7 +321,7 @@ class _GivenGradient(torch.autograd.Function):
         return torch.add(neg_entropy, cross, alpha=-scale)
 
     @staticmethod
-    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
         z, grad, weights, neg_entropy, tail, tail_classes = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
             targets = TeacherTargets(
