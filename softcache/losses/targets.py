@@ -294,8 +294,11 @@ def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float)
 class _GivenGradient(torch.autograd.Function):
     """``neg_entropy - scale * cross`` with its gradient in `z` made beforehand (`grad`).
 
-    A create_graph backward (a gradient penalty) recomputes the loss in autograd's form from
-    `z`, so second derivatives stay exact.
+    The first backward hands that gradient out, as it is for a unit upstream (no product), and
+    lets go of it, so nothing here reads it again whatever the caller does with it (a hook or a
+    caller of `torch.autograd.grad` may change it in place). A later backward of a kept graph
+    (`retain_graph=True`), and a create_graph backward (a gradient penalty: second derivatives
+    exact), recompute the loss in autograd's form from `z`.
     """
 
     @staticmethod
@@ -312,8 +315,9 @@ class _GivenGradient(torch.autograd.Function):
         # kept after it (a list of losses for logging) does not hold its batch's memory (the
         # batch process's slot) as autograd's own form would not.
         ctx.save_for_backward(
-            z, grad, targets.weights, targets.neg_entropy, targets.tail, targets.tail_classes
+            z, targets.weights, targets.neg_entropy, targets.tail, targets.tail_classes
         )
+        ctx.given = grad
         ctx.temperature, ctx.num_classes, ctx.scale = (
             targets.temperature, targets.num_classes, scale,
         )  # fmt: skip
@@ -322,21 +326,21 @@ class _GivenGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
-        z, grad, weights, neg_entropy, tail, tail_classes = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
-            targets = TeacherTargets(
-                weights, neg_entropy, ctx.temperature, tail=tail, tail_classes=tail_classes,
-                num_classes=ctx.num_classes,
-            )  # fmt: skip
-            with torch.enable_grad():
-                kl = _autograd_form_kl(z, targets, ctx.scale)
-            (grad,) = torch.autograd.grad(kl, z, upstream, create_graph=True)
-            return grad, None, None, None, None, None
-        if upstream.numel() == 1 and float(upstream) == 1.0:  # `loss.backward()`: no product
-            # Safe to hand out: while the graph is kept, the saved reference stops autograd
-            # from accumulating into it in place; once freed, nothing else reads it.
-            return grad, None, None, None, None, None
-        return grad * upstream, None, None, None, None, None
+        given, ctx.given = ctx.given, None
+        if given is not None and not torch.is_grad_enabled():
+            if upstream.numel() != 1 or float(upstream) != 1.0:
+                given = given * upstream
+            return given, None, None, None, None, None
+        z, weights, neg_entropy, tail, tail_classes = ctx.saved_tensors
+        targets = TeacherTargets(
+            weights, neg_entropy, ctx.temperature, tail=tail, tail_classes=tail_classes,
+            num_classes=ctx.num_classes,
+        )  # fmt: skip
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            kl = _autograd_form_kl(z, targets, ctx.scale)
+        (grad,) = torch.autograd.grad(kl, z, upstream, create_graph=create_graph)
+        return grad, None, None, None, None, None
 
 
 # The dtypes the dense form computes in as they come; any other float is widened to float32.

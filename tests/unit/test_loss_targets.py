@@ -312,9 +312,10 @@ def test_a_loss_kept_after_its_backward_does_not_hold_its_targets():
 
 
 def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_upstreams():
-    """The top-k node hands its saved gradient out as is for a unit upstream: three backwards of
-    a kept graph into a leaf must still sum to three gradients (autograd must not accumulate
-    into the saved one), and a scaled upstream must scale it, as autograd's form does."""
+    """The top-k node hands its gradient out as is for a unit upstream: three backwards of a
+    kept graph into a leaf must still sum to three gradients, a gradient changed in place by its
+    caller must not change the next backward's, and a scaled upstream must scale it, as
+    autograd's form does."""
     gen = torch.Generator().manual_seed(13)
     teacher = torch.randn(6, 30, generator=gen) * 2
     values, indices = teacher.topk(5, dim=1)
@@ -330,5 +331,11 @@ def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_ups
         loss.backward(retain_graph=True)
     torch.testing.assert_close(student.grad, 3 * expected, rtol=1e-5, atol=1e-7)
     student.grad = None
+    kept = kd_loss_targets(student, targets, None)
+    (first,) = torch.autograd.grad(kept, student, retain_graph=True)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-7)
+    first.zero_()  # the caller's to change
+    (second,) = torch.autograd.grad(kept, student)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-7)
     loss.backward(torch.tensor(-2.5))
     torch.testing.assert_close(student.grad, -2.5 * expected, rtol=1e-5, atol=1e-7)
