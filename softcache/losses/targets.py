@@ -285,7 +285,10 @@ def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float)
         # makes ``P - S q`` from P in one pass (``g - exp(log_q) * sum g``), as autograd's form
         # does (the two agree to float32 rounding), in fewer ops than spelling it out.
         spread = torch.addcmul(weights, in_tail, (tail / q_tail).unsqueeze(1))
-        grad = torch._log_softmax_backward_data(spread, log_q, 1, dtype)
+        if _log_softmax_backward is not None:
+            grad = _log_softmax_backward(spread, log_q, 1, dtype)
+        else:  # the same, spelt out
+            grad = spread.sub_(log_q.exp().mul_(spread.sum(dim=1, keepdim=True)))
         grad.mul_(-scale * inverse_t)
         neg_entropy = _as(targets.neg_entropy, dtype).sum() * scale
     return _GivenGradient.apply(z, neg_entropy, cross, grad, targets, scale)
@@ -342,6 +345,12 @@ class _GivenGradient(torch.autograd.Function):
         (grad,) = torch.autograd.grad(kl, z, upstream, create_graph=create_graph)
         return grad, None, None, None, None, None
 
+
+# log_softmax's backward kernel, ``g - exp(out) * sum g`` (private, with this signature since torch
+# 1.11); a torch without it gets the same gradient from three ops.
+_log_softmax_backward: Callable[..., Tensor] | None = getattr(
+    torch, "_log_softmax_backward_data", None
+)
 
 # The dtypes the dense form computes in as they come; any other float is widened to float32.
 _COMPUTE_DTYPES = (torch.float32, torch.float64)

@@ -339,3 +339,20 @@ def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_ups
     torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-7)
     loss.backward(torch.tensor(-2.5))
     torch.testing.assert_close(student.grad, -2.5 * expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_top_k_gradient_is_the_same_without_torchs_log_softmax_backward_kernel():
+    """The top-k node's gradient comes from torch's private log_softmax backward kernel where
+    torch has it, and from the same sum spelt out where it does not."""
+    gen = torch.Generator().manual_seed(14)
+    teacher = torch.randn(7, 25, generator=gen) * 2
+    values, indices = teacher.topk(4, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher / 2.0, 1), 25, 2.0)
+    student = (torch.randn(7, 25, generator=gen) * 2).requires_grad_()
+    (kernel,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "_log_softmax_backward", None)
+        loss = kd_loss_targets(student, targets, None)
+        assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
+        (spelt,) = torch.autograd.grad(loss, student)
+    torch.testing.assert_close(spelt, kernel, rtol=1e-5, atol=1e-7)
