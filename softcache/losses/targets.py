@@ -263,9 +263,9 @@ def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float)
     Autograd would replay a node for each of the value's dozen ops; this gradient is a few ops,
     made while the forward's tensors are at hand. In the fast student's steps (64 x 100, top-5,
     the benchmark's steps interleaved one by one) that took the top-k loss from +137 to +89 µs
-    over the hard loss's forward and backward (benchmarks/README.md, eleventh pass), and log
-    softmax's backward kernel with a backward that skips its product by a unit upstream to
-    about +90 from +160 µs in another set of rounds (twelfth pass).
+    over the hard loss's forward and backward (benchmarks/README.md, eleventh pass); making it
+    with log_softmax's backward kernel, and handing it out without a product by a unit upstream,
+    from +167 to +89 µs in another set of rounds (twelfth pass, `benchmarks.loss_steps`).
     """
     if not torch.is_grad_enabled():
         return None
