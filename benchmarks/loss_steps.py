@@ -7,7 +7,7 @@
 In a step the student's forward and backward pass over its weights and activations between
 the loss's ops, so each op starts cold and costs more (on this project's CPUs, several times
 more): this times the loss where it runs. One student per mode (hard, offline dense, offline
-top-5 from the train section's stores, built into `--workdir` if absent), each over the same
+top-5 from the train section's stores, built afresh into `--workdir`), each over the same
 64 batches (made once by the trainer's own layouts, teacher targets included, held in private
 memory), trained step by step in turn: step i of every mode, then step i + 1, the order
 reversed every other step, so the machine's drift falls on every mode alike. Each step's

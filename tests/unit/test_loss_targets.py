@@ -337,7 +337,9 @@ def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_ups
     first.zero_()  # the caller's to change
     (second,) = torch.autograd.grad(kept, student)
     torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-7)
-    loss.backward(torch.tensor(-2.5))
+    # A fresh node: its first backward scales the gradient it made (the kept `loss` above has
+    # handed its gradient out already and would recompute).
+    kd_loss_targets(student, targets, None).backward(torch.tensor(-2.5))
     torch.testing.assert_close(student.grad, -2.5 * expected, rtol=1e-5, atol=1e-7)
 
 
