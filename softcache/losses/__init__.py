@@ -6,7 +6,9 @@ from softcache.losses.sparse import sparse_cross_entropy
 from softcache.losses.targets import (
     TeacherTargets,
     dense_targets,
+    for_batch,
     kd_loss_targets,
+    topk_rows,
     topk_targets,
 )
 from softcache.losses.tokens import dense_kl, kl_terms, sampled_ce, sampled_kl, topk_residual_kl
@@ -15,6 +17,7 @@ __all__ = [
     "TeacherTargets",
     "dense_kl",
     "dense_targets",
+    "for_batch",
     "hard_loss",
     "kd_loss_dense",
     "kd_loss_targets",
@@ -24,6 +27,7 @@ __all__ = [
     "sampled_kl",
     "sparse_cross_entropy",
     "topk_residual_kl",
+    "topk_rows",
     "topk_targets",
     "topk_teacher_probs",
 ]

@@ -106,6 +106,14 @@ class TeacherTargets:
         """A copy in pinned host memory (for asynchronous copies to a GPU)."""
         return self._mapped(Tensor.pin_memory)
 
+    def rows(self, index: slice | Tensor) -> TeacherTargets:
+        """The targets of some rows: every per-row tensor indexed by `index` along its first
+        dimension (a slice gives views, an index tensor copies), in the same form.
+
+        Top-k targets in the sparse form stay so; `for_batch` gives a batch its fastest form.
+        """
+        return self._mapped(lambda t: t[index])
+
     def _mapped(self, how: Callable[[Tensor], Tensor]) -> TeacherTargets:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         changes: dict[str, Any] = {k: how(v) for k, v in values.items() if isinstance(v, Tensor)}
@@ -143,6 +151,20 @@ def topk_targets(
         num_classes: ``C``, the student's number of classes.
         temperature: ``T > 0``.
     """
+    return for_batch(topk_rows(values, indices, lse, num_classes, temperature))
+
+
+@torch.no_grad()
+def topk_rows(
+    values: Tensor, indices: Tensor, lse: Tensor, num_classes: int, temperature: float
+) -> TeacherTargets:
+    """`topk_targets` in the sparse form whatever the rows: ``(R, k)`` weights at ``(R, k)`` ids.
+
+    Each row's targets depend on that row alone, bit for bit, so they can be made for many rows
+    at once (a read group of the stream, `softcache.trainer.row_labels.RowBlocks`) and sliced
+    into batches (`TeacherTargets.rows`, then `for_batch`): a few ops per group instead of a
+    dozen per batch. Arguments as `topk_targets`.
+    """
     _check_scalars(temperature, 0.0)
     _check_topk(values, indices, values.shape[0], num_classes)
     _check_lse(lse, values.shape[0])
@@ -157,16 +179,22 @@ def topk_targets(
     has_tail = ids.shape[1] < num_classes  # else every class is kept: no tail term
     tail = _tail_mass(log_p) if has_tail else p.new_zeros(p.shape[0])
     neg_entropy = -torch.special.entr(p).sum(dim=1) - torch.special.entr(tail)
-    if p.shape[0] * num_classes > DENSE_TOPK_ELEMENTS:
-        return TeacherTargets(
-            p, neg_entropy, temperature, tail=tail, ids=ids, num_classes=num_classes
-        )
-    weights = p.new_zeros(p.shape[0], num_classes).scatter_(1, ids, p)
+    return TeacherTargets(p, neg_entropy, temperature, tail=tail, ids=ids, num_classes=num_classes)
+
+
+@torch.no_grad()
+def for_batch(targets: TeacherTargets) -> TeacherTargets:
+    """A batch's targets in the form `kd_loss_targets` runs fastest: top-k targets of at most
+    `DENSE_TOPK_ELEMENTS` (batch x classes) spread into ``(B, C)`` tensors, others as they are.
+    """
+    ids = targets.ids
+    if ids is None or ids.shape[0] * targets.num_classes > DENSE_TOPK_ELEMENTS:
+        return targets
+    p = targets.weights
+    weights = p.new_zeros(p.shape[0], targets.num_classes).scatter_(1, ids, p)
+    has_tail = ids.shape[1] < targets.num_classes
     tail_classes = torch.ones_like(weights).scatter_(1, ids, 0.0) if has_tail else None
-    return TeacherTargets(
-        weights, neg_entropy, temperature, tail=tail, tail_classes=tail_classes,
-        num_classes=num_classes,
-    )  # fmt: skip
+    return replace(targets, weights=weights, tail_classes=tail_classes, ids=None)
 
 
 def kd_loss_targets(

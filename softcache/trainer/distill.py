@@ -144,6 +144,7 @@ def teacher_targets(
     temperature: float,
     num_classes: int,
     warn: bool = True,
+    rows: bool = False,
 ) -> losses.TeacherTargets | None:
     """The teacher's side of the batch's KD loss at `temperature` (`losses.kd_loss_targets`).
 
@@ -157,6 +158,9 @@ def teacher_targets(
         num_classes: C, the student's classes.
         warn: log the renormalising fallback (once per process and temperature); a caller that
             warned already (`warn_unstored_temperature`) passes False.
+        rows: `soft` holds rows to be sliced into batches later (a read group), not a batch:
+            top-k targets stay in their sparse form (`losses.topk_rows`; `losses.for_batch`
+            gives each batch its form).
 
     Returns:
         The targets; None for a top-k store without a normaliser at `temperature`, whose loss
@@ -168,9 +172,8 @@ def teacher_targets(
     column = _lse_column(temperatures, temperature)
     if column is not None:
         lse = soft.lse[:, column]
-        return losses.topk_targets(
-            soft.topk_values, soft.topk_indices, lse, num_classes, temperature
-        )
+        make = losses.topk_rows if rows else losses.topk_targets
+        return make(soft.topk_values, soft.topk_indices, lse, num_classes, temperature)
     if warn and temperature not in _warned_temperatures:
         _warned_temperatures.add(temperature)
         _warn_renormalised(temperature, temperatures)
@@ -178,16 +181,18 @@ def teacher_targets(
 
 
 def store_teacher_targets(
-    soft: SoftLabels, meta: StoreMeta, temperature: float
+    soft: SoftLabels, meta: StoreMeta, temperature: float, *, rows: bool = False
 ) -> losses.TeacherTargets | None:
     """`teacher_targets` over the store's classes, from its temperatures, not warning: for a
-    batch maker that warned once already (`warn_unstored_temperature`)."""
+    batch maker that warned once already (`warn_unstored_temperature`). `rows`: as
+    `teacher_targets` (a read group's rows, for `SoftLabelStream`'s `targets`)."""
     return teacher_targets(
         soft,
         temperatures=meta.temperatures,
         temperature=temperature,
         num_classes=meta.num_classes,
         warn=False,
+        rows=rows,
     )
 
 
@@ -331,6 +336,8 @@ class AlignedBatches(_BatchProcessOwner):
                 "targets) and softcache.token_distillation_loss"
             )
         check_sample_count(dataset, store)
+        if temperature is not None and not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.dataset = dataset
         self.store = store
         self.num_workers = num_workers
@@ -344,11 +351,15 @@ class AlignedBatches(_BatchProcessOwner):
             values=values,
             assemble_ahead=assemble_ahead,
             pin_memory=pin_memory,
+            # Made once per read group and sliced into the batches (`row_labels.RowBlocks`).
+            targets=None
+            if temperature is None
+            else functools.partial(
+                store_teacher_targets, meta=store.meta, temperature=temperature, rows=True
+            ),
         )
         self.hash_stride = hash_stride
         self.augmentation = augmentation_of(store.meta.augmentation)
-        if temperature is not None and not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         if temperature is not None:
             warn_unstored_temperature(store.meta, temperature)
@@ -425,8 +436,8 @@ class AlignedBatches(_BatchProcessOwner):
                 hashes = hash_rows(inputs[::stride]) if stride else None
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
-            if self.temperature is not None:
-                soft = self._with_targets(soft, self.temperature)
+            if self.temperature is not None and soft.targets is None:
+                soft = self._with_targets(soft, self.temperature)  # a group too large for them
             yield inputs, labels, soft
 
     def _with_targets(self, soft: SoftLabels, temperature: float) -> SoftLabels:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from softcache.errors import DatasetMismatchError
+from softcache.losses.targets import for_batch
 from softcache.store import (
     LOGITS,
     LSE,
@@ -37,6 +38,17 @@ if TYPE_CHECKING:
 
 # What a stream delivers: decoded float32 / int64, or the store's own dtypes.
 VALUE_MODES = ("float32", "stored")
+
+# A read group's teacher targets are made whole (`RowBlocks`'s `targets`) up to this many
+# elements (float32: 16 MiB); beyond, each batch's are made with the batch, as without a group.
+# Top-k targets are (rows, k) and always fit; dense ones are (rows, C), a second copy of the
+# group's float32 rows.
+GROUP_TARGETS_ELEMENTS = 1 << 22
+
+# The key of a read group's teacher targets beside its arrays (not an array of the store).
+_TARGETS = "targets"
+
+TargetMaker = Callable[["SoftLabels"], "TeacherTargets | None"]
 
 
 @dataclass
@@ -151,14 +163,32 @@ class RowBlocks:
     rows come from one group; two or more groups' runs (a batch straddling windows) are copied
     together.
 
+    With `targets`, the teacher's side of the loss (`losses.TeacherTargets`) is made once for
+    each read group, on the reader's thread, and each batch's are a slice of it (in the form
+    `losses.for_batch` gives a batch): its ops run once per group of thousands of rows, not once
+    per batch (for a top-k batch of 64 rows they were a dozen ops of a few to tens of
+    microseconds each). Each row's targets depend on that row alone, so they are the ones the
+    batch would have made, bit for bit.
+
     Args:
         store: an open, complete row store.
         view_policy: which view of each sample an epoch uses (`softcache.data.augment.choose_views`).
         values: `float32` or `stored` (see `SoftLabelStream`).
+        targets: makes a group's teacher targets from its rows' soft labels (top-k targets in
+            the sparse form, `losses.topk_rows`), or None; see above. None: batches come
+            without targets. A dense group of more than `GROUP_TARGETS_ELEMENTS` gets none.
     """
 
-    def __init__(self, store: LogitStore, *, view_policy: str, values: str) -> None:
+    def __init__(
+        self,
+        store: LogitStore,
+        *,
+        view_policy: str,
+        values: str,
+        targets: TargetMaker | None = None,
+    ) -> None:
         self.store = store
+        self.targets = targets
         self._names = store.row_array_names
         self.view_policy = view_policy
         self.values = values
@@ -216,7 +246,8 @@ class RowBlocks:
                 `bounds`; None reads them from the store.
 
         Returns:
-            Array name -> (S, ...) rows in the delivered dtypes, in one of the reused buffers.
+            Array name -> (S, ...) rows in the delivered dtypes, in one of the reused buffers;
+            with `targets`, also the group's teacher targets (or None).
         """
         samples = np.asarray(samples, dtype=np.int64)
         block_ids = samples // block_rows
@@ -242,13 +273,27 @@ class RowBlocks:
             for name in self._names:
                 parts = [np.asarray(block[name]) for block in computed]
                 take_rows(parts, positions, group[name], self._delivered[name][1])
-        return group
+        out: dict[str, Any] = group
+        if self.targets is not None:
+            out[_TARGETS] = self._group_targets(group, samples)
+        return out
+
+    def _group_targets(
+        self, group: dict[str, np.ndarray], samples: np.ndarray
+    ) -> TeacherTargets | None:
+        meta = self.store.meta
+        if meta.encoding == "dense" and len(samples) * meta.num_classes > GROUP_TARGETS_ELEMENTS:
+            return None
+        assert self.targets is not None
+        soft = SoftLabels(indices=samples, sample_hash=group[SAMPLE_HASH])
+        self._fill_values(soft, group)
+        return self.targets(soft)
 
     def take(
         self,
         batch: np.ndarray,
         block_ids: np.ndarray,
-        parts: list[tuple[dict[str, np.ndarray], np.ndarray | None, int, int]],
+        parts: list[tuple[dict[str, Any], np.ndarray | None, int, int]],
         block_rows: int,
         seed_epoch: tuple[int, int],
     ) -> SoftLabels:
@@ -262,10 +307,16 @@ class RowBlocks:
             block_rows: the plan's samples per block.
             seed_epoch: the plan's seed and epoch.
         """
+        targets = None
         if len(parts) == 1 and parts[0][1] is None:
             group, _, start, stop = parts[0]
             cols = {name: group[name][start:stop] for name in self._names}
+            whole = group.get(_TARGETS)
+            if whole is not None:
+                targets = for_batch(whole.rows(slice(start, stop)))
         else:
+            if all(group.get(_TARGETS) is not None for group, *_ in parts):
+                targets = for_batch(_joined_targets(parts, len(batch)))
             cols = {}
             for name in self._names:
                 first = parts[0][0][name]
@@ -278,13 +329,18 @@ class RowBlocks:
         out = SoftLabels(indices=batch, sample_hash=cols[SAMPLE_HASH], views=views)
         if VIEW_PARAMS in cols:
             out.view_params = cols[VIEW_PARAMS]
-        if meta.encoding == "dense":
+        self._fill_values(out, cols)
+        out.targets = targets
+        return out
+
+    def _fill_values(self, out: SoftLabels, cols: dict[str, np.ndarray]) -> None:
+        """Set `out`'s soft labels (dense logits, or top-k values, ids and normalisers)."""
+        if self.store.meta.encoding == "dense":
             out.logits = self._values(cols[LOGITS])
         else:
             out.topk_values = self._values(cols[TOPK_VALUES])
             out.topk_indices = torch.from_numpy(cols[TOPK_INDICES])
             out.lse = torch.from_numpy(cols[LSE])
-        return out
 
     def _views(self, samples: np.ndarray, seed_epoch: tuple[int, int]) -> np.ndarray:
         from softcache.data.augment import choose_views
@@ -297,6 +353,26 @@ class RowBlocks:
         if self.values == "stored" and self.store.meta.value_dtype == "bfloat16":
             return torch.from_numpy(col.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(col)
+
+
+def _joined_targets(
+    parts: list[tuple[dict[str, Any], np.ndarray | None, int, int]], rows: int
+) -> TeacherTargets:
+    """The targets of a batch drawn from several groups: each group's rows `start:stop` placed
+    at the batch's rows `where` (see `RowBlocks.take`)."""
+    first: TeacherTargets = parts[0][0][_TARGETS]
+
+    def joined(name: str) -> torch.Tensor:
+        like = getattr(first, name)
+        out = like.new_empty((rows, *like.shape[1:]))
+        for group, where, start, stop in parts:
+            assert where is not None
+            out[torch.from_numpy(where)] = getattr(group[_TARGETS], name)[start:stop]
+        return out
+
+    tensors = [f.name for f in fields(first) if isinstance(getattr(first, f.name), torch.Tensor)]
+    changes: dict[str, Any] = {name: joined(name) for name in tensors}
+    return replace(first, **changes)
 
 
 class _GroupBuffers:

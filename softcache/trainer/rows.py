@@ -98,6 +98,7 @@ class RowLayout:
         self.aligned: AlignedBatches | None = None
         if config.mode == "offline":
             assert store is not None
+            device_targets = self._device_targets(store)
             self.aligned = AlignedBatches(
                 self.dataset,
                 store,
@@ -112,8 +113,12 @@ class RowLayout:
                 # The training loop runs this layout's batches on a thread of their own
                 # (`Ahead`): gathering there too spares a thread and a handoff per batch.
                 assemble_ahead=0,
+                # The teacher's side of the loss, made once per read group and sliced into
+                # the batches; not for a GPU student's large dense rows (`_prepared`).
+                temperature=None if device_targets else config.temperature,
             )
-            warn_unstored_temperature(store.meta, config.temperature)
+            if device_targets:  # else AlignedBatches warned, given the temperature
+                warn_unstored_temperature(store.meta, config.temperature)
         self.fresh = _fresh_augmentation(config, store)
 
     def batches(
@@ -132,13 +137,23 @@ class RowLayout:
         """
         if soft is None:
             return None
-        if self.cuda and soft.logits is not None and soft.logits.numel() > HOST_TARGETS_ELEMENTS:
+        if soft.targets is not None:  # made with its read group (`AlignedBatches`)
+            targets: SoftLabels | losses.TeacherTargets = soft.targets
+        elif self.cuda and soft.logits is not None and soft.logits.numel() > HOST_TARGETS_ELEMENTS:
             return soft
-        targets = self._targets(soft)
+        else:
+            targets = self._targets(soft)
         if self._pin_targets and isinstance(targets, losses.TeacherTargets):
             # The batch thread's (the batch process pins its slots in the parent instead).
             targets = targets.pin_memory()
         return targets
+
+    def _device_targets(self, store: LogitStore) -> bool:
+        """Whether a GPU student's batches of this store are dense rows of more than
+        `HOST_TARGETS_ELEMENTS`, whose targets are made on the device."""
+        meta = store.meta
+        large = self.config.batch_size * meta.num_classes > HOST_TARGETS_ELEMENTS
+        return self.cuda and meta.encoding == "dense" and large
 
     def _targets(self, soft: SoftLabels) -> SoftLabels | losses.TeacherTargets:
         """The batch's teacher targets, or its soft labels for the renormalised top-k fallback

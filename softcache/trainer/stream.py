@@ -60,7 +60,7 @@ from softcache.errors import DatasetMismatchError
 from softcache.store import LogitStore
 from softcache.trainer.ahead import Ahead, put_unless_stopped
 from softcache.trainer.plan import EpochPlan
-from softcache.trainer.row_labels import VALUE_MODES, RowBlocks, SoftLabels
+from softcache.trainer.row_labels import VALUE_MODES, RowBlocks, SoftLabels, TargetMaker
 from softcache.trainer.token_labels import TokenBlocks, TokenLabels
 
 
@@ -122,6 +122,10 @@ class SoftLabelStream:
             trainer's batch process): one thread and every handoff fewer.
         pin_memory: deliver row batches in pinned host memory (pinned on the assembler thread),
             for non-blocking copies to a GPU; ignored where CUDA is not available.
+        targets: row stores: makes the teacher's side of the loss for a read group's rows
+            (`distill.store_teacher_targets(..., rows=True)`), made once per group on the
+            reader's thread and sliced into each batch's `SoftLabels.targets` (see
+            `row_labels.RowBlocks`); None: batches come without targets. Not for token stores.
 
     A row store's plan runs over samples in blocks of one shard (`block_rows =
     store.meta.shard_samples`: a shard holds whole samples, all their views, and each batch row
@@ -140,6 +144,7 @@ class SoftLabelStream:
         values: str = "float32",
         assemble_ahead: int = 2,
         pin_memory: bool = False,
+        targets: TargetMaker | None = None,
     ) -> None:
         if prefetch_blocks < 1:
             raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
@@ -165,10 +170,15 @@ class SoftLabelStream:
             for name in store.row_array_names:
                 arr = store.array(name)
                 self._dask[name] = da.from_zarr(arr, chunks=arr.shards)
+        if targets is not None and store.meta.tokens:
+            raise ValueError(
+                f"targets: {store.location} is a token store; only a row store's batches carry "
+                "teacher targets (a token batch's loss takes its TokenLabels as they are)"
+            )
         self.source: RowBlocks | TokenBlocks = (
             TokenBlocks(store)
             if store.meta.tokens
-            else RowBlocks(store, view_policy=view_policy, values=values)
+            else RowBlocks(store, view_policy=view_policy, values=values, targets=targets)
         )
 
     def _check_plan(self, plan: EpochPlan) -> None:

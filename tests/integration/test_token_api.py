@@ -104,3 +104,10 @@ def test_token_targets_read_any_sample_through_a_small_cache(store: Path) -> Non
 def test_aligned_batches_points_token_stores_to_the_token_api(store: Path) -> None:
     with pytest.raises(softcache.SoftcacheError, match="AlignedTokenBatches"):
         softcache.AlignedBatches(data.ragged_dataset(), softcache.open_store(str(store)))
+
+
+def test_a_token_stream_takes_no_row_targets(store: Path) -> None:
+    from softcache.trainer.stream import SoftLabelStream
+
+    with pytest.raises(ValueError, match="is a token store; only a row store's batches carry"):
+        SoftLabelStream(LogitStore.open(str(store)), targets=lambda soft: None)

@@ -358,3 +358,29 @@ def test_the_top_k_gradient_is_the_same_without_torchs_log_softmax_backward_kern
         assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
         (spelt,) = torch.autograd.grad(loss, student)
     torch.testing.assert_close(spelt, kernel, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dense_up_to", [0, tg.DENSE_TOPK_ELEMENTS])
+def test_top_k_targets_made_for_many_rows_slice_into_each_batchs_own(dense_up_to, monkeypatch):
+    # A read group's targets (`topk_rows`), sliced and given a batch's form (`for_batch`), are
+    # what the batch's own `topk_targets` makes, bit for bit, in both forms.
+    monkeypatch.setattr(tg, "DENSE_TOPK_ELEMENTS", dense_up_to)
+    gen = torch.Generator().manual_seed(5)
+    teacher = torch.randn(300, 40, generator=gen) * 4
+    values, indices = teacher.topk(6, dim=1)
+    lse = torch.logsumexp(teacher / 2.0, dim=1)
+    group = tg.topk_rows(values.half(), indices.int(), lse, 40, 2.0)
+    assert group.ids is not None and group.weights.shape == (300, 6)
+    for start, stop in ((0, 64), (64, 128), (250, 300), (7, 8)):
+        got = tg.for_batch(group.rows(slice(start, stop)))
+        want = topk_targets(
+            values[start:stop].half(), indices[start:stop].int(), lse[start:stop], 40, 2.0
+        )
+        assert (got.ids is None) == ((stop - start) * 40 <= dense_up_to) == (want.ids is None)
+        for field in dataclasses.fields(want):
+            a, b = getattr(got, field.name), getattr(want, field.name)
+            assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, field.name
+    picked = torch.tensor([3, 299, 0])
+    got = tg.for_batch(group.rows(picked))
+    want = topk_targets(values[picked].half(), indices[picked].int(), lse[picked], 40, 2.0)
+    assert torch.equal(got.weights, want.weights) and torch.equal(got.tail, want.tail)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import threading
 
@@ -11,8 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import softcache.losses.targets as targets_module
+import softcache.trainer.row_labels as row_labels
 from softcache.errors import DatasetMismatchError
+from softcache.losses import TeacherTargets
 from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
+from softcache.trainer.distill import AlignedBatches, store_teacher_targets
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import SoftLabelStream, _flat, _runs
 
@@ -279,3 +285,80 @@ def test_any_plan_prefetch_and_cursor_stream_the_plans_rows_exactly(built_stores
         if values == "stored":
             soft = soft.to("cpu")
         _check_rows(store, soft, full)
+
+
+def _assert_same_targets(got: TeacherTargets | None, want: TeacherTargets | None) -> None:
+    assert (got is None) == (want is None)
+    if got is None or want is None:
+        return
+    for field in dataclasses.fields(want):
+        a, b = getattr(got, field.name), getattr(want, field.name)
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and a.dtype == b.dtype, field.name
+            assert torch.equal(a, b), field.name
+        else:
+            assert a == b, field.name
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_targets_made_per_read_group_are_each_batchs_own_bit_for_bit(built_stores, data):
+    # The teacher's side of the loss is made once per read group and sliced (or, for a batch
+    # drawn from several groups, gathered) into each batch: it must be what the batch's own soft
+    # labels give, in both forms of top-k targets, at every stored temperature and at one the
+    # top-k store has no normaliser for (no targets: the loss renormalises).
+    kind = data.draw(st.sampled_from(["dense", "topk"]))
+    store = LogitStore.open(str(built_stores[kind]))
+    temperature = data.draw(st.sampled_from([*store.meta.temperatures, 3.0]))
+    world = data.draw(st.integers(1, 2))
+    plan = _plan(
+        store,
+        batch_size=data.draw(st.integers(1, 70)),
+        window_blocks=data.draw(st.integers(2, 3)),
+        epoch=data.draw(st.integers(0, 3)),
+        world_size=world,
+        rank=data.draw(st.integers(0, world - 1)),
+    )
+    cursor = data.draw(st.integers(0, len(plan) - 1))
+    plan.load_state_dict({**plan.state_dict(), "cursor": cursor})
+    stream = SoftLabelStream(
+        store,
+        prefetch_blocks=data.draw(st.integers(1, 4)),
+        equal_steps=False,  # this rank's every batch from the cursor: at least one
+        values=data.draw(st.sampled_from(["float32", "stored"])),
+        assemble_ahead=data.draw(st.sampled_from([0, 2])),
+        targets=functools.partial(
+            store_teacher_targets, meta=store.meta, temperature=temperature, rows=True
+        ),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        dense_up_to = data.draw(st.sampled_from([0, targets_module.DENSE_TOPK_ELEMENTS]))
+        mp.setattr(targets_module, "DENSE_TOPK_ELEMENTS", dense_up_to)
+        got = list(stream.batches(plan))
+        assert got
+        for soft in got:
+            want = store_teacher_targets(soft.to("cpu"), store.meta, temperature)
+            _assert_same_targets(soft.targets, want)
+            if want is not None and kind == "topk":
+                assert (soft.targets.ids is None) == (len(soft.indices) * 10 <= dense_up_to)
+
+
+def test_a_group_too_large_for_its_targets_leaves_them_to_each_batch(
+    built_stores, in_root, monkeypatch
+):
+    # A dense group's targets are a second float32 copy of its rows: past the bound each batch
+    # makes its own, as without groups, and they are the same.
+    store = LogitStore.open(str(built_stores["dense"]))
+    plan = _plan(store, window_blocks=2)
+    make = functools.partial(store_teacher_targets, meta=store.meta, temperature=2.0, rows=True)
+    whole = list(SoftLabelStream(store, targets=make).batches(plan))
+    monkeypatch.setattr(row_labels, "GROUP_TARGETS_ELEMENTS", 2 * store.meta.shard_rows)
+    assert all(s.targets is None for s in SoftLabelStream(store, targets=make).batches(plan))
+    from tests.helpers import specs as hs
+
+    aligned = AlignedBatches(hs.dataset(), store, temperature=2.0)
+    per_batch = [soft for _, _, soft in aligned.epoch(plan)]
+    assert len(per_batch) == len(whole)
+    for a, b in zip(per_batch, whole, strict=True):
+        assert a.targets is not None
+        _assert_same_targets(a.targets, b.targets)
