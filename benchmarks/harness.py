@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -171,6 +173,32 @@ def table(figures: Sequence[Figure]) -> str:
         if i == 0:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def core_share(seconds: float = 0.5) -> float | None:
+    """The share of its core a busy thread keeps while another process keeps a second core busy.
+
+    Its CPU seconds over its wall seconds, spinning beside a spinning child process. About 1.0
+    where the machine's cores are its own. Less where the two busy cores share a physical core
+    (a virtual machine whose host is busy: its virtual CPUs take turns): then whatever runs beside
+    a training thread (the batch process) takes its time from that thread. This machine (a
+    Firecracker VM of two vCPUs) gave 0.5 in some minutes and 1.0 in others.
+
+    Returns:
+        The share, or None on a machine with one usable core (nothing to share).
+    """
+    if (os.cpu_count() or 1) < 2:
+        return None
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # the child's interpreter starting
+        wall, cpu = time.perf_counter(), time.thread_time()
+        while time.perf_counter() - wall < seconds:
+            pass
+        return (time.thread_time() - cpu) / (time.perf_counter() - wall)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def environment() -> dict[str, Any]:

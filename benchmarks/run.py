@@ -27,6 +27,7 @@ from benchmarks import digits
 from benchmarks.build import BuildBench, BuildWorkload
 from benchmarks.harness import (
     Figure,
+    core_share,
     default_device,
     environment,
     interleave,
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             profile(args.profile, settings, workdir, device)
             return
         env = environment()
+        shares = [core_share()]
         print(
             f"softcache benchmarks, {settings.mode} mode on {device}: torch {env['torch']}, "
             f"{env['torch_threads']} thread(s), {env['cpu_count']} CPUs, "
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                 figures.extend(bench.figures(samples))
             section_seconds[section] = round(time.perf_counter() - start, 1)
         print(f"[{time.perf_counter() - t0:6.1f} s] done", file=sys.stderr)
+    shares.append(core_share())
     load = (env["load_average"], os.getloadavg()[0])
     print(table(figures))
     print(f"\nload average {load[0]:.2f} at start, {load[1]:.2f} at end", end="")
@@ -317,12 +320,22 @@ def main(argv: list[str] | None = None) -> None:
         print(": other processes were running, expect noise (see each figure's 'rounds' range)")
     else:
         print()
+    if shares[0] is not None and shares[1] is not None:
+        # Where the two cores share one, a batch process's CPU comes out of the training thread's.
+        print(
+            f"core share beside a busy core {shares[0]:.2f} at start, {shares[1]:.2f} at end "
+            "(1: cores of their own; see benchmarks/README.md, 'How the numbers are made')"
+        )
     print("section seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in section_seconds.items()))
     run = {"mode": settings.mode, "settings": asdict(settings), "environment": env}
     run["device"] = device
     if device == "cuda":
         run["gpu"] = torch.cuda.get_device_name()
-    run |= {"load_average_end": load[1], "section_seconds": section_seconds}
+    run |= {
+        "load_average_end": load[1],
+        "core_share": {"start": shares[0], "end": shares[1]},
+        "section_seconds": section_seconds,
+    }
     write_json(args.json, run, figures)
     print(f"results: {args.json}")
 

@@ -38,6 +38,7 @@ state its teacher's cost.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import statistics
 import time
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from benchmarks.build import BuildWorkload, fresh_store
-from benchmarks.harness import Figure, interleave, median, ratio_figure, timed
+from benchmarks.harness import Figure, core_share, interleave, median, ratio_figure, timed
 from softcache.config import TrainConfig
 from softcache.data.hashing import collate_pairs, hash_rows
 from softcache.runtime.specs import instantiate
@@ -263,6 +264,9 @@ class TrainBench:
             "loader-hard": lambda: self._loader("hard", "dense"),
             "loader-offline": lambda: self._loader("offline", "dense"),
             "loader-offline-topk": lambda: self._loader("offline", "topk"),
+            # How much of a core this machine left a busy thread beside a second busy core,
+            # this round: where it is well under 1, the batch process's CPU is the step's.
+            **({"core-share": _core_share} if (os.cpu_count() or 1) > 1 else {}),
         }
 
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
@@ -384,6 +388,17 @@ class TrainBench:
                 note="the alignment check's blake2b over every input of an epoch",
             )
         )
+        shares = samples.get("core-share")
+        if shares:
+            figures.append(
+                Figure(
+                    name=f"{prefix}core share beside a busy core",
+                    value=statistics.median(shares),
+                    detail=f"per round {', '.join(f'{v:.2f}' for v in shares)}; a spinning "
+                    "thread's CPU / wall seconds beside a spinning process (1: cores of its own)",
+                    samples={"core-share": shares},
+                )
+            )
         figures.extend(
             Figure(
                 name=f"{prefix}data wait fraction, {name}",
@@ -428,6 +443,12 @@ class ModelCosts:
             ),
             samples=self.samples,
         )
+
+
+def _core_share() -> float:
+    share = core_share()
+    assert share is not None  # the case exists only with two cores or more
+    return share
 
 
 def model_costs(workload: TrainWorkload, batch_size: int, rounds: int = 7) -> ModelCosts:
