@@ -143,8 +143,13 @@ class RowLayout:
             return soft
         else:
             targets = self._targets(soft)
-        if self._pin_targets and isinstance(targets, losses.TeacherTargets):
-            # The batch thread's (the batch process pins its slots in the parent instead).
+        # The batch thread's (the batch process pins its slots in the parent instead); a
+        # pinning stream's group targets come pinned.
+        if (
+            self._pin_targets
+            and isinstance(targets, losses.TeacherTargets)
+            and not targets.weights.is_pinned()
+        ):
             targets = targets.pin_memory()
         return targets
 
