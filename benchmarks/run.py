@@ -74,11 +74,16 @@ class Settings:
     peaked: str
     build_rounds: int
     views_rounds: int
+    # Rounds of the train section's goal runs (`TrainBench(part="goals")`). Their per-round
+    # ratios spread over 0.8-1.3 on this machine (its speed moves from second to second), so a
+    # median of 5 or 11 moved by 0.05-0.1 from run to run; the informational variants (a batch
+    # thread, a thread per core) get fewer rounds of their own (`*_variant_rounds`), which pays
+    # for more of these.
     train_rounds: int
-    # The fast student's: its per-round ratios spread 0.87-1.23 where the CNN's spread 0.94-1.10
-    # (its epochs are a quarter as long), and a round costs about half the CNN's: more of them
-    # give a median as steady.
+    # The fast student's: its epochs are a quarter of the CNN's, so a round costs about half.
     fast_train_rounds: int
+    train_variant_rounds: int
+    fast_train_variant_rounds: int
     train_epochs: int
     speedup_rounds: int
     online_epochs: int
@@ -105,6 +110,8 @@ QUICK = Settings(
     views_rounds=1,
     train_rounds=3,
     fast_train_rounds=3,
+    train_variant_rounds=1,
+    fast_train_variant_rounds=1,
     train_epochs=3,
     speedup_rounds=1,
     online_epochs=2,
@@ -128,8 +135,10 @@ FULL = Settings(
     peaked="benchmarks.models:peaked_full",
     build_rounds=7,
     views_rounds=3,
-    train_rounds=5,
-    fast_train_rounds=11,
+    train_rounds=9,
+    fast_train_rounds=21,
+    train_variant_rounds=3,
+    fast_train_variant_rounds=4,
     train_epochs=3,
     speedup_rounds=3,
     online_epochs=2,
@@ -185,10 +194,18 @@ def benches(
             ),
         ]  # fmt: skip
         if section == "train":
-            return [
-                (TrainBench(workloads[0], workdir), s.train_rounds),
-                (TrainBench(workloads[1], workdir / "fast-student"), s.fast_train_rounds),
-            ]
+            out: list[tuple[Bench, int]] = []
+            for workload, sub, rounds, variant_rounds in (
+                (workloads[0], workdir, s.train_rounds, s.train_variant_rounds),
+                (workloads[1], workdir / "fast-student", s.fast_train_rounds,
+                 s.fast_train_variant_rounds),
+            ):  # fmt: skip
+                goals = TrainBench(workload, sub, part="goals")
+                variants = TrainBench(
+                    workload, sub / "variants", part="variants", stores=goals.stores
+                )
+                out += [(goals, rounds), (variants, variant_rounds)]
+            return out
         return [
             (OwnLoopBench(workloads[0], workdir / "own-loop"), s.train_rounds),
             (OwnLoopBench(workloads[1], workdir / "own-loop-fast"), s.train_rounds),

@@ -144,17 +144,46 @@ def run_training(
     return result.metrics
 
 
+# The runs the goals are figures of, and the same runs made another way (a batch thread, one torch
+# thread per core): informational, so a run of `benchmarks.run` gives them fewer rounds.
+GOAL_RUNS = ("hard", "offline", "offline-topk")
+VARIANT_RUNS = (
+    "hard-cores", "offline-topk-cores", "hard-thread", "offline-thread", "offline-topk-thread",
+)  # fmt: skip
+PARTS = ("all", "goals", "variants")
+
+
 class TrainBench:
-    """Cases `hard`, `offline`, `offline-topk`, `stream` and `hash`."""
+    """Training runs of each mode, and the costs behind them (see the module docstring).
+
+    Args:
+        workload: the student, teacher and dataset.
+        workdir: where its stores are built and its runs write.
+        part: `all` cases; `goals`: the goal runs (`GOAL_RUNS`) and the cheap cases that say where
+            their time goes (steps alone, the loader's CPU, the stream, hashing, the core share);
+            `variants`: the `VARIANT_RUNS` with `hard` and `offline-topk` to compare them with.
+            `benchmarks.run` times the goals in more rounds than the variants.
+        stores: the stores of another bench of the same workload, instead of building them.
+    """
 
     warmup = False
 
-    def __init__(self, workload: TrainWorkload, workdir: Path) -> None:
+    def __init__(
+        self,
+        workload: TrainWorkload,
+        workdir: Path,
+        *,
+        part: str = "all",
+        stores: dict[str, Path] | None = None,
+    ) -> None:
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         self.workload = workload
         self.workdir = workdir
+        self.part = part
         workdir.mkdir(parents=True, exist_ok=True)
         build = workload.build_workload()
-        self.stores = {
+        self.stores = stores or {
             "dense": fresh_store(build, "dense", workdir / "train-dense.zarr"),
             "topk": fresh_store(build, "topk", workdir / "train-topk.zarr"),
         }
@@ -243,6 +272,14 @@ class TrainBench:
         return timed(lambda: [hash_rows(inputs) for inputs in self._inputs])
 
     def cases(self) -> dict[str, Callable[[], float]]:
+        cases = self._all_cases()
+        if self.part == "goals":
+            return {k: v for k, v in cases.items() if k not in VARIANT_RUNS}
+        if self.part == "variants":
+            return {k: cases[k] for k in ("hard", "offline-topk", *VARIANT_RUNS)}
+        return cases
+
+    def _all_cases(self) -> dict[str, Callable[[], float]]:
         return {
             "hard": lambda: self._train("hard", "dense"),
             "offline": lambda: self._train("offline", "dense"),
@@ -272,24 +309,38 @@ class TrainBench:
     def figures(self, samples: dict[str, list[float]]) -> list[Figure]:
         w = self.workload
         prefix = f"{w.label} " if w.label else ""
+        figures = []
+        if self.part != "variants":
+            figures += self._goal_figures(samples, prefix)
+        if self.part != "goals":
+            figures += self._variant_figures(samples, prefix)
+        own = {"all": GOAL_RUNS + VARIANT_RUNS, "goals": GOAL_RUNS, "variants": VARIANT_RUNS}
+        figures.extend(
+            Figure(
+                name=f"{prefix}data wait fraction, {name}",
+                value=100 * statistics.median(values),
+                unit="% of epoch",
+                detail=f"median over {len(values)} epochs; time the step waited for its batch",
+                samples={name: values},
+            )
+            for name, values in self.wait.items()
+            if name in own[self.part]
+        )
+        return figures
+
+    def _goal_figures(self, samples: dict[str, list[float]], prefix: str) -> list[Figure]:
+        w = self.workload
         note = f"N={self.num_samples}, batch {w.batch_size}, {w.epochs - 1} timed epochs/run"
         figures = [
             ratio_figure(
-                f"{prefix}offline KD / hard epoch, dense",
+                f"{prefix}offline KD / hard epoch, {what}",
                 samples,
-                "offline",
+                over,
                 "hard",
                 goal=w.goal,
                 note=note,
-            ),
-            ratio_figure(
-                f"{prefix}offline KD / hard epoch, top-5",
-                samples,
-                "offline-topk",
-                "hard",
-                goal=w.goal,
-                note=note,
-            ),
+            )
+            for over, what in (("offline", "dense"), ("offline-topk", "top-5"))
         ]
         for over, what in (("offline", "dense"), ("offline-topk", "top-5")):
             figures.append(
@@ -303,49 +354,6 @@ class TrainBench:
                     "included; median of the later epochs' medians",
                 )
             )
-        for over, what in (("offline-thread", "dense"), ("offline-topk-thread", "top-5")):
-            figures.append(
-                ratio_figure(
-                    f"{prefix}batches on a thread: offline KD / hard epoch, {what}",
-                    samples,
-                    over,
-                    "hard-thread",
-                    goal=None,
-                    note="--loader thread, both runs (the default: a batch process)",
-                )
-            )
-        figures.append(
-            ratio_figure(
-                f"{prefix}one thread per core: offline KD / hard epoch, top-5",
-                samples,
-                "offline-topk-cores",
-                "hard-cores",
-                goal=None,
-                note=f"--threads {usable_cores()}, both runs (the default: a core left to the "
-                "batch process)",
-            )
-        )
-        for case, over in (("hard", "hard-cores"), ("offline-topk", "offline-topk-cores")):
-            figures.append(
-                ratio_figure(
-                    f"{prefix}{case} epoch, the trainer's threads / one per core",
-                    samples,
-                    case,
-                    over,
-                    goal=None,
-                    note="what leaving a core to the batch process saves",
-                )
-            )
-        figures.append(
-            ratio_figure(
-                f"{prefix}hard epoch, batch process / batch thread",
-                samples,
-                "hard",
-                "hard-thread",
-                goal=None,
-                note="what making batches in a child process saves a hard-label run",
-            )
-        )
         for case, what in (("step-offline", "dense"), ("step-offline-topk", "top-5")):
             figures.append(
                 ratio_figure(
@@ -399,15 +407,52 @@ class TrainBench:
                     samples={"core-share": shares},
                 )
             )
-        figures.extend(
-            Figure(
-                name=f"{prefix}data wait fraction, {name}",
-                value=100 * statistics.median(values),
-                unit="% of epoch",
-                detail=f"median over {len(values)} epochs; time the step waited for its batch",
-                samples={name: values},
+        return figures
+
+    def _variant_figures(self, samples: dict[str, list[float]], prefix: str) -> list[Figure]:
+        figures = []
+        for over, what in (("offline-thread", "dense"), ("offline-topk-thread", "top-5")):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}batches on a thread: offline KD / hard epoch, {what}",
+                    samples,
+                    over,
+                    "hard-thread",
+                    goal=None,
+                    note="--loader thread, both runs (the default: a batch process)",
+                )
             )
-            for name, values in self.wait.items()
+        figures.append(
+            ratio_figure(
+                f"{prefix}one thread per core: offline KD / hard epoch, top-5",
+                samples,
+                "offline-topk-cores",
+                "hard-cores",
+                goal=None,
+                note=f"--threads {usable_cores()}, both runs (the default: a core left to the "
+                "batch process)",
+            )
+        )
+        for case, over in (("hard", "hard-cores"), ("offline-topk", "offline-topk-cores")):
+            figures.append(
+                ratio_figure(
+                    f"{prefix}{case} epoch, the trainer's threads / one per core",
+                    samples,
+                    case,
+                    over,
+                    goal=None,
+                    note="what leaving a core to the batch process saves",
+                )
+            )
+        figures.append(
+            ratio_figure(
+                f"{prefix}hard epoch, batch process / batch thread",
+                samples,
+                "hard",
+                "hard-thread",
+                goal=None,
+                note="what making batches in a child process saves a hard-label run",
+            )
         )
         return figures
 
