@@ -351,7 +351,8 @@ class AlignedBatches(_BatchProcessOwner):
             values=values,
             assemble_ahead=assemble_ahead,
             pin_memory=pin_memory,
-            # Made once per read group and sliced into the batches (`row_labels.RowBlocks`).
+            # A top-k store's: made once per read group and sliced into the batches
+            # (`row_labels.RowBlocks`); a dense store's batches make their own (`epoch`).
             targets=None
             if temperature is None
             else functools.partial(
@@ -437,7 +438,7 @@ class AlignedBatches(_BatchProcessOwner):
             if stride:
                 soft.check_alignment(np.asarray(hashes), stride)
             if self.temperature is not None and soft.targets is None:
-                soft = self._with_targets(soft, self.temperature)  # a group too large for them
+                soft = self._with_targets(soft, self.temperature)  # a dense store's
             yield inputs, labels, soft
 
     def _with_targets(self, soft: SoftLabels, temperature: float) -> SoftLabels:

@@ -113,8 +113,8 @@ class RowLayout:
                 # The training loop runs this layout's batches on a thread of their own
                 # (`Ahead`): gathering there too spares a thread and a handoff per batch.
                 assemble_ahead=0,
-                # The teacher's side of the loss, made once per read group and sliced into
-                # the batches; not for a GPU student's large dense rows (`_prepared`).
+                # The teacher's side of the loss, made with the batches (a top-k store's once
+                # per read group); not for a GPU student's large dense rows (`_prepared`).
                 temperature=None if device_targets else config.temperature,
             )
             if device_targets:  # else AlignedBatches warned, given the temperature
@@ -137,7 +137,7 @@ class RowLayout:
         """
         if soft is None:
             return None
-        if soft.targets is not None:  # made with its read group (`AlignedBatches`)
+        if soft.targets is not None:  # made by `AlignedBatches` (top-k: with its read group)
             targets: SoftLabels | losses.TeacherTargets = soft.targets
         elif self.cuda and soft.logits is not None and soft.logits.numel() > HOST_TARGETS_ELEMENTS:
             return soft

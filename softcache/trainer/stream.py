@@ -122,10 +122,11 @@ class SoftLabelStream:
             trainer's batch process): one thread and every handoff fewer.
         pin_memory: deliver row batches in pinned host memory (pinned on the assembler thread),
             for non-blocking copies to a GPU; ignored where CUDA is not available.
-        targets: row stores: makes the teacher's side of the loss for a read group's rows
-            (`distill.store_teacher_targets(..., rows=True)`), made once per group on the
+        targets: top-k row stores: makes the teacher's side of the loss for a read group's
+            rows (`distill.store_teacher_targets(..., rows=True)`), made once per group on the
             reader's thread and sliced into each batch's `SoftLabels.targets` (see
-            `row_labels.RowBlocks`); None: batches come without targets. Not for token stores.
+            `row_labels.RowBlocks`); None, or a dense store: batches come without targets. Not
+            for token stores.
 
     A row store's plan runs over samples in blocks of one shard (`block_rows =
     store.meta.shard_samples`: a shard holds whole samples, all their views, and each batch row

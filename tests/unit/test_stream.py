@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import softcache.losses.targets as targets_module
-import softcache.trainer.row_labels as row_labels
 from softcache.errors import DatasetMismatchError
 from softcache.losses import TeacherTargets
 from softcache.store import LOGITS, LSE, SAMPLE_HASH, TOPK_INDICES, TOPK_VALUES, LogitStore
@@ -306,9 +305,8 @@ def test_targets_made_per_read_group_are_each_batchs_own_bit_for_bit(built_store
     # The teacher's side of the loss is made once per read group and sliced (or, for a batch
     # drawn from several groups, gathered) into each batch: it must be what the batch's own soft
     # labels give, in both forms of top-k targets, at every stored temperature and at one the
-    # top-k store has no normaliser for (no targets: the loss renormalises).
-    kind = data.draw(st.sampled_from(["dense", "topk"]))
-    store = LogitStore.open(str(built_stores[kind]))
+    # store has no normaliser for (no targets: the loss renormalises).
+    store = LogitStore.open(str(built_stores["topk"]))
     temperature = data.draw(st.sampled_from([*store.meta.temperatures, 3.0]))
     world = data.draw(st.integers(1, 2))
     plan = _plan(
@@ -339,26 +337,26 @@ def test_targets_made_per_read_group_are_each_batchs_own_bit_for_bit(built_store
         for soft in got:
             want = store_teacher_targets(soft.to("cpu"), store.meta, temperature)
             _assert_same_targets(soft.targets, want)
-            if want is not None and kind == "topk":
+            if want is not None:
                 assert (soft.targets.ids is None) == (len(soft.indices) * 10 <= dense_up_to)
 
 
-def test_a_group_too_large_for_its_targets_leaves_them_to_each_batch(
-    built_stores, in_root, monkeypatch
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_aligned_batches_bring_each_batch_its_targets_made_per_group_or_per_batch(
+    built_stores, in_root, kind
 ):
-    # A dense group's targets are a second float32 copy of its rows: past the bound each batch
-    # makes its own, as without groups, and they are the same.
-    store = LogitStore.open(str(built_stores["dense"]))
+    # A top-k store's targets come with its read groups; a dense store's stream makes none (they
+    # would be a second float32 copy of a group's rows) and each batch makes its own. Either
+    # way each batch has the targets of its own soft labels.
+    store = LogitStore.open(str(built_stores[kind]))
     plan = _plan(store, window_blocks=2)
     make = functools.partial(store_teacher_targets, meta=store.meta, temperature=2.0, rows=True)
-    whole = list(SoftLabelStream(store, targets=make).batches(plan))
-    monkeypatch.setattr(row_labels, "GROUP_TARGETS_ELEMENTS", 2 * store.meta.shard_rows)
-    assert all(s.targets is None for s in SoftLabelStream(store, targets=make).batches(plan))
+    from_stream = list(SoftLabelStream(store, targets=make).batches(plan))
+    assert all((s.targets is None) == (kind == "dense") for s in from_stream)
     from tests.helpers import specs as hs
 
-    aligned = AlignedBatches(hs.dataset(), store, temperature=2.0)
-    per_batch = [soft for _, _, soft in aligned.epoch(plan)]
-    assert len(per_batch) == len(whole)
-    for a, b in zip(per_batch, whole, strict=True):
-        assert a.targets is not None
-        _assert_same_targets(a.targets, b.targets)
+    got = [soft for _, _, soft in AlignedBatches(hs.dataset(), store, temperature=2.0).epoch(plan)]
+    assert len(got) == len(from_stream)
+    for soft in got:
+        assert soft.targets is not None
+        _assert_same_targets(soft.targets, store_teacher_targets(soft, store.meta, 2.0))
