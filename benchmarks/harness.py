@@ -181,8 +181,10 @@ def core_share(seconds: float = 0.5) -> float | None:
     Its CPU seconds over its wall seconds, spinning beside a spinning child process. About 1.0
     where the machine's cores are its own. Less where the two busy cores share a physical core
     (a virtual machine whose host is busy: its virtual CPUs take turns): then whatever runs beside
-    a training thread (the batch process) takes its time from that thread. This machine (a
-    Firecracker VM of two vCPUs) gave 0.5 in some minutes and 1.0 in others.
+    a training thread (the batch process) takes its time from that thread. On this machine (a
+    Firecracker VM of two vCPUs) a pinned training loop kept about half its core beside a
+    spinner in some minutes and all of it in others (benchmarks/README.md). It does not see a
+    host that slows the vCPUs without taking them away (CPU time then equals wall time).
 
     Returns:
         The share, or None on a machine with one usable core (nothing to share).
