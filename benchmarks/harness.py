@@ -148,6 +148,23 @@ def ratio_figure(
     )
 
 
+def wait_figure(name: str, case: str, fractions: Sequence[float]) -> Figure:
+    """A run's data wait as a figure: the median of its epochs' `data_wait_fraction`, in %.
+
+    Args:
+        name: the figure's name.
+        case: the case the fractions are of (the key of its samples).
+        fractions: each timed epoch's share of time the step waited for its batch.
+    """
+    return Figure(
+        name=name,
+        value=100 * statistics.median(fractions),
+        unit="% of epoch",
+        detail=f"median over {len(fractions)} epochs; time the step waited for its batch",
+        samples={case: list(fractions)},
+    )
+
+
 def format_seconds(s: float) -> str:
     """A duration for the detail column: `12.3 µs`, `45.6 ms` or `7.89 s`."""
     if s < 1e-3:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from benchmarks.harness import Figure, median, ratio_figure, timed
+from benchmarks.harness import Figure, median, ratio_figure, timed, wait_figure
 from benchmarks.models import _seeded
 from pipelines.textlm.data import Spans, windows
 from pipelines.textlm.models import Block, untrained_teacher
@@ -382,12 +382,8 @@ class LMTrainBench:
             )
         ]
         figures.extend(
-            Figure(
-                name=f"lm data wait fraction, {w.label}, {name.removeprefix(w.key + '-')}",
-                value=100 * statistics.median(values),
-                unit="% of epoch",
-                detail=f"median over {len(values)} epochs; time the step waited for its batch",
-                samples={name: values},
+            wait_figure(
+                f"lm data wait fraction, {w.label}, {name.removeprefix(w.key + '-')}", name, values
             )
             for name, values in self.wait.items()
         )

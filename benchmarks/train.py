@@ -51,7 +51,15 @@ import torch
 from torch import nn
 
 from benchmarks.build import BuildWorkload, fresh_store
-from benchmarks.harness import Figure, core_share, interleave, median, ratio_figure, timed
+from benchmarks.harness import (
+    Figure,
+    core_share,
+    interleave,
+    median,
+    ratio_figure,
+    timed,
+    wait_figure,
+)
 from softcache.config import TrainConfig
 from softcache.data.hashing import collate_pairs, hash_rows
 from softcache.runtime.specs import instantiate
@@ -316,13 +324,7 @@ class TrainBench:
             figures += self._variant_figures(samples, prefix)
         own = {"all": GOAL_RUNS + VARIANT_RUNS, "goals": GOAL_RUNS, "variants": VARIANT_RUNS}
         figures.extend(
-            Figure(
-                name=f"{prefix}data wait fraction, {name}",
-                value=100 * statistics.median(values),
-                unit="% of epoch",
-                detail=f"median over {len(values)} epochs; time the step waited for its batch",
-                samples={name: values},
-            )
+            wait_figure(f"{prefix}data wait fraction, {name}", name, values)
             for name, values in self.wait.items()
             if name in own[self.part]
         )
