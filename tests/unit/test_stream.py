@@ -29,6 +29,20 @@ def _plan(store: LogitStore, **kw) -> EpochPlan:
     )
 
 
+def _drawn_plan(data: st.DataObject, store: LogitStore, **kw) -> EpochPlan:
+    """A plan of any batch size, window, epoch and rank of one or two (hypothesis draws)."""
+    world = data.draw(st.integers(1, 2))
+    return _plan(
+        store,
+        batch_size=data.draw(st.integers(1, 70)),
+        window_blocks=data.draw(st.integers(2, 3)),
+        epoch=data.draw(st.integers(0, 3)),
+        world_size=world,
+        rank=data.draw(st.integers(0, world - 1)),
+        **kw,
+    )
+
+
 def _check_rows(store: LogitStore, soft, full: dict[str, np.ndarray]) -> None:
     idx = soft.indices
     assert np.array_equal(soft.sample_hash, full[SAMPLE_HASH][idx])
@@ -255,16 +269,7 @@ def test_any_plan_prefetch_and_cursor_stream_the_plans_rows_exactly(built_stores
     # (groups no longer aligned with windows) or ranks, batches span several groups.
     kind = data.draw(st.sampled_from(["dense", "topk"]))
     store = LogitStore.open(str(built_stores[kind]))
-    world = data.draw(st.integers(1, 2))
-    plan = _plan(
-        store,
-        batch_size=data.draw(st.integers(1, 70)),
-        window_blocks=data.draw(st.integers(2, 3)),
-        epoch=data.draw(st.integers(0, 3)),
-        world_size=world,
-        rank=data.draw(st.integers(0, world - 1)),
-        drop_last=data.draw(st.booleans()),
-    )
+    plan = _drawn_plan(data, store, drop_last=data.draw(st.booleans()))
     cursor = data.draw(st.integers(0, len(plan)))
     expected = list(itertools.islice(plan.batches(), cursor, None))
     plan.load_state_dict({**plan.state_dict(), "cursor": cursor})
@@ -308,15 +313,7 @@ def test_targets_made_per_read_group_are_each_batchs_own_bit_for_bit(built_store
     # store has no normaliser for (no targets: the loss renormalises).
     store = LogitStore.open(str(built_stores["topk"]))
     temperature = data.draw(st.sampled_from([*store.meta.temperatures, 3.0]))
-    world = data.draw(st.integers(1, 2))
-    plan = _plan(
-        store,
-        batch_size=data.draw(st.integers(1, 70)),
-        window_blocks=data.draw(st.integers(2, 3)),
-        epoch=data.draw(st.integers(0, 3)),
-        world_size=world,
-        rank=data.draw(st.integers(0, world - 1)),
-    )
+    plan = _drawn_plan(data, store)
     cursor = data.draw(st.integers(0, len(plan) - 1))
     plan.load_state_dict({**plan.state_dict(), "cursor": cursor})
     stream = SoftLabelStream(
