@@ -19,3 +19,5 @@ extras="pipelines${1:+,$1}"
 "${PIP[@]}" -e ".[${extras}]"
 # zarrs (the fast extra) reads stores faster; where it cannot install, softcache reads without it.
 "${PIP[@]}" "zarrs>=0.2" || echo "setup: zarrs did not install; stores are read with zarr-python" >&2
+# numba (the fast extra) compiles the CPU top-k loss; where it cannot install, torch ops compute it.
+"${PIP[@]}" "numba>=0.59" || echo "setup: numba did not install; the top-k loss runs as torch ops" >&2

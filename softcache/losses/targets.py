@@ -29,7 +29,9 @@ float32 mass in still gets its gradient, ``p_tail exp(log q_j - log q_tail)``.
 On the CPU, where each op a step replays in autograd costs tens of microseconds of dispatch on a
 cold cache, the top-k form's gradient ``(S q - P) / T`` (``S = sum P``) is made with its value,
 by log_softmax's own backward kernel, in one autograd node (`_GivenGradient`); a create_graph
-backward recomputes the loss in autograd's form, so second derivatives stay exact.
+backward recomputes the loss in autograd's form, so second derivatives stay exact. Where numba
+is installed (`softcache[fast]`), value and gradient come from one compiled pass over each row
+instead of a dozen ops (`softcache.losses.topk_kernel`), still in that one node.
 
 Dense ``(B, C)`` top-k targets pay off for small batches of small heads, where a step is a few
 milliseconds of op overhead; above `DENSE_TOPK_ELEMENTS` per batch the top-k targets stay sparse
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from softcache.losses import topk_kernel
 from softcache.losses.rows import (
     _check_logits,
     _check_lse,
@@ -286,20 +289,36 @@ def _autograd_form_kl(z: Tensor, targets: TeacherTargets, scale: float) -> Tenso
 
 def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float) -> Tensor | None:
     """`_autograd_form_kl` of top-k targets on the CPU, its gradient computed with its value;
-    None where some row's tail needs the log-space form (`TAIL_EXACT_BELOW`).
+    None where some row's tail needs the log-space form (`TAIL_EXACT_BELOW`) and the compiled
+    kernel is not there to take it.
 
     Autograd would replay a node for each of the value's dozen ops; this gradient is a few ops,
     made while the forward's tensors are at hand. In the fast student's steps (64 x 100, top-5,
     the benchmark's steps interleaved one by one) that took the top-k loss from +137 to +89 µs
     over the hard loss's forward and backward (benchmarks/README.md, eleventh pass); making it
     with log_softmax's backward kernel, and handing it out without a product by a unit upstream,
-    from +167 to +89 µs in another set of rounds (twelfth pass, `benchmarks.loss_steps`).
+    from +167 to +89 µs in another set of rounds (twelfth pass, `benchmarks.loss_steps`). Where
+    numba is installed, value and gradient come from one compiled pass instead
+    (`softcache.losses.topk_kernel`: fourteenth pass).
     """
     if not torch.is_grad_enabled():
         return None
+    assert targets.tail is not None and targets.tail_classes is not None
+    compiled = topk_kernel.topk_kl(
+        z,
+        targets.weights,
+        targets.tail_classes,
+        targets.tail,
+        targets.neg_entropy,
+        targets.temperature,
+        scale,
+        TAIL_EXACT_BELOW,
+    )
+    if compiled is not None:
+        value, grad = compiled
+        return _GivenGradient.apply(z, value, grad, targets, scale)
     dtype = z.dtype
     inverse_t = 1.0 / targets.temperature
-    assert targets.tail is not None and targets.tail_classes is not None
     with torch.no_grad():
         log_q = torch.log_softmax(z if targets.temperature == 1.0 else z * inverse_t, dim=1)
         weights, tail = _as(targets.weights, dtype), _as(targets.tail, dtype)
@@ -318,12 +337,14 @@ def _tail_kl_with_its_gradient(z: Tensor, targets: TeacherTargets, scale: float)
         else:  # the same, spelt out
             grad = spread.sub_(log_q.exp().mul_(spread.sum(dim=1, keepdim=True)))
         grad.mul_(-scale * inverse_t)
-        neg_entropy = _as(targets.neg_entropy, dtype).sum() * scale
-    return _GivenGradient.apply(z, neg_entropy, cross, grad, targets, scale)
+        # As `_autograd_form_kl` adds it, so the two forms' values agree bit for bit.
+        value = torch.add(_as(targets.neg_entropy, dtype).sum() * scale, cross, alpha=-scale)
+    return _GivenGradient.apply(z, value, grad, targets, scale)
 
 
 class _GivenGradient(torch.autograd.Function):
-    """``neg_entropy - scale * cross`` with its gradient in `z` made beforehand (`grad`).
+    """The loss's `value` (made beforehand, not differentiated) with its gradient in `z`
+    (`grad`, made with it).
 
     The first backward hands that gradient out, as it is for a unit upstream (no product), and
     lets go of it, so nothing here reads it again whatever the caller does with it (a hook or a
@@ -334,13 +355,7 @@ class _GivenGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
-        z: Tensor,
-        neg_entropy: Tensor,
-        cross: Tensor,
-        grad: Tensor,
-        targets: TeacherTargets,
-        scale: float,
+        ctx: Any, z: Tensor, value: Tensor, grad: Tensor, targets: TeacherTargets, scale: float
     ) -> Tensor:
         # The targets as saved tensors, not as an attribute: a backward frees them, so a loss
         # kept after it (a list of losses for logging) does not hold its batch's memory (the
@@ -352,8 +367,7 @@ class _GivenGradient(torch.autograd.Function):
         ctx.temperature, ctx.num_classes, ctx.scale = (
             targets.temperature, targets.num_classes, scale,
         )  # fmt: skip
-        # As `_autograd_form_kl` adds it, so the two forms' values agree bit for bit.
-        return torch.add(neg_entropy, cross, alpha=-scale)
+        return value
 
     @staticmethod
     def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
@@ -361,7 +375,7 @@ class _GivenGradient(torch.autograd.Function):
         if given is not None and not torch.is_grad_enabled():
             if upstream.numel() != 1 or float(upstream) != 1.0:
                 given = given * upstream
-            return given, None, None, None, None, None
+            return given, None, None, None, None
         z, weights, neg_entropy, tail, tail_classes = ctx.saved_tensors
         targets = TeacherTargets(
             weights, neg_entropy, ctx.temperature, tail=tail, tail_classes=tail_classes,
@@ -371,7 +385,7 @@ class _GivenGradient(torch.autograd.Function):
         with torch.enable_grad():
             kl = _autograd_form_kl(z, targets, ctx.scale)
         (grad,) = torch.autograd.grad(kl, z, upstream, create_graph=create_graph)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 # log_softmax's backward kernel, ``g - exp(out) * sum g`` (private, with this signature since torch

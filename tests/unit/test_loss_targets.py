@@ -20,11 +20,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcache.losses import kd_loss_dense, kd_loss_topk
+from softcache.losses import kd_loss_dense, kd_loss_topk, topk_kernel
 from softcache.losses import targets as tg
 from softcache.losses.targets import dense_targets, kd_loss_targets, topk_targets
 
 MANY = settings(max_examples=150, deadline=None)
+NEEDS_NUMBA = pytest.mark.skipif(
+    not topk_kernel.available(), reason="numba is not installed (softcache[fast])"
+)
 
 
 def _case(seed: int, batch: int, classes: int, scale: float) -> tuple[torch.Tensor, ...]:
@@ -81,9 +84,10 @@ def test_dense_targets_give_kd_loss_dense(seed, batch, classes, scale, temperatu
     alpha=st.sampled_from([0.0, 0.3, 1.0]),
     sparse=st.booleans(),
     log_space=st.booleans(),
+    compiled=st.booleans(),
 )
 def test_topk_targets_give_kd_loss_topk(
-    seed, batch, classes, k_fraction, scale, temperature, alpha, sparse, log_space
+    seed, batch, classes, k_fraction, scale, temperature, alpha, sparse, log_space, compiled
 ):
     student, teacher, labels = _case(seed, batch, classes, scale)
     k = max(1, round(k_fraction * classes))
@@ -96,7 +100,7 @@ def test_topk_targets_give_kd_loss_topk(
         student,
     )
     targets = _topk_targets(sparse, values, indices.to(torch.int32), lse, classes, temperature)
-    with _tail_in_log_space(log_space):
+    with _tail_in_log_space(log_space), _compiled_kernel(compiled):
         got = _loss_and_grad(lambda s: kd_loss_targets(s, targets, labels, alpha=alpha), student)
     _close(got, want, temperature)
 
@@ -110,6 +114,22 @@ def _tail_in_log_space(on: bool) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _compiled_kernel(on: bool) -> Iterator[None]:
+    """The CPU top-k dense form from numba's compiled pass (`on`, where numba is installed) or
+    from torch ops."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not on:
+            mp.setattr(topk_kernel, "_compiled", None)
+        yield
+
+
+KERNELS = [
+    pytest.param(True, id="compiled", marks=NEEDS_NUMBA),
+    pytest.param(False, id="torch-ops"),
+]
+
+
 def _topk_targets(sparse: bool, *args) -> tg.TeacherTargets:
     """`topk_targets` in the form asked for (sparse: the lean kernel's), whatever the batch size."""
     with pytest.MonkeyPatch.context() as mp:
@@ -119,8 +139,9 @@ def _topk_targets(sparse: bool, *args) -> tg.TeacherTargets:
     return targets
 
 
+@pytest.mark.parametrize("compiled", KERNELS)
 @pytest.mark.parametrize("sparse", [False, True])
-def test_a_tail_the_student_has_no_mass_in_still_gets_its_gradient(sparse):
+def test_a_tail_the_student_has_no_mass_in_still_gets_its_gradient(sparse, compiled):
     """The student puts ~all its mass on the kept class, the teacher 30 % on the tail: the
     reference's q_tail underflows in float32; both prepared forms keep the tail's gradient
     finite (the dense form spreads the tail's weight by the student's tail softmax, the lean
@@ -130,7 +151,8 @@ def test_a_tail_the_student_has_no_mass_in_still_gets_its_gradient(sparse):
     indices = torch.tensor([[0]])
     lse = torch.logsumexp(torch.tensor([[2.0, 1.0, 0.5, 0.0]]), dim=1)
     targets = _topk_targets(sparse, values, indices, lse, 4, 1.0)
-    loss, grad = _loss_and_grad(lambda s: kd_loss_targets(s, targets, None), student)
+    with _compiled_kernel(compiled):
+        loss, grad = _loss_and_grad(lambda s: kd_loss_targets(s, targets, None), student)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad[0, 0] > 0 and (grad[0, 1:] < 0).all()  # mass moves from the kept class to the tail
 
@@ -189,9 +211,10 @@ def _exact_topk_kl(student: torch.Tensor, targets: tg.TeacherTargets) -> torch.T
     return kl.mean() * temperature**2
 
 
+@pytest.mark.parametrize("compiled", KERNELS)
 @pytest.mark.parametrize("path", ["summed", "fallback", "log space"])
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
-def test_dense_form_gradient_is_the_float64_gradient(path, student_dtype):
+def test_dense_form_gradient_is_the_float64_gradient(path, student_dtype, compiled):
     """Value and gradient against float64 autograd of the definition, on students whose tail
     mass ranges from most of the row to far below float32 (where summing q would lose it). Each
     way to the tail's mass is taken for sure: summed (the threshold at 0, on the rows whose tail
@@ -208,7 +231,7 @@ def test_dense_form_gradient_is_the_float64_gradient(path, student_dtype):
     targets = _topk_targets(False, values, indices, lse, 12, 1.5)
     student = student.to(student_dtype)
     threshold = {"summed": 0.0, "fallback": tg.TAIL_EXACT_BELOW, "log space": math.inf}[path]
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, _compiled_kernel(compiled):
         mp.setattr(tg, "TAIL_EXACT_BELOW", threshold)
         loss, grad = _loss_and_grad(lambda s: kd_loss_targets(s, targets, None), student)
     want_loss, want_grad = _loss_and_grad(lambda s: _exact_topk_kl(s, targets), student.double())
@@ -258,19 +281,22 @@ def test_second_derivatives_through_the_dense_form_are_right(kind):
     assert torch.autograd.gradgradcheck(lambda s: kd_loss_targets(s, targets, None), (student,))
 
 
-def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must():
+@pytest.mark.parametrize("compiled", KERNELS)
+def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must(compiled):
     """On the CPU the top-k dense form's gradient is made with its value (one autograd node);
-    it is autograd's gradient, and autograd's form is taken for a faint tail, without grad and
-    for logits that need no gradient."""
+    it is autograd's gradient. Autograd's form is taken without grad and for logits that need no
+    gradient, and for a faint tail where the torch ops make it (the compiled pass takes that
+    tail in log space itself)."""
     gen = torch.Generator().manual_seed(11)
     teacher = torch.randn(5, 20, generator=gen) * 2
     values, indices = teacher.topk(4, dim=1)
     targets = topk_targets(values, indices, torch.logsumexp(teacher / 2.0, 1), 20, 2.0)
     student = (torch.randn(5, 20, generator=gen) * 3).requires_grad_()
 
-    loss = kd_loss_targets(student, targets, None, alpha=0.0)
-    assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
-    (grad,) = torch.autograd.grad(loss, student)
+    with _compiled_kernel(compiled):
+        loss = kd_loss_targets(student, targets, None, alpha=0.0)
+        assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
+        (grad,) = torch.autograd.grad(loss, student)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
         plain = kd_loss_targets(student, targets, None, alpha=0.0)
@@ -279,15 +305,25 @@ def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must():
     torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
 
-    with torch.no_grad():
-        assert kd_loss_targets(student, targets, None).grad_fn is None
-    assert kd_loss_targets(student.detach(), targets, None).grad_fn is None
-    faint = student.detach().clone()
-    faint[0, indices[0]] += 200.0  # row 0's tail mass under TAIL_EXACT_BELOW
-    faint.requires_grad_()
-    fallback = kd_loss_targets(faint, targets, None)
-    assert type(fallback.grad_fn).__name__ != "_GivenGradientBackward"
-    assert torch.isfinite(torch.autograd.grad(fallback, faint)[0]).all()
+    with _compiled_kernel(compiled):
+        with torch.no_grad():
+            assert kd_loss_targets(student, targets, None).grad_fn is None
+        assert kd_loss_targets(student.detach(), targets, None).grad_fn is None
+        faint = student.detach().clone()
+        faint[0, indices[0]] += 200.0  # row 0's tail mass under TAIL_EXACT_BELOW
+        faint.requires_grad_()
+        fallback = kd_loss_targets(faint, targets, None)
+        node = type(fallback.grad_fn).__name__
+        assert (node == "_GivenGradientBackward") == compiled
+        (faint_grad,) = torch.autograd.grad(fallback, faint)
+    assert torch.isfinite(faint_grad).all()
+    if compiled:  # the compiled pass's log-space row is autograd's
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
+            plain = kd_loss_targets(faint, targets, None)
+            (plain_grad,) = torch.autograd.grad(plain, faint)
+        torch.testing.assert_close(fallback, plain, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(faint_grad, plain_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_loss_kept_after_its_backward_does_not_hold_its_targets():
@@ -351,8 +387,9 @@ def test_the_top_k_gradient_is_the_same_without_torchs_log_softmax_backward_kern
     values, indices = teacher.topk(4, dim=1)
     targets = topk_targets(values, indices, torch.logsumexp(teacher / 2.0, 1), 25, 2.0)
     student = (torch.randn(7, 25, generator=gen) * 2).requires_grad_()
-    (kernel,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
-    with pytest.MonkeyPatch.context() as mp:
+    with _compiled_kernel(False):
+        (kernel,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
+    with pytest.MonkeyPatch.context() as mp, _compiled_kernel(False):
         mp.setattr(tg, "_log_softmax_backward", None)
         loss = kd_loss_targets(student, targets, None)
         assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"

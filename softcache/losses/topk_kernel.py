@@ -1,0 +1,195 @@
+"""The top-k KL's value and gradient on the CPU in one compiled pass over each row (numba).
+
+`softcache.losses.targets` computes the top-k dense form (``(B, C)`` kept weights and tail
+mask) in a dozen torch ops. On a small head each op is mostly dispatch, and on the training
+thread, whose caches the student's own pass has just filled, a dozen dispatches cost more than
+the loss's arithmetic: in the benchmark's fast student (batches of 64 x 100 classes, 2.5 ms
+steps) the top-k loss made a step 4.7 % dearer than the hard-label loss did, against 1.7 % with
+this kernel (benchmarks/README.md, fourteenth pass). The kernel makes the same value and
+gradient as those ops (to float32 rounding; its sums are float64) in one call: a log-softmax, the
+tail's share of the student's mass, the cross-entropy to the teacher's bins and ``(S q - P) / T``.
+
+Rows whose tail the student has no float32 mass in (under ``exact_below``) take the tail's mass
+in log space, as the torch ops do, so nothing here falls back.
+
+numba is optional (`pip install 'softcache[fast]'`). Without it, or with ``SOFTCACHE_NUMBA=0``
+in the environment, `topk_kl` returns None and the torch ops run. The kernel is compiled at its
+first call (about a second) and cached on disk beside this module (or in numba's user cache
+where that is read-only), so later processes load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# Set to "0" to run the torch ops instead (for comparison, or where numba misbehaves).
+ENV_SWITCH = "SOFTCACHE_NUMBA"
+
+
+def topk_kl(
+    z: Tensor,
+    weights: Tensor,
+    tail_classes: Tensor,
+    tail: Tensor,
+    neg_entropy: Tensor,
+    temperature: float,
+    scale: float,
+    exact_below: float,
+) -> tuple[Tensor, Tensor] | None:
+    """``scale * sum_b KL_b`` of the top-k dense form and its gradient in `z`; None without numba.
+
+    ``KL_b = sum p log p - sum_j W_bj log q_bj - tail_b log q_tail_b`` with ``q = softmax(z / T)``
+    and ``q_tail`` its mass on the tail classes; the gradient is ``scale (S q - P) / T`` with P the
+    kept weights plus the tail's mass spread as the student's tail is (`softcache.losses.targets`).
+
+    Args:
+        z: ``(B, C)`` float32 student logits on the CPU (read, not differentiated).
+        weights: ``(B, C)`` teacher probabilities on the kept classes, 0 elsewhere.
+        tail_classes: ``(B, C)`` 1 on each row's tail classes, 0 on its kept ones.
+        tail: ``(B,)`` the teacher's tail mass.
+        neg_entropy: ``(B,)`` ``sum p log p`` over the teacher's bins.
+        temperature: ``T > 0``.
+        scale: multiplies the summed KL and its gradient.
+        exact_below: rows whose tail mass is under this take it in log space.
+
+    Returns:
+        ``(value, grad)``: a float32 0-d tensor and a ``(B, C)`` float32 tensor; or None where
+        the kernel does not run (numba missing or switched off, logits of another dtype, a
+        tensor off the CPU), for the caller's torch ops. float64 logits (gradcheck's) keep the
+        torch ops, whose given gradient the recomputed one matches bit for bit there.
+    """
+    kernel = _kernel()
+    if kernel is None or z.dtype != torch.float32 or z.device.type != "cpu":
+        return None
+    # One compiled kernel: every input float32 on the CPU (as `topk_rows` makes them; anything
+    # else is converted, or refused by `numpy()`), read as numpy views of the same memory.
+    try:
+        arrays = [_float32_array(t) for t in (z, weights, tail_classes, tail, neg_entropy)]
+    except TypeError:  # a tensor on a device
+        return None
+    grad = torch.empty(z.shape, dtype=torch.float32)
+    value = torch.empty((), dtype=torch.float32)
+    kernel(*arrays, 1.0 / temperature, scale, exact_below, grad.numpy(), value.numpy())
+    return value, grad
+
+
+def _float32_array(tensor: Tensor) -> Any:
+    """`tensor` as a float32 numpy array (a view where it is float32 already)."""
+    if tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    return tensor.detach().numpy()
+
+
+def _kl_rows(
+    z: Any,
+    weights: Any,
+    tail_classes: Any,
+    tail: Any,
+    neg_entropy: Any,
+    inverse_t: float,
+    scale: float,
+    exact_below: float,
+    grad: Any,
+    value: Any,
+) -> None:
+    """`topk_kl` on numpy arrays, written for numba (plain loops; also runs as Python).
+
+    Every sum is float64. ``grad`` first holds each row's ``exp(z / T - max)`` and then its
+    gradient, so the row's exponentials are taken once.
+    """
+    rows, classes = z.shape
+    gradient_scale = -scale * inverse_t
+    total = 0.0
+    for b in range(rows):
+        top = -math.inf
+        for j in range(classes):
+            top = max(top, z[b, j] * inverse_t)
+        mass = 0.0  # sum_j exp(z_j / T - top)
+        tail_mass = 0.0  # the same over the tail classes
+        for j in range(classes):
+            e = math.exp(z[b, j] * inverse_t - top)
+            grad[b, j] = e
+            mass += e
+            if tail_classes[b, j] != 0.0:
+                tail_mass += e
+        lse = top + math.log(mass)
+        t = tail[b]
+        kept = t  # S = sum P: the kept weights plus the tail's
+        cross = 0.0
+        for j in range(classes):
+            w = weights[b, j]
+            if w != 0.0:
+                cross += w * (z[b, j] * inverse_t - lse)
+                kept += w
+        q_tail = tail_mass / mass
+        if t > 0.0 and q_tail >= exact_below:
+            cross += t * math.log(q_tail)
+            spread = t / tail_mass  # tail_b q_j / q_tail = tail_b e_j / tail_mass
+            for j in range(classes):
+                e = grad[b, j]
+                p = weights[b, j] + spread * e * tail_classes[b, j]
+                grad[b, j] = gradient_scale * (p - kept * e / mass)
+        elif t > 0.0:  # the tail's mass in log space: log sum_tail exp(z / T)
+            tail_top = -math.inf
+            for j in range(classes):
+                if tail_classes[b, j] != 0.0:
+                    tail_top = max(tail_top, z[b, j] * inverse_t)
+            tail_sum = 0.0
+            for j in range(classes):
+                if tail_classes[b, j] != 0.0:
+                    tail_sum += math.exp(z[b, j] * inverse_t - tail_top)
+            tail_lse = tail_top + math.log(tail_sum)
+            cross += t * (tail_lse - lse)
+            for j in range(classes):
+                p = weights[b, j]
+                if tail_classes[b, j] != 0.0:
+                    p += t * math.exp(z[b, j] * inverse_t - tail_lse)
+                grad[b, j] = gradient_scale * (p - kept * grad[b, j] / mass)
+        else:  # no tail mass: no tail term
+            for j in range(classes):
+                grad[b, j] = gradient_scale * (weights[b, j] - kept * grad[b, j] / mass)
+        total += neg_entropy[b] - cross
+    value[()] = scale * total
+
+
+# False: not looked up yet; None: not available (numba missing or switched off).
+_compiled: Callable[..., None] | bool | None = False
+
+
+def _kernel() -> Callable[..., None] | None:
+    global _compiled
+    if _compiled is False:
+        _compiled = _compile()
+    return _compiled  # type: ignore[return-value]
+
+
+def _compile() -> Callable[..., None] | None:
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        log.info("%s=0: the top-k loss runs as torch ops", ENV_SWITCH)
+        return None
+    try:
+        import numba
+    except ImportError:
+        log.info("numba is not installed: the top-k loss runs as torch ops (softcache[fast])")
+        return None
+    # nogil: a batch thread (`--loader thread`) runs beside it; cache: later processes load it;
+    # numpy's error model: a division by zero gives inf (as torch's would), it does not raise.
+    try:
+        return numba.njit(_kl_rows, cache=True, nogil=True, error_model="numpy")
+    except RuntimeError as exc:  # no writable cache directory: compile in every process
+        log.info("numba cannot cache the top-k kernel (%s); compiling it in this process", exc)
+        return numba.njit(_kl_rows, nogil=True, error_model="numpy")
+
+
+def available() -> bool:
+    """Whether `topk_kl` runs here (numba installed and not switched off)."""
+    return _kernel() is not None
