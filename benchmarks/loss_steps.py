@@ -9,7 +9,9 @@ the loss's ops, so each op starts cold and costs more (on this project's CPUs, s
 more): this times the loss where it runs. One student per mode (hard, offline dense, offline
 top-5 from the train section's stores, built afresh into `--workdir`), each over the same
 64 batches (made once by the trainer's own layouts, teacher targets included, held in private
-memory), trained step by step in turn: step i of every mode, then step i + 1, the order
+memory), and top-5 again from torch ops instead of numba's compiled pass
+(`softcache.losses.topk_kernel`; the same row where numba is not installed), trained step by
+step in turn: step i of every mode, then step i + 1, the order
 reversed every other step, so the machine's drift falls on every mode alike. Each step's
 forward + loss + backward is timed (`time.perf_counter`, the optimiser's step left out); the
 table gives each mode's median and mean over all steps and the median's difference from the
@@ -19,6 +21,7 @@ hard mode's: what the offline loss costs a step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -28,21 +31,24 @@ import torch
 
 from benchmarks.run import FAST_STUDENT, FULL, TEACHER
 from benchmarks.train import TrainBench, TrainWorkload
+from softcache.losses import topk_kernel
 from softcache.runtime.specs import instantiate
 from softcache.trainer.rows import RowLayout
 
-# name -> (the trainer's mode, the train section's store it reads)
+# name -> (the trainer's mode, the train section's store it reads, the compiled top-k loss)
 MODES = {
-    "hard": ("hard", "dense"),
-    "offline dense": ("offline", "dense"),
-    "offline top-5": ("offline", "topk"),
+    "hard": ("hard", "dense", True),
+    "offline dense": ("offline", "dense", True),
+    "offline top-5": ("offline", "topk", True),
+    # The same top-5 loss from torch ops (as without numba): what the compiled pass saves.
+    "top-5, torch ops": ("offline", "topk", False),
 }
 
 
 def step_times(bench: TrainBench, epochs: int) -> dict[str, list[float]]:
     """Seconds of each step's forward + loss + backward, per mode, the modes interleaved."""
     batches: dict[str, tuple[RowLayout, list[Any]]] = {}
-    for name, (mode, store) in MODES.items():
+    for name, (mode, store, _) in MODES.items():
         layout = bench._layout(mode, store)
         plan = bench._plan()
         batches[name] = (layout, list(layout.batches(plan, len(plan), hash_stride=0, then=None)))
@@ -55,11 +61,13 @@ def step_times(bench: TrainBench, epochs: int) -> dict[str, list[float]]:
         for i in range(steps):
             for name in names if (epoch + i) % 2 else reversed(names):
                 layout, held = batches[name]
-                start = time.perf_counter()
-                loss, _ = layout.loss(students[name], held[i], None)
-                optimizers[name].zero_grad(set_to_none=True)
-                loss.backward()
-                times[name].append(time.perf_counter() - start)
+                compiled = MODES[name][2]
+                with contextlib.nullcontext() if compiled else topk_kernel.switched_off():
+                    start = time.perf_counter()
+                    loss, _ = layout.loss(students[name], held[i], None)
+                    optimizers[name].zero_grad(set_to_none=True)
+                    loss.backward()
+                    times[name].append(time.perf_counter() - start)
                 optimizers[name].step()
     return times
 

@@ -20,10 +20,11 @@ where that is read-only), so later processes load it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -193,3 +194,16 @@ def _compile() -> Callable[..., None] | None:
 def available() -> bool:
     """Whether `topk_kl` runs here (numba installed and not switched off)."""
     return _kernel() is not None
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Within it the torch ops compute the top-k loss, as without numba (for comparisons; not
+    thread-safe: it switches the kernel off for the whole process)."""
+    global _compiled
+    kept = _kernel()
+    _compiled = None
+    try:
+        yield
+    finally:
+        _compiled = kept

@@ -124,3 +124,17 @@ def test_it_steps_aside_for_other_logits_and_when_switched_off_or_missing(monkey
     monkeypatch.setattr(topk_kernel, "_compiled", False)
     monkeypatch.delitem(sys.modules, "numba")
     assert topk_kernel.available()
+
+
+def test_switched_off_runs_the_torch_ops_within_and_the_kernel_after():
+    gen = torch.Generator().manual_seed(9)
+    teacher = torch.randn(3, 10, generator=gen)
+    values, indices = teacher.topk(2, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher, 1), 10, 1.0)
+    args = (targets.weights, targets.tail_classes, targets.tail, targets.neg_entropy, 1.0, 1.0)
+    z = torch.randn(3, 10, generator=gen)
+    with topk_kernel.switched_off():
+        assert not topk_kernel.available()
+        assert topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW) is None
+    assert topk_kernel.available()
+    assert topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW) is not None
