@@ -1,5 +1,6 @@
 """Distillation losses: per-row (dense and top-k, `rows`) and per-token (top-k with its residual
-bin and the sampled estimator, `tokens`). Pure torch, computed in float32."""
+bin and the sampled estimator, `tokens`). Pure torch, computed in float32; where numba is
+installed, the CPU top-k row loss runs as one compiled pass instead (`topk_kernel`)."""
 
 from softcache.losses.rows import hard_loss, kd_loss_dense, kd_loss_topk, topk_teacher_probs
 from softcache.losses.sparse import sparse_cross_entropy

@@ -367,7 +367,9 @@ class _GivenGradient(torch.autograd.Function):
         ctx.temperature, ctx.num_classes, ctx.scale = (
             targets.temperature, targets.num_classes, scale,
         )  # fmt: skip
-        return value
+        # Not `value` itself: an input returned as it is comes out as a view, and a caller's
+        # in-place op on the loss (`loss /= accumulation_steps`) would then be refused.
+        return value.detach()
 
     @staticmethod
     def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:

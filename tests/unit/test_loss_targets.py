@@ -379,6 +379,28 @@ def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_ups
     torch.testing.assert_close(student.grad, -2.5 * expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("compiled", KERNELS)
+def test_a_top_k_loss_changed_in_place_scales_its_gradient(compiled):
+    """Gradient accumulation divides the loss in place (`loss /= steps`): the node's output is
+    a tensor of its own, and the gradient it hands out is scaled as autograd's form's is."""
+    gen = torch.Generator().manual_seed(15)
+    teacher = torch.randn(6, 30, generator=gen) * 2
+    values, indices = teacher.topk(5, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher / 2.0, 1), 30, 2.0)
+    student = (torch.randn(6, 30, generator=gen) * 2).requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
+        (expected,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
+    with _compiled_kernel(compiled):
+        loss = kd_loss_targets(student, targets, None)
+    assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
+    value = float(loss.detach())
+    loss /= 4
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(value / 4)
+    torch.testing.assert_close(student.grad, expected / 4, rtol=1e-5, atol=1e-7)
+
+
 def test_the_top_k_gradient_is_the_same_without_torchs_log_softmax_backward_kernel():
     """The top-k node's gradient comes from torch's private log_softmax backward kernel where
     torch has it, and from the same sum spelt out where it does not."""
