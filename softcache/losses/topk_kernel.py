@@ -3,9 +3,9 @@
 `softcache.losses.targets` computes the top-k dense form (``(B, C)`` kept weights and tail
 mask) in a dozen torch ops. On a small head each op is mostly dispatch, and on the training
 thread, whose caches the student's own pass has just filled, a dozen dispatches cost more than
-the loss's arithmetic: in the benchmark's fast student (batches of 64 x 100 classes, 2.5 ms
-steps) the top-k loss made a step 4.7 % dearer than the hard-label loss did, against 1.7 % with
-this kernel (benchmarks/README.md, fourteenth pass). The kernel makes the same value and
+the loss's arithmetic: in the benchmark's fast student (batches of 64 x 100 classes, 2.8 ms
+steps, timed an epoch of each mode in turn) the top-k loss made a step 6.9 % dearer than the
+hard-label loss did, against 2.4 % with this kernel (benchmarks/README.md, fourteenth pass). The kernel makes the same value and
 gradient as those ops (to float32 rounding; its sums are float64) in one call: a log-softmax, the
 tail's share of the student's mass, the cross-entropy to the teacher's bins and ``(S q - P) / T``.
 
