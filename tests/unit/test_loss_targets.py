@@ -281,6 +281,28 @@ def test_second_derivatives_through_the_dense_form_are_right(kind):
     assert torch.autograd.gradgradcheck(lambda s: kd_loss_targets(s, targets, None), (student,))
 
 
+def _autograd_form(student: torch.Tensor, targets: tg.TeacherTargets) -> tuple[torch.Tensor, ...]:
+    """The loss (alpha 0) in autograd's form, neither the compiled pass nor the given gradient's
+    ops, and its gradient in `student`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
+        loss = kd_loss_targets(student, targets, None, alpha=0.0)
+        assert type(loss.grad_fn).__name__ == "AddBackward0"
+        (grad,) = torch.autograd.grad(loss, student)
+    return loss, grad
+
+
+def _topk_case(seed: int, temperature: float) -> tuple[tg.TeacherTargets, torch.Tensor]:
+    """Top-5 targets of 6 rows over 30 classes at `temperature`, and a student that needs a
+    gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(6, 30, generator=gen) * 2
+    values, indices = teacher.topk(5, dim=1)
+    lse = torch.logsumexp(teacher / temperature, 1)
+    targets = topk_targets(values, indices, lse, 30, temperature)
+    return targets, (torch.randn(6, 30, generator=gen) * 2).requires_grad_()
+
+
 @pytest.mark.parametrize("compiled", KERNELS)
 def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must(compiled):
     """On the CPU the top-k dense form's gradient is made with its value (one autograd node);
@@ -297,11 +319,7 @@ def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must(compi
         loss = kd_loss_targets(student, targets, None, alpha=0.0)
         assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
         (grad,) = torch.autograd.grad(loss, student)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
-        plain = kd_loss_targets(student, targets, None, alpha=0.0)
-        assert type(plain.grad_fn).__name__ == "AddBackward0"
-        (plain_grad,) = torch.autograd.grad(plain, student)
+    plain, plain_grad = _autograd_form(student, targets)
     torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
 
@@ -318,10 +336,7 @@ def test_a_cpu_top_k_loss_brings_its_gradient_and_falls_back_where_it_must(compi
         (faint_grad,) = torch.autograd.grad(fallback, faint)
     assert torch.isfinite(faint_grad).all()
     if compiled:  # the compiled pass's log-space row is autograd's
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
-            plain = kd_loss_targets(faint, targets, None)
-            (plain_grad,) = torch.autograd.grad(plain, faint)
+        plain, plain_grad = _autograd_form(faint, targets)
         torch.testing.assert_close(fallback, plain, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(faint_grad, plain_grad, rtol=1e-5, atol=1e-7)
 
@@ -352,14 +367,8 @@ def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_ups
     kept graph into a leaf must still sum to three gradients, a gradient changed in place by its
     caller must not change the next backward's, and a scaled upstream must scale it, as
     autograd's form does."""
-    gen = torch.Generator().manual_seed(13)
-    teacher = torch.randn(6, 30, generator=gen) * 2
-    values, indices = teacher.topk(5, dim=1)
-    targets = topk_targets(values, indices, torch.logsumexp(teacher / 3.0, 1), 30, 3.0)
-    student = (torch.randn(6, 30, generator=gen) * 2).requires_grad_()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
-        (expected,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
+    targets, student = _topk_case(13, 3.0)
+    _, expected = _autograd_form(student, targets)
 
     loss = kd_loss_targets(student, targets, None)
     assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"
@@ -383,14 +392,8 @@ def test_a_given_gradient_accumulates_right_under_retained_graphs_and_scaled_ups
 def test_a_top_k_loss_changed_in_place_scales_its_gradient(compiled):
     """Gradient accumulation divides the loss in place (`loss /= steps`): the node's output is
     a tensor of its own, and the gradient it hands out is scaled as autograd's form's is."""
-    gen = torch.Generator().manual_seed(15)
-    teacher = torch.randn(6, 30, generator=gen) * 2
-    values, indices = teacher.topk(5, dim=1)
-    targets = topk_targets(values, indices, torch.logsumexp(teacher / 2.0, 1), 30, 2.0)
-    student = (torch.randn(6, 30, generator=gen) * 2).requires_grad_()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "_tail_kl_with_its_gradient", lambda *args: None)
-        (expected,) = torch.autograd.grad(kd_loss_targets(student, targets, None), student)
+    targets, student = _topk_case(15, 2.0)
+    _, expected = _autograd_form(student, targets)
     with _compiled_kernel(compiled):
         loss = kd_loss_targets(student, targets, None)
     assert type(loss.grad_fn).__name__ == "_GivenGradientBackward"

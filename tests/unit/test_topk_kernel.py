@@ -98,13 +98,19 @@ def test_rows_without_tail_mass_and_rows_with_zero_weights():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-7)
 
 
+def _kernel_case(seed: int, rows: int, classes: int, k: int, *, scale: float):
+    """Top-k targets at T = 1, `topk_kl`'s arguments after the logits (up to `exact_below`),
+    and float32 logits."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(rows, classes, generator=gen)
+    values, indices = teacher.topk(k, dim=1)
+    targets = topk_targets(values, indices, torch.logsumexp(teacher, 1), classes, 1.0)
+    args = (targets.weights, targets.tail_classes, targets.tail, targets.neg_entropy, 1.0, scale)
+    return targets, args, torch.randn(rows, classes, generator=gen)
+
+
 def test_it_steps_aside_for_other_logits_and_when_switched_off_or_missing(monkeypatch):
-    gen = torch.Generator().manual_seed(8)
-    teacher = torch.randn(4, 12, generator=gen)
-    values, indices = teacher.topk(3, dim=1)
-    targets = topk_targets(values, indices, torch.logsumexp(teacher, 1), 12, 1.0)
-    args = (targets.weights, targets.tail_classes, targets.tail, targets.neg_entropy, 1.0, 0.25)
-    z = torch.randn(4, 12, generator=gen)
+    targets, args, z = _kernel_case(8, 4, 12, 3, scale=0.25)
     value, grad = topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW)
     assert value.dtype == grad.dtype == torch.float32 and grad.shape == (4, 12)
     # float64 logits (gradcheck's) keep the torch ops.
@@ -127,12 +133,7 @@ def test_it_steps_aside_for_other_logits_and_when_switched_off_or_missing(monkey
 
 
 def test_switched_off_runs_the_torch_ops_within_and_the_kernel_after():
-    gen = torch.Generator().manual_seed(9)
-    teacher = torch.randn(3, 10, generator=gen)
-    values, indices = teacher.topk(2, dim=1)
-    targets = topk_targets(values, indices, torch.logsumexp(teacher, 1), 10, 1.0)
-    args = (targets.weights, targets.tail_classes, targets.tail, targets.neg_entropy, 1.0, 1.0)
-    z = torch.randn(3, 10, generator=gen)
+    _, args, z = _kernel_case(9, 3, 10, 2, scale=1.0)
     with topk_kernel.switched_off():
         assert not topk_kernel.available()
         assert topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW) is None
