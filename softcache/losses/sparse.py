@@ -8,8 +8,11 @@ loss itself runs a GPU out of memory (DistillKit issue 24, unsloth 11554, verl 6
 
 `sparse_cross_entropy` is a `torch.autograd.Function` that walks the tokens in chunks of about
 ``CHUNK_ELEMENTS`` logits. The forward keeps, per token, only the log-sum-exps it needs (of the
-whole row and of its tail); the backward recomputes the chunk's softmax and writes the gradient
-straight into the one ``(T, V)`` gradient tensor autograd needs anyway. With ``z = s / tau``,
+whole row and of its tail); the backward recomputes each chunk's softmax and writes the gradient
+into the one ``(T, V)`` gradient tensor autograd needs anyway. Tokens that fit in one chunk keep
+the forward's softmax instead, which the backward turns into the gradient in place: no second
+softmax and no second ``(T, V)`` allocation. Each softmax is torch's fused one (on a CPU it costs
+less than torch's ``exp`` alone). With ``z = s / tau``,
 ``q = softmax(z)`` and teacher weights ``p_i`` on the support and ``p_r`` on the tail bin::
 
     CE = -sum_i p_i log q_i - p_r log q_r,   q_r = sum_{j in tail} q_j
@@ -17,9 +20,10 @@ straight into the one ``(T, V)`` gradient tensor autograd needs anyway. With ``z
 
 (``p_j = 0`` off the support): the ``m * p_student - q_teacher`` form of verl's fused KD loss. Its
 peak memory beyond the student's logits is the gradient plus one chunk, where ``F.cross_entropy``
-keeps a saved ``(T, V)`` log-softmax as well (`benchmarks/loss.py` measures both). The tail factor
-is applied in log space, ``exp(z - L + log|1 - p_r / q_r|)``, so a tail whose student mass
-underflows float32 still gets its (large) gradient instead of ``0 * inf``.
+keeps a saved ``(T, V)`` log-softmax as well (`benchmarks/loss.py` measures both). Rows whose
+tail the student gives under ``2^-60`` of its mass take the tail factor in log space,
+``exp(z - L + log|1 - p_r / q_r|)``, so a tail whose student mass underflows float32 still gets
+its (large) gradient instead of ``0 * inf``.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from torch import Tensor
 # the per-chunk launches stay under a millisecond at this size (`benchmarks/loss.py`).
 CHUNK_ELEMENTS = 2**21
 
-# Below this tail sum (relative to the row maximum's exp(0) = 1), the forward recomputes the
-# row's tail log-sum-exp around the tail's own maximum: float32 subnormals lose digits below
-# 2**-126, and a tail 100 nats under the top has lost every one of them.
+# Below this tail mass (of the student's softmax), the forward recomputes the row's tail
+# log-sum-exp around the tail's own maximum, and the backward the row's tail gradient in log
+# space: float32 subnormals lose digits below 2**-126, and a tail 100 nats under the top has lost
+# every one of them. Above it, a tail's largest entries (at least 2**-60 / V) are normal floats.
 _TAIL_RECOMPUTE = 2.0**-60
 
 
@@ -99,77 +104,135 @@ class _SparseCrossEntropy(torch.autograd.Function):
         lse = logits.new_empty(rows, dtype=dtype)
         log_q_kept = weights.new_empty(ids.shape)
         log_q_tail = logits.new_full((rows,), -math.inf, dtype=dtype)
-        buffer = logits.new_empty((min(chunk_rows, rows), vocab), dtype=dtype)
+        faint_rows: list[Tensor] = []
+        buffer = (
+            None if _as_is(logits, temperature, dtype) else _chunk_buffer(logits, chunk_rows, dtype)
+        )
+        q = logits.new_empty((0, vocab), dtype=dtype)
+        # scatter_ from a tensor of zeros runs several times faster on a CPU than from a scalar.
+        zeros = weights.new_zeros((min(chunk_rows, rows), ids.shape[1]))
         for a in range(0, rows, chunk_rows):
             b = min(a + chunk_rows, rows)
-            if temperature == 1.0 and logits.dtype == dtype:  # z - max in one pass, no copy
-                z = logits[a:b]
-                kept = z.gather(1, ids[a:b])
-                top = z.amax(dim=1, keepdim=True)
-                z = torch.sub(z, top, out=buffer[: b - a])
-            else:
-                z = _scaled(logits[a:b], temperature, buffer[: b - a])
-                kept = z.gather(1, ids[a:b])
-                top = z.amax(dim=1, keepdim=True)
-                z.sub_(top)
-            z.exp_()
-            whole = z.sum(dim=1)
-            lse[a:b] = top.squeeze(1) + whole.log()
-            log_q_kept[a:b] = kept - lse[a:b, None]
+            z = _chunk(logits, a, b, temperature, buffer)
+            # The row's log-sum-exp comes back from q's largest entry (exp(0) / sum = 1 / sum).
+            q = torch.softmax(z, dim=1)
+            lse[a:b] = z.amax(dim=1) - q.amax(dim=1).log()
+            log_q_kept[a:b] = z.gather(1, ids[a:b]) - lse[a:b, None]
             if tail:
-                tail_sum = z.scatter_(1, ids[a:b], 0.0).sum(dim=1)
-                log_q_tail[a:b] = top.squeeze(1) + tail_sum.log() - lse[a:b]
+                # q with the support zeroed is the tail's part of the backward's softmax: the
+                # backward overwrites the support anyway.
+                tail_sum = q.scatter_(1, ids[a:b], zeros[: b - a]).sum(dim=1)
+                log_q_tail[a:b] = tail_sum.log()
                 faint = torch.nonzero(tail_sum < _TAIL_RECOMPUTE).squeeze(1)
                 if len(faint) and vocab > ids.shape[1]:
                     exact = _scaled(logits[a:b][faint], temperature, None, dtype)
                     exact.scatter_(1, ids[a:b][faint], -math.inf)
                     log_q_tail[a + faint] = torch.logsumexp(exact, dim=1) - lse[a + faint]
+                    faint_rows.append(a + faint)
         ce = -_weighted(weights, log_q_kept).sum(dim=1)
         if tail:
             assert tail_weight is not None
             ce = ce - _weighted(tail_weight[:, None], log_q_tail[:, None]).squeeze(1)
-        ctx.save_for_backward(logits, ids, weights, lse, log_q_kept, log_q_tail, tail_weight)
+        # One chunk's softmax is kept for the backward, which turns it into the gradient in
+        # place: no recomputation and no second (T, V) allocation (whose fresh pages cost a CPU
+        # more than the arithmetic). It is at most CHUNK_ELEMENTS, the size of the chunk buffer
+        # the backward would otherwise need; more chunks are recomputed. Kept on ctx rather than
+        # saved, because the backward consumes it (a second backward recomputes it, bit for bit).
+        ctx.kept_q = q if rows <= chunk_rows and ctx.needs_input_grad[0] else None
+        faint_all = torch.cat(faint_rows) if faint_rows else ids.new_empty(0)
+        ctx.save_for_backward(
+            logits, ids, weights, lse, log_q_kept, log_q_tail, tail_weight, faint_all
+        )
         ctx.temperature, ctx.chunk_rows, ctx.tail = temperature, chunk_rows, tail
         return ce
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
-        logits, ids, weights, lse, log_q_kept, log_q_tail, tail_weight = ctx.saved_tensors
+        logits, ids, weights, lse, log_q_kept, log_q_tail, tail_weight, faint = ctx.saved_tensors
+        kept_q, ctx.kept_q = ctx.kept_q, None
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         tau, chunk_rows = ctx.temperature, ctx.chunk_rows
-        rows, vocab = logits.shape
-        dtype = weights.dtype
+        rows, dtype = logits.shape[0], weights.dtype
         scale = grad_out.to(dtype) / tau  # dCE/ds = dCE/dz / tau
-        shift, sign = lse, torch.ones_like(lse)
+        factor, ratio = scale, None
         if ctx.tail:
-            # Tail factor m = 1 - p_r / q_r, applied as exp(z - L + log|m|) * sign(m).
+            # The tail's factor m = 1 - p_r / q_r (rows whose tail underflowed: `faint`, below).
             ratio = torch.where(tail_weight > 0, tail_weight.log() - log_q_tail, -math.inf)
-            log_m = torch.where(
-                ratio < 0,
-                torch.log1p(-ratio.exp()),
-                ratio + torch.log1p(-(-ratio).exp()),
-            )
-            shift, sign = lse - log_m, torch.where(ratio > 0, -1.0, 1.0)
-        grad = torch.empty_like(logits)
-        direct = logits.dtype == dtype and logits.is_contiguous()
-        buffer = None if direct else logits.new_empty((min(chunk_rows, rows), vocab), dtype=dtype)
-        for a in range(0, rows, chunk_rows):
-            b = min(a + chunk_rows, rows)
-            out = grad[a:b] if direct else buffer[: b - a]  # type: ignore[index]
-            if direct and tau == 1.0:  # z - L in one pass (the same values as copy, then sub)
-                g = torch.sub(logits[a:b], shift[a:b, None], out=out)
-            else:
-                g = _scaled(logits[a:b], tau, out).sub_(shift[a:b, None])
-            g.exp_().mul_((sign[a:b] * scale[a:b])[:, None])
+            factor = -torch.expm1(ratio) * scale
+
+        def chunk_gradient(q: Tensor, a: int, b: int) -> Tensor:
+            """``m * q * scale`` over rows ``[a, b)``, in place of their softmax ``q``."""
+            g = q.mul_(factor[a:b, None])
             row_scale = scale[a:b, None]
             if ctx.tail:  # on the support m = 1: q_i - p_i, overwriting the tail's factor
-                g.scatter_(1, ids[a:b], (log_q_kept[a:b].exp() - weights[a:b]) * row_scale)
-            else:
-                g.scatter_add_(1, ids[a:b], -weights[a:b] * row_scale)
-            if not direct:
-                grad[a:b] = g
+                return g.scatter_(1, ids[a:b], (log_q_kept[a:b].exp() - weights[a:b]) * row_scale)
+            return g.scatter_add_(1, ids[a:b], -weights[a:b] * row_scale)
+
+        if kept_q is not None:
+            grad = chunk_gradient(kept_q, 0, rows).to(logits.dtype)
+        else:
+            grad = torch.empty_like(logits)
+            buffer = (
+                None if _as_is(logits, tau, dtype) else _chunk_buffer(logits, chunk_rows, dtype)
+            )
+            for a in range(0, rows, chunk_rows):
+                b = min(a + chunk_rows, rows)
+                q = torch.softmax(_chunk(logits, a, b, tau, buffer), dim=1)
+                grad[a:b] = chunk_gradient(q, a, b)
+        if len(faint):
+            assert ratio is not None
+            grad[faint] = _faint_tail_rows(
+                logits[faint],
+                ids[faint],
+                weights[faint],
+                log_q_kept[faint],
+                lse[faint],
+                ratio[faint],
+                scale[faint],
+                tau,
+            ).to(grad.dtype)
         return grad, None, None, None, None, None
+
+
+def _as_is(logits: Tensor, temperature: float, dtype: torch.dtype) -> bool:
+    """Whether the chunks are the logits themselves (no scaling, no widening copy)."""
+    return temperature == 1.0 and logits.dtype == dtype
+
+
+def _chunk_buffer(logits: Tensor, chunk_rows: int, dtype: torch.dtype) -> Tensor:
+    """One chunk's worth of scaled (or widened) logits."""
+    return logits.new_empty((min(chunk_rows, logits.shape[0]), logits.shape[1]), dtype=dtype)
+
+
+def _chunk(logits: Tensor, a: int, b: int, temperature: float, buffer: Tensor | None) -> Tensor:
+    """Rows ``[a, b)`` of ``logits / tau``: the logits themselves when ``buffer`` is None."""
+    if buffer is None:
+        return logits[a:b]
+    return _scaled(logits[a:b], temperature, buffer[: b - a])
+
+
+def _faint_tail_rows(
+    logits: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    log_q_kept: Tensor,
+    lse: Tensor,
+    ratio: Tensor,
+    scale: Tensor,
+    temperature: float,
+) -> Tensor:
+    """The gradient of rows whose tail the student gives (almost) no mass, in log space.
+
+    The tail factor ``m = 1 - p_r / q_r`` is then huge and ``q_j`` underflows, so each tail
+    entry is ``sign(m) exp(z_j - L + log|m|)`` instead of ``m * q_j``. ``(R, V)`` logits and
+    ``(R, ...)`` per-row terms in; ``(R, V)`` in ``weights``' dtype out.
+    """
+    log_m = torch.where(ratio < 0, torch.log1p(-ratio.exp()), ratio + torch.log1p(-(-ratio).exp()))
+    sign = torch.where(ratio > 0, -1.0, 1.0)
+    g = _scaled(logits, temperature, None, weights.dtype).sub_((lse - log_m)[:, None])
+    g.exp_().mul_((sign * scale)[:, None])
+    return g.scatter_(1, ids, (log_q_kept.exp() - weights) * scale[:, None])
 
 
 def _scaled(
