@@ -77,20 +77,88 @@ def topk_residual_kl(
     # k = V (distinct ids) leaves no tail: its bin is empty whatever `residual` says.
     has_tail = indices.shape[1] < student_logits.shape[1]
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 stays float64
-    residual = residual.to(dtype) if has_tail else torch.full_like(residual, -math.inf, dtype=dtype)
-    bins = torch.cat([values.to(dtype), residual.unsqueeze(1)], dim=1)
-    log_p = (bins - torch.logsumexp(bins, dim=1, keepdim=True)).detach()
-    p = log_p.exp()
+    probs, neg_entropy = teacher_bins(values.to(dtype), residual.to(dtype), has_tail=has_tail)
+    return topk_residual_kl_of_bins(
+        student_logits,
+        indices,
+        probs,
+        neg_entropy,
+        temperature=temperature,
+        reduction=reduction,
+        chunk_rows=chunk_rows,
+    )
+
+
+def teacher_bins(
+    values: Tensor, residual: Tensor, *, has_tail: bool = True
+) -> tuple[Tensor, Tensor]:
+    """The teacher's side of `topk_residual_kl`: its ``k + 1`` bins and their negative entropy.
+
+    It depends on the store's rows only, so a loader can compute it off the training thread
+    (`softcache.trainer.token_labels` does, as each block is decoded) and hand it to
+    `topk_residual_kl_of_bins`.
+
+    Args:
+        values: ``(T, k)`` teacher log-probabilities at the store's temperature, float32 or
+            float64.
+        residual: ``(T,)`` log of the tail mass, the same dtype.
+        has_tail: False when the kept ids are the whole vocabulary (``k = V``): the tail bin is
+            then empty whatever ``residual`` says.
+
+    Returns:
+        ``probs`` ``(T, k + 1)``: the bins renormalised to sum to 1 (a no-op for exact values;
+        needed after quantisation), the tail's last; and ``neg_entropy`` ``(T,)``:
+        ``sum_i p_i log p_i`` with ``0 log 0 = 0``. Both in ``values``' dtype, without gradient.
+    """
+    if not has_tail:
+        residual = torch.full_like(residual, -math.inf)
+    bins = torch.cat([values, residual.to(values.dtype).unsqueeze(1)], dim=1).detach()
+    log_p = bins - torch.logsumexp(bins, dim=1, keepdim=True)
+    return log_p.exp(), kl_terms(log_p, torch.zeros_like(log_p)).sum(dim=1)
+
+
+def topk_residual_kl_of_bins(
+    student_logits: Tensor,
+    indices: Tensor,
+    probs: Tensor,
+    neg_entropy: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """`topk_residual_kl` from the teacher's bins `teacher_bins` made beforehand.
+
+    Args:
+        student_logits: ``(T, V)`` any float dtype.
+        indices: ``(T, k)`` integer ids of the kept bins, distinct within a row.
+        probs: ``(T, k + 1)`` and ``neg_entropy``: ``(T,)``, `teacher_bins`' (any float dtype).
+        temperature, reduction, chunk_rows: as `topk_residual_kl`'s.
+
+    Returns:
+        A float32 scalar (``(T,)`` with ``reduction="none"``); float64 for float64 logits.
+    """
+    check_temperature(temperature)
+    _check_rows(student_logits, indices, indices)
+    if probs.shape != (indices.shape[0], indices.shape[1] + 1) or neg_entropy.shape != (
+        indices.shape[0],
+    ):
+        raise ValueError(
+            f"expected probs (T, k + 1) and neg_entropy (T,) for indices {tuple(indices.shape)}, "
+            f"got {tuple(probs.shape)} and {tuple(neg_entropy.shape)}; make them with teacher_bins"
+        )
+    has_tail = indices.shape[1] < student_logits.shape[1]
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    probs = probs.to(dtype)
     ce = sparse_cross_entropy(
         student_logits,
         indices,
-        p[:, :-1],
-        p[:, -1] if has_tail else None,
+        probs[:, :-1],
+        probs[:, -1] if has_tail else None,
         temperature=temperature,
         chunk_rows=chunk_rows,
     )
-    neg_entropy = kl_terms(log_p, torch.zeros_like(log_p)).sum(dim=1)
-    return _reduce(temperature**2 * (neg_entropy + ce), reduction)
+    return _reduce(temperature**2 * (neg_entropy.to(dtype) + ce), reduction)
 
 
 def topk_residual_kl_reference(

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softcache.store import LogitStore, decode_token_rows
+from softcache.losses.tokens import teacher_bins
+from softcache.store import LogitStore, StoreMeta, decode_token_rows
 
 # Tokens per plan block, at least: the plan shuffles samples within windows of blocks, and
 # windows of a few shards' tokens hold only a few hundred short sequences, often from one
@@ -52,8 +53,10 @@ class TokenLabels:
         lengths: (B,) int64 tokens of each sample; the rows below hold sample ``indices[0]``'s
             tokens first, each sample's in position order (``sum(lengths)`` rows in all).
         fields: `TokenCodec.decode`'s tensors, one row per token: ``values`` (T, k) float32
-            log-probabilities, ``indices`` (T, k) int64 and ``residual`` (T,) for top-k stores;
-            ``ids`` (T, n) int64, ``counts`` (T, n) and ``entropy`` (T,) for sampled stores.
+            log-probabilities, ``indices`` (T, k) int64 and ``residual`` (T,) for top-k stores,
+            with the teacher's bins ``probs`` (T, k + 1) and ``neg_entropy`` (T,), float32
+            (`decode_with_bins`); ``ids`` (T, n) int64, ``counts`` (T, n) and ``entropy`` (T,)
+            for sampled stores.
     """
 
     indices: np.ndarray
@@ -111,8 +114,9 @@ class TokenBlocks:
         return {b: self.decode(data) for b, data in zip(blocks, computed, strict=True)}
 
     def decode(self, data: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        """Stored rows -> the loss's tensors (on the reader thread)."""
-        return decode_token_rows({k: np.asarray(v) for k, v in data.items()}, self.store.meta)
+        """Stored rows -> the loss's tensors, with the teacher's side of the loss (on the
+        reader thread: `decode_with_bins`)."""
+        return decode_with_bins({k: np.asarray(v) for k, v in data.items()}, self.store.meta)
 
     def take(
         self,
@@ -151,6 +155,24 @@ class TokenBlocks:
                     out[name] = tensor.new_empty((int(lengths.sum()), *tensor.shape[1:]))
                 out[name][dst] = tensor.index_select(0, src)
         return TokenLabels(indices=ids, lengths=lengths, fields=out)
+
+
+def decode_with_bins(arrays: dict[str, np.ndarray], meta: StoreMeta) -> dict[str, Tensor]:
+    """`decode_token_rows`' fields of a token store's rows, and for a top-k store the teacher's
+    side of its loss: ``probs`` (T, k + 1) float32 and ``neg_entropy`` (T,) float32
+    (`softcache.losses.tokens.teacher_bins`).
+
+    The loss depends on them only through the store's rows, so computing them where the rows are
+    decoded, once per block and off the training thread, takes a dozen small ops per step off the
+    step (`token_kd_loss` uses them when they are there).
+    """
+    fields = decode_token_rows(arrays, meta)
+    codec = meta.codec
+    if codec.encoding == "topk":
+        fields["probs"], fields["neg_entropy"] = teacher_bins(
+            fields["values"], fields["residual"], has_tail=codec.width < codec.vocab_size
+        )
+    return fields
 
 
 def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from softcache.data.hashing import hash_rows
 from softcache.errors import DatasetMismatchError, StoreFormatError
-from softcache.store import LogitStore, StoreMeta, decode_token_rows
+from softcache.store import LogitStore, StoreMeta
+from softcache.trainer.token_labels import decode_with_bins
 
 
 class TokenTargets:
@@ -79,7 +80,8 @@ class TokenTargets:
         """Sample ``index``'s decoded rows: `TokenCodec.decode`'s fields, ``n_i`` rows each.
 
         Top-k stores: ``values`` (n, k) float32 log-probabilities, ``indices`` (n, k) int64,
-        ``residual`` (n,) float32; sampled stores: ``ids`` (n, D) int64, ``counts`` (n, D),
+        ``residual`` (n,) float32, and the teacher's bins ``probs`` (n, k + 1) and
+        ``neg_entropy`` (n,) float32 (`decode_with_bins`); sampled stores: ``ids`` (n, D) int64, ``counts`` (n, D),
         ``entropy`` (n,) float32.
         """
         if not 0 <= index < len(self):
@@ -117,14 +119,14 @@ class TokenTargets:
 
     def _shard(self, shard: int) -> dict[str, Tensor]:
         if shard < 0:  # a store without rows: an empty decode gives the fields' shapes
-            return decode_token_rows(self._open().read_rows(0, 0), self.meta)
+            return decode_with_bins(self._open().read_rows(0, 0), self.meta)
         cached = self._cache.get(shard)
         if cached is not None:
             self._cache.move_to_end(shard)
             return cached
         store = self._open()
         start, stop = store.shard_bounds(shard)
-        decoded = decode_token_rows(store.read_rows(start, stop), self.meta)
+        decoded = decode_with_bins(store.read_rows(start, stop), self.meta)
         self._cache[shard] = decoded
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)

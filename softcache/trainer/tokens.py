@@ -201,12 +201,23 @@ def token_kd_loss(
         student_rows: (T, W) student logits of the real tokens, ``W >= V`` (the store's
             vocabulary; a wider, padded student vocabulary is fine: its extra ids get the
             teacher's zero probability).
-        fields: `TokenCodec.decode`'s tensors for the same T tokens.
+        fields: `TokenCodec.decode`'s tensors for the same T tokens; with ``probs`` and
+            ``neg_entropy`` (`softcache.trainer.token_labels.decode_with_bins`), the top-k loss
+            takes the teacher's bins from them instead of computing them here.
         codec: the store's codec (`store.meta.codec`): top-k with its residual bin, or sampled.
         reduction: `mean` over tokens, or `none` for (T,) per-token losses.
     """
     check_logit_width(student_rows.shape[1], codec)
     tau = codec.temperature
+    if codec.encoding == "topk" and "probs" in fields:  # the teacher's side made by the loader
+        return token_losses.topk_residual_kl_of_bins(
+            student_rows,
+            fields["indices"],
+            fields["probs"],
+            fields["neg_entropy"],
+            temperature=tau,
+            reduction=reduction,
+        )
     if codec.encoding == "topk":
         return token_losses.topk_residual_kl(
             student_rows,

@@ -11,6 +11,7 @@ import torch
 
 import softcache
 from softcache.errors import DatasetMismatchError
+from softcache.losses.tokens import teacher_bins
 from softcache.store import LogitStore, decode_token_rows
 from softcache.trainer.tokens import token_kd_loss
 from tests.helpers import ROOT
@@ -56,13 +57,22 @@ def test_aligned_token_batches_cover_the_epoch_with_the_stores_rows(store: Path)
     for inputs, targets in aligned.epoch(plan):
         seen += targets.indices.tolist()
         expected = [_direct(opened, int(i)) for i in targets.indices]
-        for name, tensor in targets.fields.items():
-            torch.testing.assert_close(tensor, torch.cat([e[name] for e in expected]))
+        decoded = {name: torch.cat([e[name] for e in expected]) for name in expected[0]}
+        for name, tensor in decoded.items():
+            torch.testing.assert_close(targets.fields[name], tensor)
+        codec = opened.meta.codec
+        if codec.encoding == "topk":  # the loader's teacher bins are the loss's own
+            probs, neg_entropy = teacher_bins(decoded["values"], decoded["residual"])
+            torch.testing.assert_close(targets.fields["probs"], probs)
+            torch.testing.assert_close(targets.fields["neg_entropy"], neg_entropy)
+        assert set(targets.fields) - set(decoded) <= {"probs", "neg_entropy"}
         logits = student(inputs.input_ids)
-        loss = softcache.token_distillation_loss(logits, inputs, targets, opened.meta.codec)
+        loss = softcache.token_distillation_loss(logits, inputs, targets, codec)
         if inputs.num_tokens:
             rows = logits[inputs.attention_mask]
-            torch.testing.assert_close(loss, token_kd_loss(rows, targets.fields, opened.meta.codec))
+            torch.testing.assert_close(loss, token_kd_loss(rows, targets.fields, codec))
+            # ... and the loss from the loader's bins is the loss from the rows alone
+            torch.testing.assert_close(loss, token_kd_loss(rows, decoded, codec))
         mixed = softcache.token_distillation_loss(
             logits, inputs, targets, opened.meta.codec, alpha=0.5
         )

@@ -23,13 +23,18 @@ from click.testing import CliRunner, Result
 from softcache.cli import main
 from softcache.config import TrainConfig
 from softcache.errors import DatasetMismatchError
-from softcache.store import LogitStore, decode_token_rows
+from softcache.store import LogitStore
 from softcache.trainer import checkpoint as lm_train
 from softcache.trainer import train
 from softcache.trainer.checkpoint import CHECKPOINT, METRICS
 from softcache.trainer.plan import EpochPlan
 from softcache.trainer.stream import SoftLabelStream
-from softcache.trainer.token_labels import BLOCK_TOKENS, TokenBlocks, block_samples_for
+from softcache.trainer.token_labels import (
+    BLOCK_TOKENS,
+    TokenBlocks,
+    block_samples_for,
+    decode_with_bins,
+)
 from tests.helpers import lm_train_specs as ls
 from tests.helpers import one_line_error, snapshot
 from tests.helpers import token_specs as ts
@@ -493,9 +498,10 @@ def test_stream_labels_are_each_samples_rows_in_batch_order(
     store = LogitStore.open(stores[encoding])
     offsets = store.offsets()
     n = store.meta.num_samples
-    # Each sample's rows read straight from the store, one read per sample.
+    # Each sample's rows read straight from the store, one read per sample (with the teacher's
+    # bins of a top-k store, which the stream makes per block).
     own = [
-        decode_token_rows(store.read_rows(int(offsets[i]), int(offsets[i + 1])), store.meta)
+        decode_with_bins(store.read_rows(int(offsets[i]), int(offsets[i + 1])), store.meta)
         for i in range(n)
     ]
     plan = EpochPlan(

@@ -146,3 +146,60 @@ def test_tail_whose_student_mass_underflows_keeps_its_gradient() -> None:
     assert bool(torch.isfinite(lean).all()) and bool(torch.isfinite(lean_s.grad).all())
     torch.testing.assert_close(lean.double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lean_s.grad.double(), ref_s.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_a_second_backward_recomputes_the_kept_softmax_bit_for_bit(
+    tail: bool, temperature: float
+) -> None:
+    """One chunk's softmax is kept from the forward and turned into the gradient in place; a
+    second backward through the same graph (retain_graph) recomputes it, to the same bits, and
+    several chunks give the same gradient as one."""
+    student = _logits(5, 12, 40).requires_grad_()
+    ids, weights, tail_weight = _topk_weights(_logits(6, 12, 40), 6, temperature)
+    upstream = torch.linspace(0.5, 2.0, 12)
+    one_chunk = sparse_cross_entropy(
+        student, ids, weights, tail_weight if tail else None, temperature=temperature
+    )
+    (first,) = torch.autograd.grad(one_chunk, student, upstream, retain_graph=True)
+    (second,) = torch.autograd.grad(one_chunk, student, upstream)
+    assert torch.equal(first, second)
+    chunked = sparse_cross_entropy(
+        student, ids, weights, tail_weight if tail else None, temperature=temperature, chunk_rows=5
+    )
+    (by_chunks,) = torch.autograd.grad(chunked, student, upstream)
+    torch.testing.assert_close(chunked, one_chunk, rtol=0, atol=0)
+    torch.testing.assert_close(by_chunks, first, rtol=0, atol=0)
+
+
+def test_without_gradient_the_forward_keeps_nothing_for_a_backward() -> None:
+    """Under no_grad (evaluation) the value is the same and no softmax is held."""
+    student = _logits(7, 6, 30)
+    ids, weights, tail_weight = _topk_weights(_logits(8, 6, 30), 4, 1.0)
+    with torch.no_grad():
+        plain = sparse_cross_entropy(student, ids, weights, tail_weight)
+    graded = sparse_cross_entropy(student.clone().requires_grad_(), ids, weights, tail_weight)
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, graded.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [5, 30])
+def test_the_loss_of_teacher_bins_made_beforehand_is_topk_residual_kl(k: int) -> None:
+    """`teacher_bins` (what a loader computes as it decodes) then `topk_residual_kl_of_bins` give
+    `topk_residual_kl`'s value and gradient, with a tail (k < V) and without one (k = V)."""
+    student = _logits(9, 10, 30, dtype=torch.float64)
+    values, indices, residual = tk.topk_residual(_logits(10, 10, 30), k, temperature=1.5)
+    direct_s, binned_s = student.clone().requires_grad_(), student.clone().requires_grad_()
+    direct = token_losses.topk_residual_kl(direct_s, values, indices, residual, temperature=1.5)
+    probs, neg_entropy = token_losses.teacher_bins(values, residual, has_tail=k < 30)
+    binned = token_losses.topk_residual_kl_of_bins(
+        binned_s, indices, probs, neg_entropy, temperature=1.5
+    )
+    direct.backward()
+    binned.backward()
+    torch.testing.assert_close(binned, direct, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(binned_s.grad, direct_s.grad, rtol=1e-6, atol=1e-8)
+    assert probs.shape == (10, k + 1) and bool((probs[:, -1] == 0).all()) == (k == 30)
+    with pytest.raises(ValueError, match=r"probs \(T, k \+ 1\)"):
+        token_losses.topk_residual_kl_of_bins(student, indices, probs[:, 1:], neg_entropy)
