@@ -249,14 +249,24 @@ def decode_elias_fano(
     nbits = elias_fano_bits(vocab_size, width, lo)
     _, n, valid, slot = _ef_rows(packed.new_zeros((rows, width), dtype=torch.long), lengths, width)
     bits = _unpack_bits(packed, nbits)
-    arange_lo = torch.arange(lo, device=packed.device)
-    low_bits_at = (slot.unsqueeze(1) * lo + arange_lo).reshape(-1)
-    low = (bits[:, low_bits_at].reshape(rows, width, lo).long() << arange_lo).sum(dim=2)
+    # Slot i's low bits are bits [i L, (i + 1) L): the first W L bits, whatever the row's length
+    # (slots past it read the bit vector's bits, and are replaced below).
+    low = _bit_values(bits[:, : width * lo].reshape(rows, width, lo))
     span = width + ((vocab_size - 1) >> lo) + 1  # length of the unary bit vector
     column = torch.arange(span, device=packed.device)
-    vector = bits.gather(1, n.unsqueeze(1) * lo + column)
-    ones_at = torch.where(vector, column, span).sort(dim=1).values[:, :width]
-    ids = ((ones_at - slot) << lo) | low
+    if lengths is None:  # every row's vector starts at W L
+        vector = bits[:, width * lo : width * lo + span]
+    else:
+        vector = bits.gather(1, n.unsqueeze(1) * lo + column)
+    # The i-th one of the vector goes to slot i: its rank among the ones, by a running count
+    # (ones past the W-th, which a valid row has not, go to a sink column that is cut, as do
+    # the zeros); slots without a one keep `span`, as a sort of where(vector, column, span) did.
+    target = (vector.cumsum(dim=1) - 1).masked_fill_(~vector, width).clamp_(max=width)
+    ones_at = torch.full((rows, width + 1), span, dtype=torch.long, device=packed.device)
+    ones_at = ones_at.scatter_(1, target, column.expand(rows, span))[:, :width]
+    ids = ones_at.sub_(slot).bitwise_left_shift_(lo).bitwise_or_(low)
+    if lengths is None:  # every slot holds an id
+        return ids
     last = ids.gather(1, (n - 1).clamp_min(0).unsqueeze(1))
     return torch.where(valid, ids, torch.where(n.unsqueeze(1) > 0, last, 0))
 
@@ -304,6 +314,17 @@ def _bits_of(ids: Tensor, bits: int) -> Tensor:
     return ((ids.unsqueeze(2) >> torch.arange(bits, device=ids.device)) & 1).bool()
 
 
+def _bit_values(bits: Tensor) -> Tensor:
+    """``(..., L)`` bool, least significant bit first -> ``(...)`` int64 values."""
+    count = bits.shape[-1]
+    if count == 0 or count > 52:
+        return (bits.long() << torch.arange(count, device=bits.device)).sum(dim=-1)
+    # One matrix product, twice as fast as shifting and summing on a CPU. float64 is exact below
+    # 2^53, and autocast leaves it alone (it would round a float32 product to float16 on a GPU).
+    weights = 2.0 ** torch.arange(count, dtype=torch.float64, device=bits.device)
+    return (bits.to(torch.float64) @ weights).long()
+
+
 def _pack_bits(bits: Tensor) -> Tensor:
     """``(T, n)`` bool -> ``(T, ceil(n / 8))`` uint8, bit ``j`` of a byte = column ``8b + j``."""
     rows, n = bits.shape
@@ -317,8 +338,8 @@ def _unpack_bits(packed: Tensor, n: int) -> Tensor:
     if packed.dtype != torch.uint8 or packed.shape[1] * 8 < n:
         raise ValueError(f"need (T, {-(-n // 8)}) uint8, got {packed.dtype} {tuple(packed.shape)}")
     rows, nbytes = packed.shape
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(2) >> shifts) & 1).bool().reshape(rows, nbytes * 8)[:, :n]
+    masks = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(2) & masks) != 0).reshape(rows, nbytes * 8)[:, :n]
 
 
 def _ef_rows(

@@ -90,6 +90,55 @@ def test_elias_fano_round_trips(seed, vocab, rows, width, ragged, low) -> None:
         assert bool((decoded[row, m:] == pad).all())
 
 
+def _elias_fano_by_the_bit(
+    packed: torch.Tensor, vocab: int, width: int, lengths: torch.Tensor | None, lo: int
+) -> torch.Tensor:
+    """`decode_elias_fano` spelt out a bit at a time, for any bytes (a valid code or not): slot
+    i's low bits are bits [i L, (i + 1) L); the row's n L low bits are followed by the unary
+    vector, whose i-th one at column c gives the high part c - i (a missing one reads as the
+    vector's length); slots past the row's length repeat its last id (0 when it has none)."""
+    span = width + ((vocab - 1) >> lo) + 1
+    out = torch.zeros((packed.shape[0], width), dtype=torch.long)
+    for r, row in enumerate(packed.tolist()):
+        bits = [(byte >> j) & 1 for byte in row for j in range(8)]
+        n = width if lengths is None else int(lengths[r])
+        vector = bits[n * lo : n * lo + span]
+        ones = [c for c, bit in enumerate(vector) if bit][:width]
+        ones += [span] * (width - len(ones))
+        for i in range(width):
+            low = sum(bits[i * lo + j] << j for j in range(lo))
+            out[r, i] = ((ones[i] - i) << lo) | low
+        out[r, n:] = out[r, n - 1] if n else 0
+    return out
+
+
+@FEW
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    vocab=st.integers(1, 2**12),
+    rows=st.integers(0, 6),
+    width=st.integers(1, 24),
+    ragged=st.booleans(),
+    low=st.one_of(st.none(), st.integers(0, 30)),
+)
+def test_elias_fano_decodes_any_bytes_as_the_bit_by_bit_reading(
+    seed, vocab, rows, width, ragged, low
+) -> None:
+    """The vectorised decoder (running ranks, one scatter) reads any bytes, a corrupt row's
+    included, as the bit-by-bit reading does: it cannot differ from the code's definition on the
+    rows no encoder wrote."""
+    lo = tk.elias_fano_low_bits(vocab, width) if low is None else low
+    nbytes = math.ceil(tk.elias_fano_bits(vocab, width, lo) / 8)
+    gen = _gen(seed)
+    packed = torch.randint(0, 256, (rows, nbytes), generator=gen, dtype=torch.uint8)
+    if rows:  # rows of a real code as well, and sparse random bits
+        packed[0] = tk.encode_elias_fano(_sorted_rows(seed, 1, width, vocab), vocab, low_bits=lo)
+        packed[-1] &= torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8)
+    lengths = torch.randint(0, width + 1, (rows,), generator=gen) if ragged else None
+    decoded = tk.decode_elias_fano(packed, vocab, width, lengths=lengths, low_bits=low)
+    assert torch.equal(decoded, _elias_fano_by_the_bit(packed, vocab, width, lengths, lo))
+
+
 def test_elias_fano_is_near_the_entropy_of_a_set() -> None:
     """32 ids of 2^17: 56 bytes, against log2 C(2^17, 32) / 8 = 53.3 and 68 bit-packed."""
     vocab = 2**17
