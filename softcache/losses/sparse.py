@@ -19,9 +19,10 @@ less than torch's ``exp`` alone). With ``z = s / tau``,
     dCE/dz_j = m_j q_j - p_j,   m_j = 1 on the support, 1 - p_r / q_r on the tail
 
 (``p_j = 0`` off the support): the ``m * p_student - q_teacher`` form of verl's fused KD loss. Its
-peak memory beyond the student's logits is the gradient plus one chunk, where ``F.cross_entropy``
-keeps a saved ``(T, V)`` log-softmax as well (`benchmarks/loss.py` measures both). Rows whose
-tail the student gives under ``2^-60`` of its mass take the tail factor in log space,
+peak memory beyond the student's logits is the gradient plus a chunk or two (the softmax's, and
+the scaled logits' at ``tau != 1``), where ``F.cross_entropy`` keeps a saved ``(T, V)``
+log-softmax as well (`benchmarks/loss.py` measures both). Rows whose tail the student gives
+under ``2^-60`` of its mass take the tail factor in log space,
 ``exp(z - L + log|1 - p_r / q_r|)``, so a tail whose student mass underflows float32 still gets
 its (large) gradient instead of ``0 * inf``.
 """
