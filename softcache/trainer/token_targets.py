@@ -81,8 +81,8 @@ class TokenTargets:
 
         Top-k stores: ``values`` (n, k) float32 log-probabilities, ``indices`` (n, k) int64,
         ``residual`` (n,) float32, and the teacher's bins ``probs`` (n, k + 1) and
-        ``neg_entropy`` (n,) float32 (`decode_with_bins`); sampled stores: ``ids`` (n, D) int64, ``counts`` (n, D),
-        ``entropy`` (n,) float32.
+        ``neg_entropy`` (n,) float32 (`decode_with_bins`); sampled stores: ``ids`` (n, D)
+        int64, ``counts`` (n, D), ``entropy`` (n,) float32.
         """
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} of a store of {len(self)} samples")

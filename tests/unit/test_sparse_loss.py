@@ -173,8 +173,9 @@ def test_a_second_backward_recomputes_the_kept_softmax_bit_for_bit(
     torch.testing.assert_close(by_chunks, first, rtol=0, atol=0)
 
 
-def test_without_gradient_the_forward_keeps_nothing_for_a_backward() -> None:
-    """Under no_grad (evaluation) the value is the same and no softmax is held."""
+def test_under_no_grad_the_value_is_the_one_with_a_gradient() -> None:
+    """Under no_grad (evaluation) the forward builds no graph and gives the same bits as with
+    one (which keeps its softmax for the backward)."""
     student = _logits(7, 6, 30)
     ids, weights, tail_weight = _topk_weights(_logits(8, 6, 30), 4, 1.0)
     with torch.no_grad():
