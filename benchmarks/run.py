@@ -35,6 +35,7 @@ from benchmarks.harness import (
     write_json,
 )
 from benchmarks.lm import LMBuildBench, LMTrainBench, bytes_workload, v32k_workload
+from benchmarks.lockstep import LockstepBench
 from benchmarks.own_loop import OwnLoopBench
 from benchmarks.scaling import ScalingBench
 from benchmarks.speedup import SpeedupBench
@@ -85,6 +86,10 @@ class Settings:
     train_variant_rounds: int
     fast_train_variant_rounds: int
     train_epochs: int
+    # The fast student's goal runs again, taking turns by epochs (`benchmarks.lockstep`): rounds
+    # (a process per mode each) and epochs per run (the first left out). Informational.
+    fast_turns_rounds: int
+    fast_turns_epochs: int
     speedup_rounds: int
     online_epochs: int
     cost_rounds: int
@@ -113,6 +118,8 @@ QUICK = Settings(
     train_variant_rounds=1,
     fast_train_variant_rounds=1,
     train_epochs=3,
+    fast_turns_rounds=1,
+    fast_turns_epochs=4,
     speedup_rounds=1,
     online_epochs=2,
     cost_rounds=3,
@@ -140,6 +147,8 @@ FULL = Settings(
     train_variant_rounds=3,
     fast_train_variant_rounds=4,
     train_epochs=3,
+    fast_turns_rounds=3,
+    fast_turns_epochs=25,
     speedup_rounds=3,
     online_epochs=2,
     cost_rounds=7,
@@ -205,7 +214,14 @@ def benches(
                     workload, sub / "variants", part="variants", stores=goals.stores
                 )
                 out += [(goals, rounds), (variants, variant_rounds)]
-            return out
+            turns = LockstepBench(
+                workloads[1],
+                workdir / "fast-student" / "turns",
+                goals.stores,  # the last loop's: the fast student's goal bench's
+                s.fast_turns_epochs,
+                goal=None,
+            )
+            return [*out, (turns, s.fast_turns_rounds)]
         return [
             (OwnLoopBench(workloads[0], workdir / "own-loop"), s.train_rounds),
             (OwnLoopBench(workloads[1], workdir / "own-loop-fast"), s.train_rounds),

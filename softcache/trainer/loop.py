@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,17 @@ class TrainResult:
         return self.rank == 0
 
 
-def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
+# Called after each epoch's evaluation and checkpoint: (the epoch's index from 0, the run's metrics).
+EpochHook = Callable[[int, dict[str, Any]], None]
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    client: Any | None = None,
+    on_epoch_end: EpochHook | None = None,
+) -> TrainResult:
     """Train a student as `config` says; write checkpoints, metrics.json and student.pt under
     `config.output`.
 
@@ -97,6 +108,13 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         config: the training configuration (`config.lm` picks the token layout).
         progress: show a progress bar on stderr (rank 0 only).
         client: a `distributed.Client` for the soft-label stream (overrides `dask_scheduler`).
+        on_epoch_end: called on every rank after each epoch's evaluation and checkpoint, with the
+            epoch's index (from 0) and the run's metrics so far (as in metrics.json; the epoch's
+            entries last; read them, do not change them), before the next epoch's clock starts:
+            to log them elsewhere, or to pause between epochs (`benchmarks.lockstep` takes turns
+            that way). What it raises ends the run; its checkpoint is kept, so `resume`
+            continues from the next epoch. Under DDP a rank it holds back holds the others at
+            their next collective.
 
     Returns:
         A `TrainResult`. Row runs record per epoch `train_loss`, `eval_accuracy`,
@@ -125,7 +143,15 @@ def train(config: TrainConfig, *, progress: bool = True, client: Any | None = No
         if client is None and config.dask_scheduler:
             client = connect(config.dask_scheduler)
             stack.callback(client.close)  # a client we opened, we close
-        return _train(config, ranks, device, progress=progress, client=client, stack=stack)
+        return _train(
+            config,
+            ranks,
+            device,
+            progress=progress,
+            client=client,
+            stack=stack,
+            on_epoch_end=on_epoch_end,
+        )
 
 
 def _train(
@@ -136,6 +162,7 @@ def _train(
     progress: bool,
     client: Any | None,
     stack: contextlib.ExitStack,
+    on_epoch_end: EpochHook | None,
 ) -> TrainResult:
     cuda = device.type == "cuda"
     output = Path(config.output)
@@ -294,6 +321,8 @@ def _train(
             )
             ckpt.save_student(output, student, tokenizer=layout.tokenizer)
             ckpt.write_json(output / ckpt.METRICS, metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
     if ranks.main:
         ckpt.write_json(output / ckpt.METRICS, metrics)
     return TrainResult(

@@ -229,6 +229,42 @@ def test_resume_after_the_last_epoch_changes_nothing(digits_stores, tmp_path):
     assert again.metrics["train_loss"] == first.metrics["train_loss"]
 
 
+def test_the_epoch_hook_sees_each_epoch_and_a_run_it_stops_resumes_to_the_same_weights(
+    digits_stores, tmp_path
+):
+    """`on_epoch_end` runs after each epoch's checkpoint with that epoch's metrics; what it
+    raises ends the run, and `resume` continues it to an uninterrupted run's weights."""
+    seen: list[tuple[int, int, float]] = []
+
+    def record(epoch: int, metrics: dict) -> None:
+        assert (tmp_path / "whole" / CHECKPOINT).is_file()
+        seen.append((epoch, len(metrics["epoch_seconds"]), metrics["train_loss"][-1]))
+
+    whole = train(
+        _config(digits_stores, tmp_path / "whole", epochs=3), progress=False, on_epoch_end=record
+    )
+    assert [(e, n) for e, n, _ in seen] == [(0, 1), (1, 2), (2, 3)]
+    assert [loss for *_, loss in seen] == whole.metrics["train_loss"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch: int, metrics: dict) -> None:
+        raise Stop(epoch)
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Stop):
+        train(
+            _config(digits_stores, stopped, epochs=3), progress=False, on_epoch_end=stop_after_first
+        )
+    state = torch.load(stopped / CHECKPOINT, weights_only=False)
+    assert state["plan"]["epoch"] == 1 and state["plan"]["cursor"] == 0
+    resumed = train(_config(digits_stores, stopped, epochs=3, resume=True), progress=False)
+    for want, got in zip(whole.student.parameters(), resumed.student.parameters(), strict=True):
+        assert torch.equal(want, got)
+    assert resumed.metrics["train_loss"] == whole.metrics["train_loss"]
+
+
 def _train_cmd(stores: dict[str, str], out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "softcache.cli", "train",
