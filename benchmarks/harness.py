@@ -62,7 +62,11 @@ class Figure:
 
 
 def interleave(
-    cases: Mapping[str, Callable[[], float]], rounds: int, *, warmup: bool = True
+    cases: Mapping[str, Callable[[], float]],
+    rounds: int,
+    *,
+    warmup: bool = True,
+    alternate: bool = True,
 ) -> dict[str, list[float]]:
     """Run every case once per round, in turn, after one discarded warm-up round.
 
@@ -70,6 +74,10 @@ def interleave(
         cases: name -> a callable returning the seconds (or any measure) of one run.
         rounds: measured rounds.
         warmup: run the discarded round first (cases that discard their own warm-up skip it).
+        alternate: run every other round in the reverse order, so that what a case's place in
+            a round costs or saves it (the caches or the allocator the case before left, the
+            machine's drift over a round) falls on every case alike; False for cases that
+            need the ones before them (a build whose store the next case reads).
 
     Returns:
         name -> the `rounds` measures, in order.
@@ -78,9 +86,10 @@ def interleave(
         for run in cases.values():
             run()
     out: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, run in cases.items():
-            out[name].append(run())
+    names = list(cases)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 or not alternate else reversed(names):
+            out[name].append(cases[name]())
     return out
 
 

@@ -204,6 +204,7 @@ class ScalingBench:
     """
 
     warmup = False  # a child is a cold start by design
+    alternate = False  # each N's build first: its other phases read the store it makes
 
     def __init__(self, sizes: Sequence[int], phases: Sequence[str], workdir: Path) -> None:
         unknown = sorted(set(sizes) - set(SCALE_DATASETS))

@@ -108,33 +108,6 @@ class TrainWorkload:
         )
 
 
-def training_config(
-    workload: TrainWorkload,
-    store: Path,
-    mode: str,
-    output: Path,
-    *,
-    teacher: str | None = None,
-    epochs: int | None = None,
-    loader: str = "process",
-    threads: int = 0,
-) -> TrainConfig:
-    """The `TrainConfig` of one run of the workload's student (arguments as `run_training`)."""
-    return TrainConfig(
-        student=workload.student,
-        dataset=workload.dataset,
-        store=str(store),
-        mode=mode,
-        teacher=(teacher or workload.teacher) if mode == "online" else None,
-        epochs=workload.epochs if epochs is None else epochs,
-        batch_size=workload.batch_size,
-        device=workload.device,
-        output=str(output),
-        loader=loader,
-        threads=threads,
-    )
-
-
 def run_training(
     workload: TrainWorkload,
     store: Path,
@@ -161,13 +134,16 @@ def run_training(
     Returns:
         `TrainResult.metrics`: per-epoch lists such as `epoch_seconds` and `data_wait_fraction`.
     """
-    config = training_config(
-        workload,
-        store,
-        mode,
-        output,
-        teacher=teacher,
-        epochs=epochs,
+    config = TrainConfig(
+        student=workload.student,
+        dataset=workload.dataset,
+        store=str(store),
+        mode=mode,
+        teacher=(teacher or workload.teacher) if mode == "online" else None,
+        epochs=workload.epochs if epochs is None else epochs,
+        batch_size=workload.batch_size,
+        device=workload.device,
+        output=str(output),
         loader=loader,
         threads=threads,
     )

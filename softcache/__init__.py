@@ -10,6 +10,7 @@ pay for torch, zarr and dask until a command or a name needs them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from softcache._version import __version__
@@ -102,12 +103,18 @@ def build(config: BuildConfig, *, progress: bool = True, client: Any | None = No
     return run_build(config, progress=progress, client=client)
 
 
-def train(config: TrainConfig, *, progress: bool = True, client: Any | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    client: Any | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Run `softcache train` from Python: rows or tokens, as `config.lm` says (see
-    `softcache.trainer.train`)."""
+    `softcache.trainer.train`, which `on_epoch_end` is passed to)."""
     from softcache.trainer import train as run_train
 
-    return run_train(config, progress=progress, client=client)
+    return run_train(config, progress=progress, client=client, on_epoch_end=on_epoch_end)
 
 
 __all__ = [

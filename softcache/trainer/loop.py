@@ -111,10 +111,9 @@ def train(
         on_epoch_end: called on every rank after each epoch's evaluation and checkpoint, with the
             epoch's index (from 0) and the run's metrics so far (as in metrics.json; the epoch's
             entries last; read them, do not change them), before the next epoch's clock starts:
-            to log them elsewhere, or to pause between epochs (`benchmarks.lockstep` takes turns
-            that way). What it raises ends the run; its checkpoint is kept, so `resume`
-            continues from the next epoch. Under DDP a rank it holds back holds the others at
-            their next collective.
+            to log them elsewhere, or to stop the run early. What it raises ends the run; its
+            checkpoint is kept, so `resume` continues from the next epoch. Under DDP a rank it
+            holds back holds the others at their next collective.
 
     Returns:
         A `TrainResult`. Row runs record per epoch `train_loss`, `eval_accuracy`,

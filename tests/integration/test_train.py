@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import softcache
 from softcache.builder import build
 from softcache.cli import main
 from softcache.config import BuildConfig, TrainConfig
@@ -240,7 +241,7 @@ def test_the_epoch_hook_sees_each_epoch_and_a_run_it_stops_resumes_to_the_same_w
         assert (tmp_path / "whole" / CHECKPOINT).is_file()
         seen.append((epoch, len(metrics["epoch_seconds"]), metrics["train_loss"][-1]))
 
-    whole = train(
+    whole = softcache.train(  # the public call passes the hook on
         _config(digits_stores, tmp_path / "whole", epochs=3), progress=False, on_epoch_end=record
     )
     assert [(e, n) for e, n, _ in seen] == [(0, 1), (1, 2), (2, 3)]
