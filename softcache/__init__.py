@@ -10,7 +10,6 @@ pay for torch, zarr and dask until a command or a name needs them.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from softcache._version import __version__
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
         distillation_loss,
         token_distillation_loss,
     )
+    from softcache.trainer.loop import EpochHook
     from softcache.trainer.plan import EpochPlan
     from softcache.trainer.stream import SoftLabels, SoftLabelStream
     from softcache.trainer.token_targets import TokenTargets
@@ -108,7 +108,7 @@ def train(
     *,
     progress: bool = True,
     client: Any | None = None,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> TrainResult:
     """Run `softcache train` from Python: rows or tokens, as `config.lm` says (see
     `softcache.trainer.train`, which `on_epoch_end` is passed to)."""
