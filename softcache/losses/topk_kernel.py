@@ -20,7 +20,10 @@ in log space, as the torch ops do, so nothing here falls back.
 numba is optional (`pip install 'softcache[fast]'`). Without it, or with ``SOFTCACHE_NUMBA=0``
 in the environment, `topk_kl` returns None and the torch ops run. The kernel is compiled at its
 first call (about a second) and cached on disk beside this module (or in numba's user cache
-where that is read-only), so later processes load it.
+where that is read-only), so later processes load it. Loading it still costs a process about
+half a second (numba's import and its LLVM set-up): `warm_up` does that on a thread of its own,
+which the trainer starts while its batch process starts, so that the first step does not wait
+for it (the digits pipeline's top-3 runs spent 0.53-0.62 s of their first epoch there).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -172,13 +176,53 @@ def _kl_rows(
 
 # False: not looked up yet; None: not available (numba missing or switched off).
 _compiled: Callable[..., None] | bool | None = False
+# `warm_up`'s thread and the training thread may both look the kernel up first.
+_lookup = threading.Lock()
 
 
 def _kernel() -> Callable[..., None] | None:
     global _compiled
     if _compiled is False:
-        _compiled = _compile()
+        with _lookup:
+            if _compiled is False:
+                _compiled = _compile()
     return _compiled  # type: ignore[return-value]
+
+
+def warm_up() -> threading.Thread | None:
+    """Load (or compile) the kernel on a daemon thread, for a process about to call `topk_kl`.
+
+    The thread makes one call on a 1 x 2 row with the argument types `topk_kl` passes the
+    kernel, so the signature the steps need is the one loaded. A `topk_kl` call made meanwhile
+    waits for it (numba compiles and loads under one lock) instead of loading it a second time.
+    Join the thread before the interpreter exits (numba must not be left mid-load).
+
+    Returns:
+        The started thread; None where the kernel does not run (numba missing or switched off,
+        as far as is known without importing numba here).
+    """
+    if _compiled is None:
+        return None
+    thread = threading.Thread(target=_warm, name="softcache-topk-kernel", daemon=True)
+    thread.start()
+    return thread
+
+
+def _warm() -> None:
+    # The values do not matter, their types do: float32 tensors, Python floats.
+    try:
+        topk_kl(
+            torch.zeros(1, 2),
+            torch.tensor([[1.0, 0.0]]),
+            torch.tensor([[0.0, 1.0]]),
+            torch.zeros(1),
+            torch.zeros(1),
+            temperature=2.0,
+            scale=1.0,
+            exact_below=2.0**-60,
+        )
+    except Exception:  # the step's own call reports what is wrong, where it matters
+        log.debug("warming the top-k kernel up failed", exc_info=True)
 
 
 def _compile() -> Callable[..., None] | None:

@@ -53,7 +53,14 @@ class TrainLayout(Protocol):
         """The layout's own entries of metrics.json (store size, ...)."""
         ...
 
-    def close(self) -> None: ...
+    def warm_up(self) -> None:
+        """Start, on a background thread, what the first step would otherwise wait for (the
+        training process's, not a batch process's: called once, before the first epoch)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the layout holds (waits for `warm_up`'s thread)."""
+        ...
 
 
 def open_layout(

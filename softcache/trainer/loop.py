@@ -173,6 +173,8 @@ def _train(
     feeder = open_batch_process(config, ranks, device) if client is None else None
     if feeder is not None:
         stack.callback(feeder.close)
+    # While the child starts: what the first step would wait for (the compiled top-k kernel).
+    layout.warm_up()
     torch.manual_seed(config.seed)  # the same initial student on every rank
     student = module_from(config.student, "student").to(device)
     layout.check_student(student)

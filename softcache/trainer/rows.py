@@ -12,6 +12,7 @@ each epoch. The evaluation reports accuracy on the eval set and top-1 agreement 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ from softcache.config import TrainConfig
 from softcache.data.fetch import batch_fetching
 from softcache.data.hashing import collate_pairs, collate_with_hashes
 from softcache.errors import ConfigError, DatasetMismatchError
+from softcache.losses import targets as loss_targets
+from softcache.losses import topk_kernel
 from softcache.runtime.devices import autocast
 from softcache.runtime.specs import dataset_from
 from softcache.store import LogitStore
@@ -120,6 +123,7 @@ class RowLayout:
             if device_targets:  # else AlignedBatches warned, given the temperature
                 warn_unstored_temperature(store.meta, config.temperature)
         self.fresh = _fresh_augmentation(config, store)
+        self._warming: threading.Thread | None = None
 
     def batches(
         self, plan: EpochPlan, steps: int, *, hash_stride: int, then: EpochPlan | None
@@ -236,8 +240,26 @@ class RowLayout:
             ),
         }
 
+    def warm_up(self) -> None:
+        """Load the compiled top-k kernel on a thread (`losses.topk_kernel.warm_up`) where this
+        run's steps will call it: offline, a top-k store, a CPU student, batches in the dense
+        form (`losses.for_batch`)."""
+        store, config = self.store, self.config
+        if (
+            config.mode == "offline"
+            and store is not None
+            and store.meta.encoding == "topk"
+            and self.device.type == "cpu"
+            and config.batch_size * store.meta.num_classes <= loss_targets.DENSE_TOPK_ELEMENTS
+        ):
+            self._warming = topk_kernel.warm_up()
+
     def close(self) -> None:
-        """Nothing to release: the stream's reader threads stop with their epoch."""
+        """Wait for `warm_up`'s thread (numba must not be left mid-load at exit); the stream's
+        reader threads stop with their epoch."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
 
 
 def _fresh_augmentation(config: TrainConfig, store: LogitStore | None) -> Any:

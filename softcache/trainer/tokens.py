@@ -188,6 +188,9 @@ class TokenLayout:
             ),
         }
 
+    def warm_up(self) -> None:
+        """Nothing to warm: the token losses are torch ops."""
+
     def close(self) -> None:
         """Nothing to release: the stream's reader threads stop with their epoch."""
 

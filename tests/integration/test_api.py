@@ -396,3 +396,28 @@ def test_a_tensor_dataset_fetched_whole_is_checked_and_batched_as_item_by_item(
     with pytest.raises(DatasetMismatchError, match=r"sample [49] "):
         for _ in aligned.epoch(plan):
             pass
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "warms"),
+    [("topk", "offline", True), ("dense", "offline", False), ("topk", "hard", False)],
+)
+def test_the_row_layout_warms_the_top_k_kernel_up_only_for_steps_that_call_it(
+    built_stores, in_root, tmp_path, kind, mode, warms
+):
+    """An offline top-k CPU run loads the compiled kernel on a thread while its batch process
+    starts (`RowLayout.warm_up`), and `close` waits for it; other runs start nothing."""
+    from softcache.losses import topk_kernel
+    from softcache.trainer.ddp import Ranks
+    from softcache.trainer.rows import RowLayout
+
+    config = TrainConfig(
+        student=spec("teacher"), dataset=spec("dataset"), store=str(built_stores[kind]),
+        mode=mode, batch_size=24, output=str(tmp_path / "run"),
+    )  # fmt: skip
+    layout = RowLayout(config, Ranks(), torch.device("cpu"), None)
+    layout.warm_up()
+    thread = layout._warming
+    assert (thread is not None) == (warms and topk_kernel.available())
+    layout.close()
+    assert layout._warming is None and (thread is None or not thread.is_alive())

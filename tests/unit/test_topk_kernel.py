@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -139,3 +142,59 @@ def test_switched_off_runs_the_torch_ops_within_and_the_kernel_after():
         assert topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW) is None
     assert topk_kernel.available()
     assert topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW) is not None
+
+
+_WARMED_THEN_STEPPED = """
+import torch
+from softcache.losses import topk_kernel
+from softcache.losses.targets import kd_loss_targets, topk_targets
+
+thread = topk_kernel.warm_up()
+thread.join()
+kernel = topk_kernel._kernel()
+warmed = set(kernel.signatures)
+gen = torch.Generator().manual_seed(0)
+for temperature in (1.0, 2.0):  # the unscaled logits and the scaled copy
+    values, indices = torch.randn(6, 40, generator=gen).float().topk(4, dim=1)
+    lse = torch.logsumexp(torch.randn(6, 40, generator=gen) / temperature, dim=1)
+    targets = topk_targets(values, indices, lse, 40, temperature)
+    student = torch.nn.Linear(8, 40)
+    loss = kd_loss_targets(student(torch.randn(6, 8)), targets, torch.arange(6), alpha=0.5)
+    loss.backward()
+print(len(warmed), len(set(kernel.signatures) - warmed))
+"""
+
+
+def test_warm_up_loads_the_one_signature_the_steps_call():
+    """A fresh process's warm-up must load the kernel for the argument types a real step passes
+    (else the first step compiles a second signature, the cost the warm-up is there to take)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _WARMED_THEN_STEPPED],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    assert out.stdout.split() == ["1", "0"], out.stdout + out.stderr
+
+
+def test_warm_up_starts_nothing_where_the_kernel_does_not_run(monkeypatch):
+    monkeypatch.setattr(topk_kernel, "_compiled", None)
+    assert topk_kernel.warm_up() is None
+
+
+def test_a_step_beside_the_warm_up_gets_the_kernel_once(monkeypatch):
+    """The warm-up thread and the training thread looking the kernel up at once make one."""
+    made = []
+    compile_kernel = topk_kernel._compile
+
+    def slow_compile():
+        made.append(threading.current_thread().name)
+        time.sleep(0.2)  # the other thread arrives meanwhile
+        return compile_kernel()
+
+    monkeypatch.setattr(topk_kernel, "_compiled", False)
+    monkeypatch.setattr(topk_kernel, "_compile", slow_compile)
+    thread = topk_kernel.warm_up()
+    assert thread is not None
+    _, args, z = _kernel_case(3, 5, 9, 2, scale=1.0)
+    got = topk_kernel.topk_kl(z, *args, tg.TAIL_EXACT_BELOW)
+    thread.join()
+    assert got is not None and len(made) == 1
