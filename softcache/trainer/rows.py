@@ -242,8 +242,10 @@ class RowLayout:
 
     def warm_up(self) -> None:
         """Load the compiled top-k kernel on a thread (`losses.topk_kernel.warm_up`) where this
-        run's steps will call it: offline, a top-k store, a CPU student, batches in the dense
-        form (`losses.for_batch`)."""
+        run's steps call it: offline, a top-k store, a CPU student, batches in the dense form
+        (`losses.for_batch`). A temperature the store keeps no normaliser for takes the
+        renormalised loss instead, without the kernel: there the thread costs its CPU for
+        nothing (about half a second), which is not worth a second copy of that rule here."""
         store, config = self.store, self.config
         if (
             config.mode == "offline"
