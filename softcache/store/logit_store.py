@@ -129,6 +129,14 @@ class LogitStore:
             return None
         return digest_of(self.group_json)
 
+    @property
+    def read_threads(self) -> int | None:
+        """Threads decoding this store's sharded arrays straight from its files (fixed when it
+        was opened, `softcache.runtime.threads.read_threads`); None where reads go through
+        zarr's codec pipeline (a remote, zip or incomplete store, or direct reads switched off
+        when it was opened)."""
+        return None if self._files is None else self._files.threads
+
     # ---- opening -------------------------------------------------------------------------------
 
     @classmethod

@@ -46,14 +46,13 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.metadata import ArrayV3Metadata
 
-from softcache.runtime.threads import local_ranks, usable_cores
+from softcache.runtime.threads import read_threads
 
 # A shard index entry (offset, nbytes) of a chunk never written.
 _MISSING = 2**64 - 1
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CRC_BYTES = 4
 _ENV = "SOFTCACHE_DIRECT_READS"
-_THREADS_ENV = "SOFTCACHE_READ_THREADS"
 
 
 class ShardDecodeError(RuntimeError):
@@ -185,8 +184,9 @@ class ShardFileReader:
 
     Args:
         root: the store's directory.
-        threads: decoding threads (default: the CPUs this process may run on, shared out among
-            the processes `torchrun` started on this machine, `LOCAL_WORLD_SIZE`).
+        threads: decoding threads (default: `default_threads()` when the reader is made: the
+            CPUs this process may run on, shared out among the processes `torchrun` started on
+            this machine, unless the user or a training run chose otherwise).
     """
 
     def __init__(self, root: Path, threads: int | None = None) -> None:
@@ -339,20 +339,14 @@ class ShardFileReader:
 
 
 def default_threads() -> int:
-    """Decoding threads for this process: its CPUs, shared out among a machine's DDP ranks.
+    """Decoding threads for this process: `softcache.runtime.threads.read_threads` (the user's
+    `SOFTCACHE_READ_THREADS`, else a training run's choice, else the CPUs this process may run
+    on, shared out among a machine's DDP ranks).
 
-    Every rank `torchrun` starts on a machine reads its own blocks at once (each epoch starts
-    with a read on every rank), so each takes its share of the CPUs rather than all of them.
-    `SOFTCACHE_READ_THREADS`, where set, is the number.
+    Raises:
+        ValueError: `SOFTCACHE_READ_THREADS` is not a whole number >= 1.
     """
-    chosen = os.environ.get(_THREADS_ENV, "").strip()
-    if chosen:
-        if not chosen.isdigit() or int(chosen) < 1:
-            raise ValueError(
-                f"{_THREADS_ENV}={chosen!r}: give a number of decoding threads >= 1, or unset it"
-            )
-        return int(chosen)
-    return max(1, usable_cores() // local_ranks())
+    return read_threads()
 
 
 # One pool of decoding threads per process and size, shared by every store it opens.

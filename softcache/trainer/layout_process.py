@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from softcache.config import TrainConfig
-from softcache.trainer.batch_process import BatchProcess, BatchProcessError
+from softcache.runtime.threads import read_threads, set_read_threads
+from softcache.trainer.batch_process import BatchProcess, BatchProcessError, BatchSource
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.layouts import open_layout
 
@@ -38,8 +40,19 @@ def layout_process(
     Raises:
         BatchProcessError: the config does not pickle (an object the child cannot receive).
     """
-    source = functools.partial(_child_layout, _child_config(config), ranks, device.type)
-    return BatchProcess(source, device, depth=depth)
+    return BatchProcess(child_source(config, ranks, device), device, depth=depth)
+
+
+def child_source(
+    config: TrainConfig, ranks: Ranks, device: torch.device
+) -> Callable[[], BatchSource]:
+    """What the batch process calls to build its layout: a picklable call that opens the run's
+    layout from `config` (less what stays in the parent, `_child_config`) with its stores
+    decoded on this process's decoding threads (`softcache.runtime.threads.read_threads`, as
+    the training loop set them)."""
+    return functools.partial(
+        _child_layout, _child_config(config), ranks, device.type, read_threads()
+    )
 
 
 def open_batch_process(
@@ -98,9 +111,11 @@ def _child_config(config: TrainConfig) -> TrainConfig:
     )
 
 
-def _child_layout(config: TrainConfig, ranks: Ranks, device_type: str) -> Any:
-    """The child's copy of the run's layout (a `BatchSource`)."""
+def _child_layout(config: TrainConfig, ranks: Ranks, device_type: str, reads: int) -> Any:
+    """The child's copy of the run's layout (a `BatchSource`), its stores decoded on `reads`
+    threads: the child is the run's batch maker for the rest of its life."""
+    set_read_threads(reads)
     return open_layout(config, ranks, torch.device(device_type), None, pin_memory=False)
 
 
-__all__ = ["layout_process", "open_batch_process", "ready_or_none"]
+__all__ = ["child_source", "layout_process", "open_batch_process", "ready_or_none"]

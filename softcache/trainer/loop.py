@@ -45,7 +45,14 @@ from softcache.runtime.cluster import connect
 from softcache.runtime.devices import autocast
 from softcache.runtime.progress import Progress
 from softcache.runtime.specs import module_from
-from softcache.runtime.threads import intra_op_threads, local_ranks, student_threads
+from softcache.runtime.threads import (
+    batch_maker_read_threads,
+    intra_op_threads,
+    local_ranks,
+    read_threads,
+    reading_threads,
+    student_threads,
+)
 from softcache.trainer import checkpoint as ckpt
 from softcache.trainer import ddp
 from softcache.trainer.ahead import Ahead
@@ -102,7 +109,9 @@ def train(
 
     A CPU student's ops run on `config.threads` intra-op threads: by default the usable cores
     less one per batch maker (`softcache.runtime.threads.student_threads`). torch's count is
-    restored on return.
+    restored on return. The run's store reads (in its batch process, or on its batch thread)
+    decode on the cores the student and the DataLoader workers leave, at least one
+    (`batch_maker_read_threads`), unless `SOFTCACHE_READ_THREADS` says otherwise.
 
     Args:
         config: the training configuration (`config.lm` picks the token layout).
@@ -138,7 +147,16 @@ def train(
             batch_makers=1 + config.num_workers,
             local_ranks=local_ranks(),
         )
-        stack.enter_context(intra_op_threads(threads))
+        student = stack.enter_context(intra_op_threads(threads))
+        # The batch maker's reads on the cores the student leaves: decoding on every core put a
+        # read group's decode on the student's core too (benchmarks/README.md, eighteenth pass).
+        reads = batch_maker_read_threads(
+            student,
+            cpu_student=device.type == "cpu",
+            workers=config.num_workers,
+            local_ranks=local_ranks(),
+        )
+        stack.enter_context(reading_threads(reads))
         if client is None and config.dask_scheduler:
             client = connect(config.dask_scheduler)
             stack.callback(client.close)  # a client we opened, we close
@@ -219,6 +237,7 @@ def _train(
         torch.set_rng_state(state.torch_rng)
         metrics, step = state.metrics, state.step
         metrics["threads"] = torch.get_num_threads()  # this run's, which may differ
+        metrics["read_threads"] = read_threads()
         if ranks.main:  # the saved sums are global: counted once, on rank 0
             partial = state.partial
     model: nn.Module = student
@@ -386,6 +405,7 @@ def _new_metrics(config: TrainConfig, layout: TrainLayout, ranks: ddp.Ranks) -> 
         "data_wait_fraction": [],
         "step_seconds_median": [],
         "threads": torch.get_num_threads(),
+        "read_threads": read_threads(),
         "first_step_loss": None,
         "steps": 0,
         **layout.metrics(),

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import time
@@ -29,7 +30,7 @@ from softcache.trainer import batch_process, distill, rows, train
 from softcache.trainer.batch_process import BatchProcess, BatchProcessError, NextEpoch
 from softcache.trainer.ddp import Ranks
 from softcache.trainer.distill import AlignedBatches, AlignedTokenBatches
-from softcache.trainer.layout_process import layout_process
+from softcache.trainer.layout_process import child_source, layout_process
 from softcache.trainer.layouts import open_layout
 from softcache.trainer.loop import epoch_hash_stride
 from softcache.trainer.plan import EpochPlan
@@ -823,3 +824,27 @@ def test_aligned_token_batches_refuse_a_misaligned_dataset_from_the_child(
         assert not getattr(info.value, "__notes__", None)
     with pytest.raises(ConfigError, match=r"AlignedTokenBatches\(batch_process=True\).*client"):
         AlignedTokenBatches(data, store, batch_process=True, client=object())
+
+
+@pytest.mark.parametrize("kind", ["dense-fp16", "tokens"])
+def test_the_batch_process_decodes_on_the_threads_its_parent_chose(
+    stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The child's source carries the parent's decoding count (as the loop set it): the layout
+    it opens reads its store on that many threads, and so does any store it opens later."""
+    from softcache.runtime import threads
+
+    monkeypatch.delenv(threads.READ_THREADS_ENV, raising=False)
+    monkeypatch.setattr(threads, "_read_threads", None)  # the child's setting, undone after
+    config = _config(stores, kind, tmp_path)
+    with threads.reading_threads(3):
+        source = child_source(config, Ranks(), torch.device("cpu"))
+    source = pickle.loads(pickle.dumps(source))  # as the child receives it
+    assert threads.read_threads() != 3 or threads.usable_cores() == 3
+    layout = source()
+    try:
+        assert layout.store.read_threads == 3
+        assert threads.read_threads() == 3
+        assert LogitStore.open(stores[kind]).read_threads == 3
+    finally:
+        layout.close()

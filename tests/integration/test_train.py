@@ -119,20 +119,29 @@ def test_metrics_json_holds_every_documented_field(digits_stores, tmp_path):
 def test_a_cpu_student_trains_beside_its_batch_maker_and_torch_keeps_its_threads(
     digits_stores, tmp_path, monkeypatch
 ):
-    """The run takes a core less than the machine's for the batch process (recorded in
-    metrics.json, as is an explicit --threads) and leaves torch's count as it found it."""
-    from softcache.runtime.threads import THREAD_ENV, usable_cores
+    """The run takes a core less than the machine's for the batch process, whose reads decode
+    on the cores the student leaves (both recorded in metrics.json, as is an explicit --threads
+    or SOFTCACHE_READ_THREADS), and leaves torch's count and the decoding default as it found
+    them."""
+    from softcache.runtime.threads import READ_THREADS_ENV, THREAD_ENV, read_threads, usable_cores
 
-    for name in THREAD_ENV:
+    for name in (*THREAD_ENV, READ_THREADS_ENV, "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     before = torch.get_num_threads()
+    reads_before = read_threads()
     auto = train(_config(digits_stores, tmp_path / "auto", epochs=1), progress=False)
     assert auto.metrics["threads"] == max(1, min(before, usable_cores() - 1))
+    assert auto.metrics["read_threads"] == max(1, usable_cores() - auto.metrics["threads"])
     assert torch.get_num_threads() == before
+    assert read_threads() == reads_before
     explicit = train(_config(digits_stores, tmp_path / "one", epochs=1, threads=3), progress=False)
     assert explicit.metrics["threads"] == 3
+    assert explicit.metrics["read_threads"] == max(1, usable_cores() - 3)
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["threads"] == 3
     assert torch.get_num_threads() == before
+    monkeypatch.setenv(READ_THREADS_ENV, "5")  # the user's number wins
+    chosen = train(_config(digits_stores, tmp_path / "env", epochs=1), progress=False)
+    assert chosen.metrics["read_threads"] == 5
 
 
 @pytest.mark.parametrize("mode", ["hard", "online", "offline"])

@@ -92,3 +92,61 @@ def test_local_ranks_reads_torchruns_count_or_takes_one(monkeypatch, value, expe
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
     assert threads.local_ranks() == expected
+
+
+@pytest.mark.parametrize(
+    ("cores", "student", "cpu", "workers", "local_ranks", "expected"),
+    [
+        (2, 1, True, 0, 1, 1),  # this project's machine: the core the student leaves
+        (16, 15, True, 0, 1, 1),  # a CPU student on every core but the batch maker's
+        (16, 4, True, 0, 1, 12),  # an explicit --threads 4
+        (16, 13, True, 2, 1, 1),  # two DataLoader workers take a core each
+        (16, 16, False, 0, 1, 15),  # a GPU student's training thread takes one core
+        (16, 16, False, 3, 4, 1),  # four ranks: 4 cores each, less the thread and the workers
+        (2, 2, True, 0, 1, 1),  # oversubscribed: still one
+        (1, 1, True, 4, 1, 1),
+    ],
+)
+def test_a_runs_reads_decode_on_the_cores_its_student_leaves(
+    monkeypatch, cores, student, cpu, workers, local_ranks, expected
+):
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    got = threads.batch_maker_read_threads(
+        student, cpu_student=cpu, workers=workers, local_ranks=local_ranks
+    )
+    assert got == expected
+
+
+@pytest.fixture
+def reads_default(monkeypatch):
+    """No decoding count chosen by the user, by torchrun or by a run; restored afterwards."""
+    monkeypatch.delenv(threads.READ_THREADS_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "_read_threads", None)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+
+
+def test_the_decoding_threads_are_the_users_then_the_runs_then_the_machines(
+    reads_default, monkeypatch
+):
+    assert threads.read_threads() == 8
+    with threads.reading_threads(3) as count:
+        assert count == threads.read_threads() == 3
+        with threads.reading_threads(None) as inner:  # None: as they are
+            assert inner == 3
+        monkeypatch.setenv(threads.READ_THREADS_ENV, "5")
+        assert threads.read_threads() == 5  # the user's number over the run's
+        monkeypatch.delenv(threads.READ_THREADS_ENV)
+        assert threads.read_threads() == 3
+    assert threads.read_threads() == 8
+    with pytest.raises(RuntimeError, match="boom"), threads.reading_threads(2):
+        raise RuntimeError("boom")
+    assert threads.read_threads() == 8
+    assert threads.set_read_threads(6) is None and threads.read_threads() == 6
+    assert threads.set_read_threads(None) == 6 and threads.read_threads() == 8
+
+
+def test_a_decoding_count_below_one_is_refused(reads_default):
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        threads.set_read_threads(0)
+    assert threads.read_threads() == 8
