@@ -22,7 +22,10 @@ Each stream runs as a user's own loop gets it (`SoftLabelStream`'s default: batc
 assembler thread of its own, two runs of four batches ahead) and, in the `-inline` cases, as `softcache train` runs it
 (`assemble_ahead=0`: gathered on the thread that iterates, which in training is the batch process's
 own, already off the training thread). On two cores the assembler thread is one thread more than
-the cores beside the reader's two decoding threads.
+the cores beside the reader's two decoding threads. Every case decodes on the process's default
+threads, one per core, as a user's own loop does: a `softcache train` run gives its reads only
+the cores its student leaves (`softcache.runtime.threads.batch_maker_read_threads`, one here),
+so "as train runs it" is the assembly as train runs it, on all the machine's cores.
 
 Each stream is timed two ways. `stream*` is one epoch from a standing start, as every benchmark
 round calls it: the first batch waits for the first shuffle window's blocks, and the last window's
