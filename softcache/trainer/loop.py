@@ -147,11 +147,11 @@ def train(
             batch_makers=1 + config.num_workers,
             local_ranks=local_ranks(),
         )
-        student = stack.enter_context(intra_op_threads(threads))
+        step_threads = stack.enter_context(intra_op_threads(threads))
         # The batch maker's reads on the cores the student leaves: decoding on every core put a
         # read group's decode on the student's core too (benchmarks/README.md, eighteenth pass).
         reads = batch_maker_read_threads(
-            student,
+            step_threads,
             cpu_student=device.type == "cpu",
             workers=config.num_workers,
             local_ranks=local_ranks(),
