@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from numcodecs import Zstd
 
 from softcache.errors import CorruptChunkError
+from softcache.runtime.threads import reading_threads
 from softcache.store import LOGITS, TOPK_VALUES, LogitStore, decode_values
 from softcache.store.shard_files import (
     _MISSING,
@@ -62,10 +63,12 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _readers(path: Path) -> tuple[LogitStore, LogitStore]:
-    """The store read from its shard files, and read by zarr-python alone."""
-    direct = LogitStore.open(str(path))
-    assert direct._files is not None, "a local store must be read from its shard files"
+def _readers(path: Path, threads: int | None = None) -> tuple[LogitStore, LogitStore]:
+    """The store read from its shard files (on `threads` decoding threads, None: the default),
+    and read by zarr-python alone."""
+    with reading_threads(threads) as count:
+        direct = LogitStore.open(str(path))
+    assert direct.read_threads == count, "a local store must be read from its shard files"
     return direct, LogitStore.open(str(path), fast_reads=False)
 
 
@@ -93,10 +96,11 @@ def _same_bits(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "tokens-topk"])
+@pytest.mark.parametrize("threads", [None, 1])  # 1: a training run's batch process here
 def test_every_sharded_array_reads_as_zarr_python_reads_it(
-    stores: dict[str, Path], kind: str
+    stores: dict[str, Path], kind: str, threads: int | None
 ) -> None:
-    direct, plain = _readers(stores[kind])
+    direct, plain = _readers(stores[kind], threads)
     assert direct.meta.shard_rows // direct.meta.chunk_rows == 4
     for name in direct.row_array_names:
         assert shard_layout(direct.array(name)) is not None, f"{kind}: {name} is not read directly"
@@ -137,12 +141,13 @@ def _gather(store: LogitStore, ranges: list, positions: np.ndarray, widen: bool 
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "tokens-topk"])
+@pytest.mark.parametrize("threads", [None, 1])
 def test_rows_picked_out_of_ranges_read_as_zarr_python_reads_them(
-    stores: dict[str, Path], kind: str
+    stores: dict[str, Path], kind: str, threads: int | None
 ) -> None:
     # The stream's reads: a window's rows in the order the plan consumes them, each chunk
     # scattered to its places (from the shard files) or read then taken (through zarr).
-    direct, plain = _readers(stores[kind])
+    direct, plain = _readers(stores[kind], threads)
     n, chunk, shard = direct.meta.num_rows, direct.meta.chunk_rows, direct.meta.shard_rows
     ranges = [(shard - 2, min(shard + chunk + 1, n)), (0, chunk), (max(n - 5, 0), n), (3, 3)]
     total = sum(r1 - r0 for r0, r1 in ranges)
