@@ -186,12 +186,19 @@ def topk_rows(
 
 
 @torch.no_grad()
+def dense_form(rows: int, num_classes: int) -> bool:
+    """Whether `for_batch` spreads top-k targets of `rows` rows over `num_classes` classes into
+    ``(B, C)`` tensors (at most `DENSE_TOPK_ELEMENTS` elements), where the compiled top-k
+    kernel computes their loss on the CPU."""
+    return rows * num_classes <= DENSE_TOPK_ELEMENTS
+
+
 def for_batch(targets: TeacherTargets) -> TeacherTargets:
     """A batch's targets in the form `kd_loss_targets` runs fastest: top-k targets of at most
     `DENSE_TOPK_ELEMENTS` (batch x classes) spread into ``(B, C)`` tensors, others as they are.
     """
     ids = targets.ids
-    if ids is None or ids.shape[0] * targets.num_classes > DENSE_TOPK_ELEMENTS:
+    if ids is None or not dense_form(ids.shape[0], targets.num_classes):
         return targets
     p = targets.weights
     weights = p.new_zeros(p.shape[0], targets.num_classes).scatter_(1, ids, p)

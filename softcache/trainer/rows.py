@@ -252,7 +252,7 @@ class RowLayout:
             and store is not None
             and store.meta.encoding == "topk"
             and self.device.type == "cpu"
-            and config.batch_size * store.meta.num_classes <= loss_targets.DENSE_TOPK_ELEMENTS
+            and loss_targets.dense_form(config.batch_size, store.meta.num_classes)
         ):
             self._warming = topk_kernel.warm_up()
 
